@@ -1,0 +1,61 @@
+//! Runs the registry on a listener until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::registry;
+use crate::store::{Store, StoreError};
+
+/// How long requests in flight may run on after shutdown is asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the data directory: {0}")]
+    Store(#[from] StoreError),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the registry on `listener` with the data in `config.data` until `shutdown`
+/// completes; then stops accepting, lets requests in flight finish (for at most
+/// [`SHUTDOWN_GRACE`]) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let store = Arc::new(Store::open_local(&config.data)?);
+    let app = registry::router(store);
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        "wharf listening on http://{addr}, data in {}",
+        config.data.display()
+    );
+
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing requests in flight");
+        let _ = stopping_tx.send(());
+    });
+    let server = std::future::IntoFuture::into_future(server);
+    tokio::pin!(server);
+    let deadline = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = &mut server => r?,
+        () = deadline => tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; aborting them"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

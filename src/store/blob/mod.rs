@@ -1,0 +1,182 @@
+//! Content-addressed blob bytes. Addressed only by digest (and, while an upload is open,
+//! by upload id). Knows nothing of repositories or metadata.
+//!
+//! Every backend passes the same test suite (`tests::suite`). The trait needs neither
+//! rename nor local temp files: an object store implements `upload_write` with multipart
+//! parts and `upload_commit` with a copy or completion to the blob's key.
+
+mod fs;
+
+use std::io;
+use std::ops::Range;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+
+pub use fs::FsBlobStore;
+
+use crate::oci::Digest;
+
+/// A stream of bytes read from or written to a backend.
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob not found in the backend")]
+    NotFound,
+    #[error("upload data not found in the backend")]
+    UploadNotFound,
+    /// The request body failed while being read (client went away, etc.).
+    #[error("request body: {0}")]
+    Body(io::Error),
+    #[error("storage I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Writes `data` into upload `id` at byte `offset`, discarding whatever the upload held
+    /// past `offset` (left by an interrupted write). Creates the upload at offset 0.
+    /// Returns the number of bytes written; they are durable when this returns.
+    async fn upload_write(&self, id: &str, offset: u64, data: ByteStream)
+    -> Result<u64, BlobError>;
+
+    /// The first `len` bytes of upload `id`, to re-verify a digest.
+    async fn upload_read(&self, id: &str, len: u64) -> Result<ByteStream, BlobError>;
+
+    /// Makes the first `len` bytes of upload `id` the content of blob `digest`, durably,
+    /// and removes the upload. The caller has verified the digest. If the blob already
+    /// exists the upload is simply removed.
+    async fn upload_commit(&self, id: &str, len: u64, digest: &Digest) -> Result<(), BlobError>;
+
+    /// Removes upload `id`; no error if it does not exist.
+    async fn upload_delete(&self, id: &str) -> Result<(), BlobError>;
+
+    /// The size of blob `digest`, if the backend holds it.
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, BlobError>;
+
+    /// The bytes `range` of blob `digest`; `range` lies within the blob.
+    async fn read(&self, digest: &Digest, range: Range<u64>) -> Result<ByteStream, BlobError>;
+
+    /// Removes blob `digest`; no error if it does not exist.
+    async fn delete(&self, digest: &Digest) -> Result<(), BlobError>;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use futures_util::{StreamExt, stream};
+
+    use super::*;
+
+    fn chunks(parts: &[&[u8]]) -> ByteStream {
+        let v: Vec<io::Result<Bytes>> = parts
+            .iter()
+            .map(|p| Ok(Bytes::copy_from_slice(p)))
+            .collect();
+        Box::pin(stream::iter(v))
+    }
+
+    async fn collect(mut s: ByteStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c.unwrap());
+        }
+        out
+    }
+
+    /// The suite every backend passes.
+    pub(crate) async fn suite(store: &dyn BlobStore) {
+        let data = b"hello, wharf";
+        let digest = Digest::sha256_of(data);
+        assert_eq!(store.stat(&digest).await.unwrap(), None);
+        assert!(matches!(
+            store.read(&digest, 0..1).await,
+            Err(BlobError::NotFound)
+        ));
+
+        // Write in two parts, then an interrupted tail that a rewrite at offset discards.
+        assert_eq!(
+            store
+                .upload_write("u1", 0, chunks(&[b"hello"]))
+                .await
+                .unwrap(),
+            5
+        );
+        assert_eq!(
+            store
+                .upload_write("u1", 5, chunks(&[b", wh", b"arf", b"JUNK"]))
+                .await
+                .unwrap(),
+            11
+        );
+        assert_eq!(store.upload_write("u1", 12, chunks(&[])).await.unwrap(), 0);
+        assert_eq!(
+            collect(store.upload_read("u1", 12).await.unwrap()).await,
+            data
+        );
+        store.upload_commit("u1", 12, &digest).await.unwrap();
+        assert_eq!(store.stat(&digest).await.unwrap(), Some(12));
+        assert_eq!(
+            collect(store.read(&digest, 0..12).await.unwrap()).await,
+            data
+        );
+        assert_eq!(
+            collect(store.read(&digest, 7..12).await.unwrap()).await,
+            b"wharf"
+        );
+        assert!(matches!(
+            store.upload_read("u1", 1).await,
+            Err(BlobError::UploadNotFound)
+        ));
+
+        // Committing the same content again keeps one copy and removes the upload.
+        store.upload_write("u2", 0, chunks(&[data])).await.unwrap();
+        store.upload_commit("u2", 12, &digest).await.unwrap();
+        assert_eq!(store.stat(&digest).await.unwrap(), Some(12));
+
+        // Interrupted tail beyond the committed length is not part of the blob.
+        let d2 = Digest::sha256_of(b"abc");
+        store
+            .upload_write("u3", 0, chunks(&[b"abcdef"]))
+            .await
+            .unwrap();
+        store.upload_commit("u3", 3, &d2).await.unwrap();
+        assert_eq!(collect(store.read(&d2, 0..3).await.unwrap()).await, b"abc");
+
+        // Empty blob.
+        let empty = Digest::sha256_of(b"");
+        store.upload_write("u4", 0, chunks(&[])).await.unwrap();
+        store.upload_commit("u4", 0, &empty).await.unwrap();
+        assert_eq!(store.stat(&empty).await.unwrap(), Some(0));
+        assert!(
+            collect(store.read(&empty, 0..0).await.unwrap())
+                .await
+                .is_empty()
+        );
+
+        // Cancelled upload.
+        store.upload_write("u5", 0, chunks(&[b"x"])).await.unwrap();
+        store.upload_delete("u5").await.unwrap();
+        store.upload_delete("u5").await.unwrap();
+        assert!(matches!(
+            store.upload_read("u5", 1).await,
+            Err(BlobError::UploadNotFound)
+        ));
+
+        // A body error surfaces as Body, not as a storage failure.
+        let failing: ByteStream = Box::pin(stream::iter(vec![
+            Ok(Bytes::from_static(b"ab")),
+            Err(io::Error::new(io::ErrorKind::ConnectionReset, "gone")),
+        ]));
+        assert!(matches!(
+            store.upload_write("u6", 0, failing).await,
+            Err(BlobError::Body(_))
+        ));
+
+        store.delete(&digest).await.unwrap();
+        store.delete(&digest).await.unwrap();
+        assert_eq!(store.stat(&digest).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,285 @@
+//! Registry metadata: repositories, blob links, manifests, tags, references, uploads.
+//! One trait, one test suite (`tests::suite`) every backend passes. SQLite is the embedded
+//! default; a PostgreSQL backend implements the same trait over the same schema.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use sqlite::SqliteMeta;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// A manifest references a blob the repository does not hold.
+    #[error("blob {0} is not in the repository")]
+    MissingBlob(String),
+    /// An index references a manifest the repository does not hold.
+    #[error("manifest {0} is not in the repository")]
+    MissingManifest(String),
+    #[error("descriptor of {digest} says {declared} bytes but the content has {actual}")]
+    SizeMismatch {
+        digest: String,
+        declared: i64,
+        actual: i64,
+    },
+    #[error("the metadata database is busy")]
+    Busy,
+    #[error("metadata database: {0}")]
+    Db(String),
+}
+
+/// A stored manifest.
+#[derive(Debug, Clone)]
+pub struct ManifestRecord {
+    pub digest: String,
+    pub media_type: String,
+    pub content: Bytes,
+}
+
+/// A manifest to store, with what it references and the tags to point at it.
+#[derive(Debug, Clone)]
+pub struct NewManifest {
+    pub digest: String,
+    pub media_type: String,
+    pub artifact_type: Option<String>,
+    pub subject: Option<String>,
+    /// Annotations as a JSON object, for the referrers API.
+    pub annotations: Option<String>,
+    pub content: Bytes,
+    pub blobs: Vec<(String, i64)>,
+    /// Index entries: each must be a manifest or a blob of the repository.
+    pub children: Vec<(String, i64)>,
+    pub tags: Vec<String>,
+}
+
+/// A manifest whose `subject` is a given digest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Referrer {
+    pub digest: String,
+    pub media_type: String,
+    pub artifact_type: Option<String>,
+    pub annotations: Option<String>,
+    pub size: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRow {
+    pub repository: String,
+    pub size: u64,
+}
+
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// The blob's size if `repo` links it.
+    async fn linked_blob(&self, repo: &str, digest: &str) -> Result<Option<u64>, MetaError>;
+    /// Links `digest` into `repo` if `from` links it; returns its size, or None.
+    async fn mount_blob(
+        &self,
+        repo: &str,
+        from: &str,
+        digest: &str,
+    ) -> Result<Option<u64>, MetaError>;
+    /// Removes `repo`'s link to `digest`; false if there was none.
+    async fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, MetaError>;
+
+    async fn upload_create(&self, id: &str, repo: &str) -> Result<(), MetaError>;
+    async fn upload_get(&self, id: &str) -> Result<Option<UploadRow>, MetaError>;
+    async fn upload_set_size(&self, id: &str, size: u64) -> Result<(), MetaError>;
+    async fn upload_delete(&self, id: &str) -> Result<bool, MetaError>;
+    /// In one transaction: records the blob, links it into the upload's repository, and
+    /// closes the upload.
+    async fn upload_complete(
+        &self,
+        id: &str,
+        repo: &str,
+        digest: &str,
+        size: u64,
+    ) -> Result<(), MetaError>;
+
+    /// In one transaction: checks every reference is present in the repository, stores the
+    /// manifest and its references, and points its tags at it.
+    async fn manifest_put(&self, repo: &str, m: NewManifest) -> Result<(), MetaError>;
+    async fn manifest_by_digest(
+        &self,
+        repo: &str,
+        digest: &str,
+    ) -> Result<Option<ManifestRecord>, MetaError>;
+    async fn manifest_by_tag(
+        &self,
+        repo: &str,
+        tag: &str,
+    ) -> Result<Option<ManifestRecord>, MetaError>;
+    /// Deletes a manifest and every tag on it; false if it was not there.
+    async fn manifest_delete(&self, repo: &str, digest: &str) -> Result<bool, MetaError>;
+    async fn tag_delete(&self, repo: &str, tag: &str) -> Result<bool, MetaError>;
+
+    /// Up to `limit` tags after `last`, sorted; None if the repository does not exist.
+    async fn tags(
+        &self,
+        repo: &str,
+        last: Option<&str>,
+        limit: u32,
+    ) -> Result<Option<Vec<String>>, MetaError>;
+    /// Up to `limit` repository names after `last`, sorted.
+    async fn repositories(&self, last: Option<&str>, limit: u32) -> Result<Vec<String>, MetaError>;
+    async fn referrers(&self, repo: &str, subject: &str) -> Result<Vec<Referrer>, MetaError>;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn d(n: u8) -> String {
+        format!("sha256:{}", format!("{n:02x}").repeat(32))
+    }
+
+    fn manifest(digest: String, blobs: Vec<(String, i64)>, tags: &[&str]) -> NewManifest {
+        NewManifest {
+            digest,
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            artifact_type: None,
+            subject: None,
+            annotations: None,
+            content: Bytes::from_static(b"{}"),
+            blobs,
+            children: vec![],
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    pub(crate) async fn suite(m: &dyn MetaStore) {
+        // Uploads.
+        m.upload_create("up1", "team/api").await.unwrap();
+        assert_eq!(
+            m.upload_get("up1").await.unwrap(),
+            Some(UploadRow {
+                repository: "team/api".into(),
+                size: 0
+            })
+        );
+        m.upload_set_size("up1", 10).await.unwrap();
+        assert_eq!(m.upload_get("up1").await.unwrap().unwrap().size, 10);
+        // An upload alone does not create the repository.
+        assert_eq!(m.tags("team/api", None, 10).await.unwrap(), None);
+        m.upload_complete("up1", "team/api", &d(1), 10)
+            .await
+            .unwrap();
+        assert_eq!(m.upload_get("up1").await.unwrap(), None);
+        assert_eq!(m.linked_blob("team/api", &d(1)).await.unwrap(), Some(10));
+        assert_eq!(m.linked_blob("other", &d(1)).await.unwrap(), None);
+        assert_eq!(m.tags("team/api", None, 10).await.unwrap(), Some(vec![]));
+
+        // Mount needs a link in the source.
+        assert_eq!(m.mount_blob("other", "nowhere", &d(1)).await.unwrap(), None);
+        assert_eq!(
+            m.mount_blob("other", "team/api", &d(1)).await.unwrap(),
+            Some(10)
+        );
+        assert_eq!(m.linked_blob("other", &d(1)).await.unwrap(), Some(10));
+
+        // Manifests must find their blobs, with the right sizes.
+        let e = m
+            .manifest_put("team/api", manifest(d(9), vec![(d(2), 1)], &["x"]))
+            .await;
+        assert!(
+            matches!(e, Err(MetaError::MissingBlob(ref b)) if *b == d(2)),
+            "{e:?}"
+        );
+        let e = m
+            .manifest_put("team/api", manifest(d(9), vec![(d(1), 11)], &["x"]))
+            .await;
+        assert!(matches!(e, Err(MetaError::SizeMismatch { .. })), "{e:?}");
+        assert!(m.manifest_by_tag("team/api", "x").await.unwrap().is_none());
+        m.manifest_put(
+            "team/api",
+            manifest(d(9), vec![(d(1), 10)], &["v1", "latest"]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            m.manifest_by_tag("team/api", "latest")
+                .await
+                .unwrap()
+                .unwrap()
+                .digest,
+            d(9)
+        );
+        assert!(
+            m.manifest_by_digest("team/api", &d(9))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            m.manifest_by_digest("other", &d(9))
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        // An index needs its children in the same repository.
+        let mut idx = manifest(d(10), vec![], &["multi"]);
+        idx.media_type = "application/vnd.oci.image.index.v1+json".into();
+        idx.children = vec![(d(9), 2)];
+        assert!(matches!(
+            m.manifest_put("other", idx.clone()).await,
+            Err(MetaError::MissingManifest(_))
+        ));
+        m.manifest_put("team/api", idx).await.unwrap();
+
+        // Referrers.
+        let mut sig = manifest(d(11), vec![(d(1), 10)], &[]);
+        sig.subject = Some(d(9));
+        sig.artifact_type = Some("application/example".into());
+        m.manifest_put("team/api", sig).await.unwrap();
+        let r = m.referrers("team/api", &d(9)).await.unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].artifact_type.as_deref(), Some("application/example"));
+        assert!(m.referrers("other", &d(9)).await.unwrap().is_empty());
+
+        // Tags: sorted, paginated.
+        assert_eq!(
+            m.tags("team/api", None, 10).await.unwrap().unwrap(),
+            vec!["latest", "multi", "v1"]
+        );
+        assert_eq!(
+            m.tags("team/api", Some("latest"), 1)
+                .await
+                .unwrap()
+                .unwrap(),
+            vec!["multi"]
+        );
+        assert_eq!(
+            m.repositories(None, 10).await.unwrap(),
+            vec!["other", "team/api"]
+        );
+        assert_eq!(
+            m.repositories(Some("other"), 10).await.unwrap(),
+            vec!["team/api"]
+        );
+
+        // Deletes.
+        assert!(m.tag_delete("team/api", "v1").await.unwrap());
+        assert!(!m.tag_delete("team/api", "v1").await.unwrap());
+        assert!(
+            m.manifest_by_digest("team/api", &d(9))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(m.manifest_delete("team/api", &d(9)).await.unwrap());
+        assert!(
+            m.manifest_by_tag("team/api", "latest")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(!m.manifest_delete("team/api", &d(9)).await.unwrap());
+        assert!(m.unlink_blob("other", &d(1)).await.unwrap());
+        assert!(!m.unlink_blob("other", &d(1)).await.unwrap());
+        assert!(m.upload_create("up2", "x").await.is_ok());
+        assert!(m.upload_delete("up2").await.unwrap());
+        assert!(!m.upload_delete("up2").await.unwrap());
+    }
+}

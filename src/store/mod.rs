@@ -1,0 +1,534 @@
+//! The registry's state: repositories, blob links, uploads, manifests, tags.
+//!
+//! **Architecture invariant:** this layer knows nothing of HTTP. It combines a
+//! [`BlobStore`] (bytes, by digest) and a [`MetaStore`] (what exists where) so that:
+//! a blob is readable through a repository only once its bytes are durable, its digest is
+//! verified and the repository links it; a manifest is stored only if everything it
+//! references is present in its repository (checked in the same transaction that stores
+//! it); and upload progress lives in the metadata database, not in process memory.
+
+pub mod blob;
+pub mod meta;
+
+use std::collections::HashMap;
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+
+pub use blob::{BlobError, BlobStore, ByteStream, FsBlobStore};
+pub use meta::{ManifestRecord, MetaError, MetaStore, Referrer, SqliteMeta};
+
+use crate::oci::manifest::{self, ManifestError};
+use crate::oci::{Algorithm, Digest, Hasher, Reference, RepoName};
+
+/// The default (and minimum) largest manifest accepted: 4 MiB.
+pub const DEFAULT_MAX_MANIFEST: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("blob unknown to registry")]
+    BlobUnknown,
+    #[error("blob upload unknown to registry")]
+    UploadUnknown,
+    /// A chunk does not start where the upload ends.
+    #[error("chunk starts at {start} but the upload holds {current} bytes")]
+    RangeMismatch { start: u64, current: u64 },
+    #[error("{0}")]
+    SizeInvalid(String),
+    #[error("provided digest {provided} does not match content digest {computed}")]
+    DigestMismatch { provided: String, computed: String },
+    #[error("manifest unknown to registry")]
+    ManifestUnknown,
+    #[error("blob {0} referenced by the manifest is not in this repository")]
+    ManifestBlobUnknown(String),
+    #[error("manifest {0} referenced by the index is not in this repository")]
+    ManifestChildUnknown(String),
+    #[error(transparent)]
+    ManifestInvalid(#[from] ManifestError),
+    #[error("repository name not known to registry")]
+    NameUnknown,
+    #[error("manifest is {size} bytes, over the limit of {limit}")]
+    ManifestTooLarge { size: usize, limit: usize },
+    #[error("the request body failed: {0}")]
+    Body(io::Error),
+    #[error("the metadata database is busy")]
+    Busy,
+    #[error("storage: {0}")]
+    Internal(String),
+}
+
+impl From<BlobError> for StoreError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::Body(e) => StoreError::Body(e),
+            BlobError::NotFound => StoreError::BlobUnknown,
+            BlobError::UploadNotFound => StoreError::UploadUnknown,
+            BlobError::Io(e) => StoreError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<MetaError> for StoreError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::MissingBlob(d) => StoreError::ManifestBlobUnknown(d),
+            MetaError::MissingManifest(d) => StoreError::ManifestChildUnknown(d),
+            MetaError::SizeMismatch {
+                digest,
+                declared,
+                actual,
+            } => StoreError::ManifestInvalid(ManifestError::Invalid(format!(
+                "descriptor of {digest} gives size {declared} but the content is {actual} bytes"
+            ))),
+            MetaError::Busy => StoreError::Busy,
+            MetaError::Db(e) => StoreError::Internal(e),
+        }
+    }
+}
+
+/// What a stored manifest answered.
+#[derive(Debug, Clone)]
+pub struct PutManifest {
+    pub digest: Digest,
+    pub subject: Option<Digest>,
+}
+
+/// The in-process part of an open upload: a lock that serializes its chunks, and the
+/// running SHA-256 at a given length. Losing it (restart, another replica) only costs a
+/// re-read of the upload to verify its digest.
+#[derive(Default)]
+struct UploadState {
+    hasher: Option<(u64, Hasher)>,
+}
+
+type UploadSlot = Arc<tokio::sync::Mutex<UploadState>>;
+
+pub struct Store {
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    uploads: Mutex<HashMap<String, UploadSlot>>,
+    max_manifest: usize,
+}
+
+/// Counts and hashes the bytes of a stream as they pass, and fails it past `limit`.
+struct Tap {
+    inner: ByteStream,
+    state: Arc<Mutex<TapState>>,
+    limit: Option<u64>,
+}
+
+struct TapState {
+    count: u64,
+    hasher: Option<Hasher>,
+}
+
+impl Stream for Tap {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let polled = self.inner.as_mut().poll_next(cx);
+        if let std::task::Poll::Ready(Some(Ok(chunk))) = &polled {
+            let mut st = self.state.lock().expect("tap lock");
+            st.count += chunk.len() as u64;
+            if let Some(h) = st.hasher.as_mut() {
+                h.update(chunk);
+            }
+            if self.limit.is_some_and(|l| st.count > l) {
+                return std::task::Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "body is longer than its declared length",
+                ))));
+            }
+        }
+        polled
+    }
+}
+
+impl Store {
+    pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>) -> Store {
+        Store {
+            blobs,
+            meta,
+            uploads: Mutex::new(HashMap::new()),
+            max_manifest: DEFAULT_MAX_MANIFEST,
+        }
+    }
+
+    /// The embedded default: blobs under `dir`, metadata in `dir/meta.db`.
+    pub fn open_local(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Internal(format!("{}: {e}", dir.display())))?;
+        let blobs = FsBlobStore::open(dir)
+            .map_err(|e| StoreError::Internal(format!("{}: {e}", dir.display())))?;
+        let meta = SqliteMeta::open(&dir.join("meta.db"))?;
+        Ok(Store::new(Arc::new(blobs), Arc::new(meta)))
+    }
+
+    pub fn max_manifest(&self) -> usize {
+        self.max_manifest
+    }
+
+    fn slot(&self, id: &str) -> UploadSlot {
+        let mut map = self.uploads.lock().expect("uploads lock");
+        Arc::clone(map.entry(id.to_owned()).or_default())
+    }
+
+    fn forget(&self, id: &str) {
+        self.uploads.lock().expect("uploads lock").remove(id);
+    }
+
+    // ---- blobs ----
+
+    /// The size of `digest` if `repo` may serve it.
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, StoreError> {
+        self.meta
+            .linked_blob(repo.as_str(), digest.as_str())
+            .await?
+            .ok_or(StoreError::BlobUnknown)
+    }
+
+    pub async fn blob_read(
+        &self,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> Result<ByteStream, StoreError> {
+        Ok(self.blobs.read(digest, range).await?)
+    }
+
+    /// Removes `repo`'s link to the blob. The bytes stay until garbage collection finds
+    /// no repository links them.
+    pub async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<(), StoreError> {
+        if self
+            .meta
+            .unlink_blob(repo.as_str(), digest.as_str())
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(StoreError::BlobUnknown)
+        }
+    }
+
+    /// Links `digest` into `repo` from `from`; None if `from` does not hold it.
+    pub async fn blob_mount(
+        &self,
+        repo: &RepoName,
+        from: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .meta
+            .mount_blob(repo.as_str(), from.as_str(), digest.as_str())
+            .await?)
+    }
+
+    // ---- uploads ----
+
+    pub async fn upload_start(&self, repo: &RepoName) -> Result<String, StoreError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.meta.upload_create(&id, repo.as_str()).await?;
+        Ok(id)
+    }
+
+    async fn upload_row(&self, repo: &RepoName, id: &str) -> Result<u64, StoreError> {
+        match self.meta.upload_get(id).await? {
+            Some(row) if row.repository == repo.as_str() => Ok(row.size),
+            _ => Err(StoreError::UploadUnknown),
+        }
+    }
+
+    /// Bytes received so far by upload `id`.
+    pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<u64, StoreError> {
+        self.upload_row(repo, id).await
+    }
+
+    /// Appends a chunk. `start` (from Content-Range) must equal the current size; `len`
+    /// (from Content-Length) must equal the bytes received. Returns the new size.
+    pub async fn upload_append(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        len: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64, StoreError> {
+        let slot = self.slot(id);
+        let mut state = slot.lock().await;
+        let size = self.upload_row(repo, id).await?;
+        self.append_locked(&mut state, id, size, start, len, body)
+            .await
+    }
+
+    async fn append_locked(
+        &self,
+        state: &mut UploadState,
+        id: &str,
+        size: u64,
+        start: Option<u64>,
+        len: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64, StoreError> {
+        if let Some(start) = start {
+            if start != size {
+                return Err(StoreError::RangeMismatch {
+                    start,
+                    current: size,
+                });
+            }
+        }
+        let hasher = match state.hasher.take() {
+            Some((at, h)) if at == size => Some(h),
+            _ if size == 0 => Some(Algorithm::Sha256.hasher()),
+            _ => None,
+        };
+        let tap_state = Arc::new(Mutex::new(TapState { count: 0, hasher }));
+        let tap = Tap {
+            inner: body,
+            state: Arc::clone(&tap_state),
+            limit: len,
+        };
+        let written = self.blobs.upload_write(id, size, Box::pin(tap)).await?;
+        let TapState { count, hasher } = std::mem::replace(
+            &mut *tap_state.lock().expect("tap lock"),
+            TapState {
+                count: 0,
+                hasher: None,
+            },
+        );
+        debug_assert_eq!(count, written);
+        if let Some(len) = len {
+            if written != len {
+                return Err(StoreError::SizeInvalid(format!(
+                    "chunk declared {len} bytes but {written} arrived"
+                )));
+            }
+        }
+        let new_size = size + written;
+        self.meta.upload_set_size(id, new_size).await?;
+        state.hasher = hasher.map(|h| (new_size, h));
+        Ok(new_size)
+    }
+
+    /// Finishes upload `id` as blob `digest`, after appending `last` (a final chunk) if
+    /// given. The digest is verified before the blob becomes visible.
+    pub async fn upload_finish(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        last: Option<(Option<u64>, Option<u64>, ByteStream)>,
+    ) -> Result<u64, StoreError> {
+        let slot = self.slot(id);
+        let mut state = slot.lock().await;
+        let mut size = self.upload_row(repo, id).await?;
+        if let Some((start, len, body)) = last {
+            size = self
+                .append_locked(&mut state, id, size, start, len, body)
+                .await?;
+        }
+        let cached = match state.hasher.take() {
+            Some((at, h)) if at == size && h.algorithm() == digest.algorithm() => Some(h.finish()),
+            other => {
+                state.hasher = other;
+                None
+            }
+        };
+        let computed = match cached {
+            Some(d) => Some(d),
+            None => match self.blobs.upload_read(id, size).await {
+                Ok(mut bytes) => {
+                    let mut h = digest.algorithm().hasher();
+                    while let Some(chunk) = bytes.next().await {
+                        h.update(&chunk.map_err(|e| StoreError::Internal(e.to_string()))?);
+                    }
+                    Some(h.finish())
+                }
+                // The bytes were committed but the metadata was not (a crash between
+                // the two): the blob file exists only if its digest was verified.
+                Err(BlobError::UploadNotFound) if self.blobs.stat(digest).await? == Some(size) => {
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if let Some(computed) = computed {
+            if computed != *digest {
+                return Err(StoreError::DigestMismatch {
+                    provided: digest.to_string(),
+                    computed: computed.to_string(),
+                });
+            }
+            self.blobs.upload_commit(id, size, digest).await?;
+        }
+        self.meta
+            .upload_complete(id, repo.as_str(), digest.as_str(), size)
+            .await?;
+        drop(state);
+        self.forget(id);
+        Ok(size)
+    }
+
+    pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
+        let slot = self.slot(id);
+        let _state = slot.lock().await;
+        self.upload_row(repo, id).await?;
+        self.meta.upload_delete(id).await?;
+        self.blobs.upload_delete(id).await?;
+        self.forget(id);
+        Ok(())
+    }
+
+    /// A whole blob in one request (`POST ?digest=`).
+    pub async fn blob_put(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        len: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64, StoreError> {
+        let id = self.upload_start(repo).await?;
+        let result = self
+            .upload_finish(repo, &id, digest, Some((None, len, body)))
+            .await;
+        if result.is_err() {
+            let _ = self.meta.upload_delete(&id).await;
+            let _ = self.blobs.upload_delete(&id).await;
+            self.forget(&id);
+        }
+        result
+    }
+
+    // ---- manifests ----
+
+    /// Stores a manifest under `reference` (a tag, or the digest it must have), tagging it
+    /// also with `extra_tags`.
+    pub async fn manifest_put(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        extra_tags: Vec<String>,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<PutManifest, StoreError> {
+        if body.len() > self.max_manifest {
+            return Err(StoreError::ManifestTooLarge {
+                size: body.len(),
+                limit: self.max_manifest,
+            });
+        }
+        let mut tags = extra_tags;
+        let digest = match reference {
+            Reference::Tag(t) => {
+                tags.push(t.clone());
+                Digest::sha256_of(&body)
+            }
+            Reference::Digest(d) => {
+                let computed = Digest::of(d.algorithm(), &body);
+                if computed != *d {
+                    return Err(StoreError::DigestMismatch {
+                        provided: d.to_string(),
+                        computed: computed.to_string(),
+                    });
+                }
+                computed
+            }
+        };
+        let parsed = manifest::parse(&body, content_type)?;
+        let annotations = parsed
+            .annotations
+            .as_ref()
+            .map(|a| serde_json::to_string(a).expect("string map serializes"));
+        let record = meta::NewManifest {
+            digest: digest.to_string(),
+            media_type: parsed.media_type,
+            artifact_type: parsed.artifact_type,
+            subject: parsed.subject.as_ref().map(ToString::to_string),
+            annotations,
+            content: body,
+            blobs: parsed
+                .blobs
+                .iter()
+                .map(|(d, s)| (d.to_string(), *s))
+                .collect(),
+            children: parsed
+                .children
+                .iter()
+                .map(|(d, s)| (d.to_string(), *s))
+                .collect(),
+            tags,
+        };
+        self.meta.manifest_put(repo.as_str(), record).await?;
+        Ok(PutManifest {
+            digest,
+            subject: parsed.subject,
+        })
+    }
+
+    pub async fn manifest_get(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<ManifestRecord, StoreError> {
+        let found = match reference {
+            Reference::Tag(t) => self.meta.manifest_by_tag(repo.as_str(), t).await?,
+            Reference::Digest(d) => {
+                self.meta
+                    .manifest_by_digest(repo.as_str(), d.as_str())
+                    .await?
+            }
+        };
+        found.ok_or(StoreError::ManifestUnknown)
+    }
+
+    /// Deletes a tag (by tag) or a manifest and all its tags (by digest).
+    pub async fn manifest_delete(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(), StoreError> {
+        let deleted = match reference {
+            Reference::Tag(t) => self.meta.tag_delete(repo.as_str(), t).await?,
+            Reference::Digest(d) => self.meta.manifest_delete(repo.as_str(), d.as_str()).await?,
+        };
+        if deleted {
+            Ok(())
+        } else {
+            Err(StoreError::ManifestUnknown)
+        }
+    }
+
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        last: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        self.meta
+            .tags(repo.as_str(), last, limit)
+            .await?
+            .ok_or(StoreError::NameUnknown)
+    }
+
+    pub async fn repositories(
+        &self,
+        last: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(self.meta.repositories(last, limit).await?)
+    }
+
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Vec<Referrer>, StoreError> {
+        Ok(self.meta.referrers(repo.as_str(), subject.as_str()).await?)
+    }
+}
