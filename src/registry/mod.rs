@@ -531,18 +531,12 @@ async fn manifest_put(
         }
     }
     let limit = store.max_manifest();
-    let too_large =
-        |size: usize| ApiError::from(crate::store::StoreError::ManifestTooLarge { size, limit });
-    if let Some(len) = header_u64(h, header::CONTENT_LENGTH)? {
-        if len > limit as u64 {
-            return Err(too_large(usize::try_from(len).unwrap_or(usize::MAX)));
-        }
-    }
-    let bytes: Bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) if is_length_limit(&e) => return Err(too_large(limit + 1)),
-        Err(e) => return Err(crate::store::StoreError::Body(std::io::Error::other(e)).into()),
-    };
+    let bytes = read_limited(body, limit).await.map_err(|seen| match seen {
+        Some(size) => ApiError::from(crate::store::StoreError::ManifestTooLarge { size, limit }),
+        None => ApiError::from(crate::store::StoreError::Body(std::io::Error::other(
+            "request body failed",
+        ))),
+    })?;
     let content_type = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let put = store
         .manifest_put(name, &reference, extra_tags.clone(), content_type, bytes)
@@ -565,15 +559,31 @@ async fn manifest_put(
     Ok(r)
 }
 
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
+/// How much of an oversize body is read and dropped so the client gets the error answer
+/// rather than a reset connection; past this the connection is simply closed.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Reads a body of at most `limit` bytes. Over the limit: `Err(Some(bytes seen))`, after
+/// draining up to [`DRAIN_LIMIT`]; a failed body: `Err(None)`.
+async fn read_limited(body: Body, limit: usize) -> std::result::Result<Bytes, Option<usize>> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| None)?;
+        seen += chunk.len();
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > DRAIN_LIMIT {
+            break;
         }
-        source = s.source();
     }
-    false
+    if seen > limit {
+        Err(Some(seen))
+    } else {
+        Ok(buf.freeze())
+    }
 }
 
 async fn manifest_delete(store: &Store, name: &RepoName, reference: &str) -> Result<Response> {

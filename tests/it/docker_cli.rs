@@ -1,0 +1,67 @@
+//! The docker CLI against the engine on this machine. No image can be pulled from the
+//! internet, so the test image is built `FROM scratch` with Debian's static busybox.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::{TestRegistry, require_tool, run};
+
+pub fn busybox_context(dir: &Path, message: &str) {
+    require_tool("busybox", "apt-get install -y busybox-static");
+    let busybox = String::from_utf8(
+        run(Command::new("sh")
+            .args(["-c", "command -v busybox"])
+            .stdout(std::process::Stdio::piped()))
+        .into_bytes(),
+    )
+    .unwrap();
+    std::fs::copy(busybox.trim(), dir.join("busybox")).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM scratch\n\
+             COPY busybox /bin/busybox\n\
+             RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
+             RUN [\"/bin/sh\", \"-c\", \"echo '{message}' > /message\"]\n\
+             CMD [\"/bin/cat\", \"/message\"]\n"
+        ),
+    )
+    .unwrap();
+}
+
+fn docker() -> Command {
+    require_tool(
+        "docker",
+        "the docker engine and CLI (apt-get install -y docker.io)",
+    );
+    Command::new("docker")
+}
+
+#[test]
+fn docker_build_push_rmi_pull_run() {
+    let reg = TestRegistry::start();
+    let ctx = tempfile::tempdir().unwrap();
+    let nonce = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    busybox_context(ctx.path(), &format!("hello from wharf {nonce}"));
+    let image = format!("{}/wharf-test/busybox-{nonce}:v1", reg.host());
+
+    run(docker().args(["build", "-q", "-t", &image]).arg(ctx.path()));
+    let pushed = run(docker().args(["push", &image]));
+    assert!(pushed.contains("digest: sha256:"), "{pushed}");
+    run(docker().args(["rmi", "-f", &image]));
+    let pulled = run(docker().args(["pull", &image]));
+    assert!(pulled.contains("Downloaded newer image"), "{pulled}");
+    let out = run(docker().args(["run", "--rm", &image]));
+    assert_eq!(out.trim(), format!("hello from wharf {nonce}"));
+
+    // A second push of the same image moves no layer bytes.
+    let again = run(docker().args(["push", &image]));
+    assert!(again.contains("Layer already exists"), "{again}");
+    run(docker().args(["rmi", "-f", &image]));
+}

@@ -1,0 +1,14 @@
+//! Integration tests: the registry over real HTTP on 127.0.0.1, and real clients.
+
+mod common;
+
+mod api;
+mod blobs;
+mod crash;
+mod docker_cli;
+mod listings;
+mod manifests;
+mod referrers;
+mod restart;
+mod skopeo;
+mod uploads;
