@@ -12,6 +12,10 @@ use crate::store::{Store, StoreError};
 
 /// How long requests in flight may run on after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// An upload session untouched for this long is removed, with its bytes.
+pub const UPLOAD_MAX_IDLE: Duration = Duration::from_secs(24 * 3600);
+/// How often idle uploads are looked for.
+const UPLOAD_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -30,6 +34,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let store = Arc::new(Store::open_local(&config.data)?);
+    let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store)));
     let app = registry::router(store);
     let addr = listener.local_addr()?;
     tracing::info!(
@@ -56,6 +61,21 @@ pub async fn serve(
         r = &mut server => r?,
         () = deadline => tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; aborting them"),
     }
+    sweeper.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn sweep_uploads(store: Arc<Store>) {
+    let mut every = tokio::time::interval(UPLOAD_SWEEP_EVERY);
+    loop {
+        every.tick().await;
+        match store.expire_uploads(UPLOAD_MAX_IDLE).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!("removed {n} upload sessions idle for over {UPLOAD_MAX_IDLE:?}")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not expire idle uploads"),
+        }
+    }
 }

@@ -385,6 +385,41 @@ impl Store {
         Ok(())
     }
 
+    /// Removes uploads idle for longer than `max_idle`, and upload data that no open
+    /// upload owns (left by a crash between the two deletes of a cancel). Returns how
+    /// many uploads were removed.
+    pub async fn expire_uploads(&self, max_idle: std::time::Duration) -> Result<usize, StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let cutoff = i64::try_from(now.saturating_sub(max_idle).as_millis()).unwrap_or(i64::MAX);
+        let mut removed = 0;
+        for id in self.meta.uploads_idle_since(cutoff).await? {
+            let slot = self.slot(&id);
+            let Ok(_state) = slot.try_lock() else {
+                continue; // a request is writing to it right now
+            };
+            self.meta.upload_delete(&id).await?;
+            self.blobs.upload_delete(&id).await?;
+            self.forget(&id);
+            removed += 1;
+        }
+        for id in self.blobs.upload_ids().await? {
+            if self.meta.upload_get(&id).await?.is_none() {
+                let slot = self.slot(&id);
+                let Ok(_state) = slot.try_lock() else {
+                    continue;
+                };
+                // Re-check under the lock: the upload may have been created meanwhile.
+                if self.meta.upload_get(&id).await?.is_none() {
+                    self.blobs.upload_delete(&id).await?;
+                }
+                self.forget(&id);
+            }
+        }
+        Ok(removed)
+    }
+
     /// A whole blob in one request (`POST ?digest=`).
     pub async fn blob_put(
         &self,

@@ -8,6 +8,7 @@ mod crash;
 mod docker_cli;
 mod listings;
 mod manifests;
+mod memory;
 mod referrers;
 mod restart;
 mod skopeo;

@@ -375,3 +375,50 @@ async fn cross_repository_mount() {
         .unwrap();
     assert_eq!(error_of(r).await.1, "NAME_INVALID");
 }
+
+#[tokio::test]
+async fn idle_uploads_expire_with_their_bytes() {
+    let reg = TestRegistry::start();
+    let idle = start(&reg, "team/api").await;
+    patch(&reg, &idle, None, b"abandoned").await;
+    // Upload data no session owns (as a crash between the deletes of a cancel leaves).
+    std::fs::write(
+        reg.data
+            .join("uploads/3f0c8c1e-0000-4000-8000-000000000000"),
+        b"orphan",
+    )
+    .unwrap();
+
+    let store = wharf::store::Store::open_local(&reg.data).unwrap();
+    // Not idle long enough: only the orphan goes.
+    assert_eq!(
+        store
+            .expire_uploads(std::time::Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(reg.data.join("uploads")).unwrap().count(),
+        1
+    );
+    assert_eq!(status(&reg, &idle).await.status(), StatusCode::NO_CONTENT);
+    // Idle past the limit: the session and its bytes go.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(
+        store
+            .expire_uploads(std::time::Duration::from_millis(1))
+            .await
+            .unwrap(),
+        1
+    );
+    let (s, code) = error_of(status(&reg, &idle).await).await;
+    assert_eq!(
+        (s, code.as_str()),
+        (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN")
+    );
+    assert_eq!(
+        std::fs::read_dir(reg.data.join("uploads")).unwrap().count(),
+        0
+    );
+}

@@ -179,6 +179,20 @@ impl BlobStore for FsBlobStore {
         }
     }
 
+    async fn upload_ids(&self) -> Result<Vec<String>, BlobError> {
+        let dir = self.root.join("uploads");
+        Ok(blocking(move || {
+            let mut ids = Vec::new();
+            for e in std::fs::read_dir(dir)? {
+                if let Some(name) = e?.file_name().to_str() {
+                    ids.push(name.to_owned());
+                }
+            }
+            Ok(ids)
+        })
+        .await?)
+    }
+
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
         match tokio::fs::metadata(self.blob_path(digest)).await {
             Ok(m) => Ok(Some(m.len())),

@@ -54,6 +54,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes upload `id`; no error if it does not exist.
     async fn upload_delete(&self, id: &str) -> Result<(), BlobError>;
 
+    /// The ids of every upload the backend holds data for.
+    async fn upload_ids(&self) -> Result<Vec<String>, BlobError>;
+
     /// The size of blob `digest`, if the backend holds it.
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, BlobError>;
 
@@ -158,12 +161,14 @@ pub(crate) mod tests {
 
         // Cancelled upload.
         store.upload_write("u5", 0, chunks(&[b"x"])).await.unwrap();
+        assert!(store.upload_ids().await.unwrap().contains(&"u5".to_owned()));
         store.upload_delete("u5").await.unwrap();
         store.upload_delete("u5").await.unwrap();
         assert!(matches!(
             store.upload_read("u5", 1).await,
             Err(BlobError::UploadNotFound)
         ));
+        assert!(!store.upload_ids().await.unwrap().contains(&"u5".to_owned()));
 
         // A body error surfaces as Body, not as a storage failure.
         let failing: ByteStream = Box::pin(stream::iter(vec![

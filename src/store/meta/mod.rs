@@ -87,6 +87,8 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn upload_get(&self, id: &str) -> Result<Option<UploadRow>, MetaError>;
     async fn upload_set_size(&self, id: &str, size: u64) -> Result<(), MetaError>;
     async fn upload_delete(&self, id: &str) -> Result<bool, MetaError>;
+    /// Ids of uploads last written before `before_ms` (unix milliseconds).
+    async fn uploads_idle_since(&self, before_ms: i64) -> Result<Vec<String>, MetaError>;
     /// In one transaction: records the blob, links it into the upload's repository, and
     /// closes the upload.
     async fn upload_complete(
@@ -279,6 +281,11 @@ pub(crate) mod tests {
         assert!(m.unlink_blob("other", &d(1)).await.unwrap());
         assert!(!m.unlink_blob("other", &d(1)).await.unwrap());
         assert!(m.upload_create("up2", "x").await.is_ok());
+        assert_eq!(m.uploads_idle_since(0).await.unwrap(), Vec::<String>::new());
+        assert_eq!(
+            m.uploads_idle_since(i64::MAX).await.unwrap(),
+            vec!["up2".to_owned()]
+        );
         assert!(m.upload_delete("up2").await.unwrap());
         assert!(!m.upload_delete("up2").await.unwrap());
     }

@@ -275,6 +275,15 @@ impl MetaStore for SqliteMeta {
             .await
     }
 
+    async fn uploads_idle_since(&self, before_ms: i64) -> Result<Vec<String>, MetaError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached("SELECT id FROM uploads WHERE updated_at < ?1")?;
+            let rows = stmt.query_map(params![before_ms], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })
+        .await
+    }
+
     async fn upload_complete(
         &self,
         id: &str,
