@@ -9,6 +9,7 @@ mod docker_cli;
 mod listings;
 mod manifests;
 mod memory;
+mod podman;
 mod referrers;
 mod restart;
 mod skopeo;
