@@ -535,3 +535,27 @@ async fn push_by_digest_with_tag_parameters() {
         .unwrap();
     assert_eq!(tags["tags"], json!(["1.0", "1.0.0", "latest"]));
 }
+
+#[tokio::test]
+async fn manifests_addressed_by_sha512() {
+    let reg = TestRegistry::start();
+    let c = reg.push_blob("team/api", b"cfg").await;
+    let m = image_manifest((&c, 3), &[]);
+    let d512 = format!(
+        "sha512:{}",
+        hex::encode(<sha2::Sha512 as sha2::Digest>::digest(&m))
+    );
+    let r = reg.put_manifest("team/api", &d512, OCI_MANIFEST, &m).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(header(&r, "docker-content-digest"), Some(d512.as_str()));
+    let r = reg.get(&format!("/v2/team/api/manifests/{d512}")).await;
+    assert_eq!(header(&r, "docker-content-digest"), Some(d512.as_str()));
+    assert_eq!(r.bytes().await.unwrap(), m);
+    // The same bytes under a sha512 digest that does not match are refused.
+    let wrong = format!("sha512:{}", "0".repeat(128));
+    let (s, code) = error_of(reg.put_manifest("team/api", &wrong, OCI_MANIFEST, &m).await).await;
+    assert_eq!(
+        (s, code.as_str()),
+        (StatusCode::BAD_REQUEST, "DIGEST_INVALID")
+    );
+}

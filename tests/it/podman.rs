@@ -18,8 +18,13 @@ fn podman_build_push_rmi_pull_oci_format() {
     let image = format!("{}/wharf-test/podman:v1", reg.host());
     let digest_file = ctx.path().join("digest");
 
-    run(podman().args(["build", "-q", "--format", "oci", "-t", &image]).arg(ctx.path()));
-    run(podman().args(["push", "--tls-verify=false", "--digestfile"]).arg(&digest_file).arg(&image));
+    run(podman()
+        .args(["build", "-q", "--format", "oci", "-t", &image])
+        .arg(ctx.path()));
+    run(podman()
+        .args(["push", "--tls-verify=false", "--digestfile"])
+        .arg(&digest_file)
+        .arg(&image));
     let pushed = std::fs::read_to_string(&digest_file).unwrap();
     assert!(pushed.starts_with("sha256:"), "{pushed}");
     run(podman().args(["rmi", "-f", &image]));

@@ -191,3 +191,19 @@ fn env_vars_configure_serve_and_flags_win() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn sigint_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Process::start(&dir.path().join("data"));
+    let pid = p.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = p.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+}
