@@ -5,14 +5,23 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::auth::Secret;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 pub const DEFAULT_DATA: &str = "./wharf-data";
+pub const DEFAULT_SERVICE: &str = "wharf";
 
 /// The `serve` configuration, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub listen: String,
     pub data: PathBuf,
+    /// The token service name (the `aud` of registry tokens).
+    pub service: String,
+    /// The URL clients reach the registry by, when a reverse proxy changes it.
+    pub public_url: Option<String>,
+    /// The first admin's password, used only when the registry has no users yet.
+    pub admin_password: Option<Secret>,
 }
 
 /// What the TOML file may set. Unknown keys are an error, so a typo is not ignored.
@@ -21,6 +30,8 @@ pub struct Config {
 struct FileConfig {
     listen: Option<String>,
     data: Option<PathBuf>,
+    service: Option<String>,
+    public_url: Option<String>,
 }
 
 /// Values given on the command line (or, through clap, by their environment variables).
@@ -28,6 +39,9 @@ struct FileConfig {
 pub struct Overrides {
     pub listen: Option<String>,
     pub data: Option<PathBuf>,
+    pub service: Option<String>,
+    pub public_url: Option<String>,
+    pub admin_password: Option<Secret>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,9 +58,22 @@ pub enum ConfigError {
     },
     #[error("invalid listen address {0:?}: expected HOST:PORT, e.g. 127.0.0.1:5000")]
     Listen(String),
+    #[error("invalid public_url {0:?}: expected http://... or https://...")]
+    PublicUrl(String),
 }
 
 impl Config {
+    /// The defaults, with `listen` and `data` given (for tests and embedding).
+    pub fn new(listen: impl Into<String>, data: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: listen.into(),
+            data: data.into(),
+            service: DEFAULT_SERVICE.to_owned(),
+            public_url: None,
+            admin_password: None,
+        }
+    }
+
     /// Resolves flags (already merged with their env vars) over the file over defaults.
     pub fn resolve(flags: Overrides, file: Option<&Path>) -> Result<Config, ConfigError> {
         let file_cfg = match file {
@@ -77,7 +104,23 @@ impl Config {
             .data
             .or(file_cfg.data)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
-        Ok(Config { listen, data })
+        let service = flags
+            .service
+            .or(file_cfg.service)
+            .unwrap_or_else(|| DEFAULT_SERVICE.to_owned());
+        let public_url = flags.public_url.or(file_cfg.public_url);
+        if let Some(u) = &public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(ConfigError::PublicUrl(u.clone()));
+            }
+        }
+        Ok(Config {
+            listen,
+            data,
+            service,
+            public_url,
+            admin_password: flags.admin_password,
+        })
     }
 }
 
@@ -91,39 +134,32 @@ mod tests {
         let file = dir.path().join("wharf.toml");
         std::fs::write(
             &file,
-            "listen = \"127.0.0.1:6000\"\ndata = \"/srv/wharf\"\n",
+            "listen = \"127.0.0.1:6000\"\ndata = \"/srv/wharf\"\nservice = \"reg\"\npublic_url = \"https://reg.example\"\n",
         )
         .unwrap();
 
         let d = Config::resolve(Overrides::default(), None).unwrap();
-        assert_eq!(
-            d,
-            Config {
-                listen: DEFAULT_LISTEN.into(),
-                data: DEFAULT_DATA.into()
-            }
-        );
+        assert_eq!(d, Config::new(DEFAULT_LISTEN, DEFAULT_DATA));
 
         let f = Config::resolve(Overrides::default(), Some(&file)).unwrap();
-        assert_eq!(
-            f,
-            Config {
-                listen: "127.0.0.1:6000".into(),
-                data: "/srv/wharf".into()
-            }
-        );
+        let mut want = Config::new("127.0.0.1:6000", "/srv/wharf");
+        want.service = "reg".into();
+        want.public_url = Some("https://reg.example".into());
+        assert_eq!(f, want);
 
         let o = Overrides {
             listen: Some("0.0.0.0:7000".into()),
-            data: None,
+            service: Some("x".into()),
+            ..Overrides::default()
         };
         let c = Config::resolve(o, Some(&file)).unwrap();
         assert_eq!(
-            c,
-            Config {
-                listen: "0.0.0.0:7000".into(),
-                data: "/srv/wharf".into()
-            }
+            (
+                c.listen.as_str(),
+                c.data.to_str().unwrap(),
+                c.service.as_str()
+            ),
+            ("0.0.0.0:7000", "/srv/wharf", "x")
         );
     }
 
@@ -137,12 +173,21 @@ mod tests {
         let e = Config::resolve(
             Overrides {
                 listen: Some("nowhere".into()),
-                data: None,
+                ..Overrides::default()
             },
             None,
         )
         .unwrap_err();
         assert!(matches!(e, ConfigError::Listen(_)));
+        let e = Config::resolve(
+            Overrides {
+                public_url: Some("reg.example".into()),
+                ..Overrides::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::PublicUrl(_)));
         let e = Config::resolve(Overrides::default(), Some(&dir.path().join("missing.toml")))
             .unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }));

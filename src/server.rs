@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::auth::{Auth, AuthError};
 use crate::config::Config;
-use crate::registry;
-use crate::store::{Store, StoreError};
+use crate::registry::{self, AppState};
+use crate::store::{Store, StoreError, open_local_backends};
 
 /// How long requests in flight may run on after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -21,6 +22,8 @@ const UPLOAD_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 pub enum ServeError {
     #[error("cannot open the data directory: {0}")]
     Store(#[from] StoreError),
+    #[error("access control: {0}")]
+    Auth(#[from] AuthError),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -33,9 +36,26 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let store = Arc::new(Store::open_local(&config.data)?);
+    let (blobs, meta) = open_local_backends(&config.data)?;
+    let store = Arc::new(Store::new(blobs, Arc::clone(&meta) as _));
+    let auth = Arc::new(Auth::open(meta, &config.data, &config.service)?);
+    let admin_pw = config.admin_password.as_ref().map(|s| s.expose());
+    if let Some(generated) = auth.ensure_admin(admin_pw).await? {
+        // Shown this once: it is stored only as a hash.
+        tracing::warn!(
+            "created user admin with password {} (shown only this once; change it with `wharf user passwd admin`)",
+            generated.expose()
+        );
+    }
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store)));
-    let app = registry::router(store);
+    let state = AppState {
+        store,
+        auth,
+        public_url: config.public_url.clone(),
+        tls: false,
+    };
+    let app = registry::router(Arc::new(state))
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let addr = listener.local_addr()?;
     tracing::info!(
         "wharf listening on http://{addr}, data in {}",

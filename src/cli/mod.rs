@@ -1,9 +1,12 @@
 //! Subcommands. Nothing else depends on this module.
 
+mod admin;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use wharf::auth::Secret;
 use wharf::config::{Config, Overrides};
 
 #[derive(Parser, Debug)]
@@ -15,12 +18,48 @@ use wharf::config::{Config, Overrides};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the registry.
     Serve(ServeArgs),
+    /// Manage users (works on the data directory, server running or not).
+    #[command(subcommand)]
+    User(admin::UserCmd),
+    /// Manage access tokens for CI and servers.
+    #[command(subcommand)]
+    Token(admin::TokenCmd),
+    /// Repository settings.
+    #[command(subcommand)]
+    Repo(admin::RepoCmd),
+    /// Give a user a permission level on a repository or namespace (`team/*`).
+    Grant(admin::GrantArgs),
+    /// Show the audit log: logins, token and permission changes, pushes, deletes.
+    Audit(admin::AuditArgs),
+}
+
+/// Where the data directory is, for the admin commands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Directory holding blobs and metadata [default: ./wharf-data]
+    #[arg(long, env = "WHARF_DATA", value_name = "DIR", global = true)]
+    data: Option<PathBuf>,
+    /// TOML configuration file
+    #[arg(long, env = "WHARF_CONFIG", value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+}
+
+impl DataArgs {
+    fn resolve(&self) -> anyhow::Result<Config> {
+        let o = Overrides {
+            data: self.data.clone(),
+            ..Overrides::default()
+        };
+        Ok(Config::resolve(o, self.config.as_deref())?)
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -28,12 +67,12 @@ struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:5000]
     #[arg(long, env = "WHARF_LISTEN", value_name = "ADDR")]
     listen: Option<String>,
-    /// Directory holding blobs and metadata [default: ./wharf-data]
-    #[arg(long, env = "WHARF_DATA", value_name = "DIR")]
-    data: Option<PathBuf>,
-    /// TOML configuration file; flags and WHARF_* variables override it
-    #[arg(long, env = "WHARF_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
+    /// Token service name [default: wharf]
+    #[arg(long, env = "WHARF_SERVICE", value_name = "NAME")]
+    service: Option<String>,
+    /// URL clients reach the registry by, when a reverse proxy sits in front
+    #[arg(long, env = "WHARF_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
 }
 
 pub fn main() -> ExitCode {
@@ -46,7 +85,12 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(args, cli.data),
+        Command::User(c) => admin::run(&cli.data, |a| Box::pin(admin::user(a, c))),
+        Command::Token(c) => admin::run(&cli.data, |a| Box::pin(admin::token(a, c))),
+        Command::Repo(c) => admin::run(&cli.data, |a| Box::pin(admin::repo(a, c))),
+        Command::Grant(c) => admin::run(&cli.data, |a| Box::pin(admin::grant(a, c))),
+        Command::Audit(c) => admin::run(&cli.data, |a| Box::pin(admin::audit(a, c))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -57,32 +101,43 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(args: ServeArgs, data: DataArgs) -> anyhow::Result<()> {
     let overrides = Overrides {
         listen: args.listen,
-        data: args.data,
+        data: data.data,
+        service: args.service,
+        public_url: args.public_url,
+        admin_password: std::env::var("WHARF_ADMIN_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(Secret::new),
     };
-    let config = Config::resolve(overrides, args.config.as_deref())?;
+    let config = Config::resolve(overrides, data.config.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let shutdown = shutdown_signal()?;
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        wharf::server::serve(listener, config, shutdown_signal()).await?;
+        wharf::server::serve(listener, config, shutdown).await?;
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
+/// Installs the SIGINT and SIGTERM handlers now (before the port opens, so no signal
+/// can arrive unhandled) and returns the future that completes on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 #[cfg(test)]

@@ -3,9 +3,11 @@
 //! **Architecture invariant:** this is the only layer that knows HTTP; it never touches
 //! the file system or SQL, only [`Store`].
 
+mod authz;
 mod body;
 pub mod error;
 pub mod route;
+mod token;
 
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ use error::upload_range;
 pub use error::{ApiError, OciErrorCode};
 use route::Endpoint;
 
+use crate::auth::{Action, Auth, Principal};
 use crate::oci::manifest::{Descriptor, OCI_INDEX, is_manifest_type};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::store::{ByteStream, Store};
@@ -36,13 +39,26 @@ const MAX_TAG_PARAMS: usize = 100;
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
 
-/// Builds the router serving the registry API over `store`.
-pub fn router(store: Arc<Store>) -> Router {
-    Router::new().fallback(dispatch).with_state(store)
+/// What the handlers share.
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub auth: Arc<Auth>,
+    /// The URL clients reach the registry by, when a proxy in front changes it.
+    pub public_url: Option<String>,
+    pub tls: bool,
 }
 
-async fn dispatch(State(store): State<Arc<Store>>, req: Request) -> Response {
-    let mut resp = match handle(&store, req).await {
+/// Builds the router serving the registry API and the token endpoint.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new().fallback(dispatch).with_state(state)
+}
+
+async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let mut resp = match handle(&state, req, client).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -54,7 +70,7 @@ async fn dispatch(State(store): State<Arc<Store>>, req: Request) -> Response {
 }
 
 /// Query parameters, in order, repeated keys kept.
-struct Query(Vec<(String, String)>);
+pub(crate) struct Query(pub(crate) Vec<(String, String)>);
 
 impl Query {
     fn parse(q: Option<&str>) -> Query {
@@ -80,22 +96,74 @@ impl Query {
     }
 }
 
-async fn handle(store: &Store, req: Request) -> Result<Response> {
+/// The permission an endpoint needs.
+enum Need<'a> {
+    /// Any valid credentials (`GET /v2/`).
+    Login,
+    /// Anyone; the answer lists only what the caller may pull.
+    Catalog,
+    Repo(&'a str, Action),
+}
+
+fn need<'a>(endpoint: &Endpoint<'a>, m: &Method) -> Need<'a> {
+    let by_method = |name| match *m {
+        Method::PUT => Need::Repo(name, Action::Push),
+        Method::DELETE => Need::Repo(name, Action::Delete),
+        _ => Need::Repo(name, Action::Pull),
+    };
+    match *endpoint {
+        Endpoint::Base => Need::Login,
+        Endpoint::Catalog => Need::Catalog,
+        Endpoint::Tags { name } | Endpoint::Referrers { name, .. } => {
+            Need::Repo(name, Action::Pull)
+        }
+        Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } => by_method(name),
+        Endpoint::UploadStart { name } | Endpoint::Upload { name, .. } => {
+            Need::Repo(name, Action::Push)
+        }
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    req: Request,
+    client: Option<std::net::IpAddr>,
+) -> Result<Response> {
     let (parts, body) = req.into_parts();
+    let (store, auth) = (&*state.store, &*state.auth);
+    let site = authz::Site {
+        base_url: authz::base_url(state.public_url.as_deref(), state.tls, &parts.headers),
+        service: auth.service(),
+    };
     let path = parts.uri.path();
+    let q = Query::parse(parts.uri.query());
+    if path == "/token" {
+        return token::handle(auth, &site, &parts.method, &q, &parts.headers, body, client).await;
+    }
     let rest = match path {
         "/v2" => "",
         _ => path.strip_prefix("/v2/").ok_or_else(ApiError::not_found)?,
     };
     let endpoint = route::parse(rest).ok_or_else(ApiError::not_found)?;
-    let q = Query::parse(parts.uri.query());
     let m = &parts.method;
     let h = &parts.headers;
+    let caller = authz::authenticate(auth, &site, h, client).await?;
+    match need(&endpoint, m) {
+        Need::Login if caller.principal == Principal::Anonymous => {
+            return Err(site.unauthorized("authentication required", None, None));
+        }
+        Need::Repo(name, action) => {
+            repo(name)?;
+            authz::require(auth, &site, &caller, name, action).await?;
+        }
+        Need::Login | Need::Catalog => {}
+    }
+    let actor = caller.principal.name();
     match endpoint {
         Endpoint::Base if m == Method::GET || m == Method::HEAD => {
             Ok(json(StatusCode::OK, &serde_json::json!({})))
         }
-        Endpoint::Catalog if m == Method::GET => catalog(store, &q).await,
+        Endpoint::Catalog if m == Method::GET => catalog(store, auth, &caller, &q).await,
         Endpoint::Tags { name } if m == Method::GET => tags(store, &repo(name)?, &q).await,
         Endpoint::Manifest { name, reference } => {
             let name = repo(name)?;
@@ -103,8 +171,29 @@ async fn handle(store: &Store, req: Request) -> Result<Response> {
                 Method::GET | Method::HEAD => {
                     manifest_get(store, &name, reference, h, m == Method::HEAD).await
                 }
-                Method::PUT => manifest_put(store, &name, reference, &q, h, body).await,
-                Method::DELETE => manifest_delete(store, &name, reference).await,
+                Method::PUT => {
+                    let r = manifest_put(store, &name, reference, &q, h, body).await?;
+                    let digest = r
+                        .headers()
+                        .get("docker-content-digest")
+                        .and_then(|v| v.to_str().ok());
+                    let detail = format!("{reference} {}", digest.unwrap_or(""));
+                    auth.audit(actor, "push", Some(name.as_str()), Some(detail), client)
+                        .await;
+                    Ok(r)
+                }
+                Method::DELETE => {
+                    let r = manifest_delete(store, &name, reference).await?;
+                    auth.audit(
+                        actor,
+                        "delete.manifest",
+                        Some(name.as_str()),
+                        Some(reference.to_owned()),
+                        client,
+                    )
+                    .await;
+                    Ok(r)
+                }
                 _ => Err(method_not_allowed()),
             }
         }
@@ -117,13 +206,28 @@ async fn handle(store: &Store, req: Request) -> Result<Response> {
                 }
                 Method::DELETE => {
                     store.blob_delete(&name, &digest).await?;
+                    auth.audit(
+                        actor,
+                        "delete.blob",
+                        Some(name.as_str()),
+                        Some(digest.to_string()),
+                        client,
+                    )
+                    .await;
                     Ok(empty(StatusCode::ACCEPTED))
                 }
                 _ => Err(method_not_allowed()),
             }
         }
         Endpoint::UploadStart { name } if m == Method::POST => {
-            upload_start(store, &repo(name)?, &q, h, body).await
+            // A mount reads from another repository: the caller must be able to pull it.
+            let from_ok = match q.get("from").map(RepoName::parse) {
+                Some(Ok(from)) => {
+                    authz::permits(auth, &caller, from.as_str(), Action::Pull).await?
+                }
+                _ => true,
+            };
+            upload_start(store, &repo(name)?, &q, h, body, from_ok).await
         }
         Endpoint::Upload { name, id } => {
             let name = repo(name)?;
@@ -376,14 +480,16 @@ async fn upload_start(
     q: &Query,
     h: &HeaderMap,
     body: Body,
+    from_readable: bool,
 ) -> Result<Response> {
     if let Some(mount) = q.get("mount") {
         let digest: Digest = mount.parse()?;
         let mounted = match q.get("from") {
-            Some(from) => store
-                .blob_mount(name, &repo(from)?, &digest)
-                .await?
-                .is_some(),
+            // A source the caller may not read is treated as not holding the blob.
+            Some(from) => {
+                let from = repo(from)?;
+                from_readable && store.blob_mount(name, &from, &digest).await?.is_some()
+            }
             // Without `from`, only a blob this repository already holds counts: knowing a
             // digest is not access to it.
             None => store.blob_size(name, &digest).await.is_ok(),
@@ -640,18 +746,48 @@ where
     Ok((items, more))
 }
 
-async fn catalog(store: &Store, q: &Query) -> Result<Response> {
+/// How many repository names the catalog reads at a time while filtering.
+const CATALOG_BATCH: u32 = 1000;
+
+/// The catalog lists only repositories the caller may pull.
+async fn catalog(
+    store: &Store,
+    auth: &Auth,
+    caller: &authz::Caller,
+    q: &Query,
+) -> Result<Response> {
     let (n, last) = page(q, Some(DEFAULT_PAGE))?;
-    let (repos, more) = paginate(n, last, |last, limit| async move {
-        store.repositories(last.as_deref(), limit).await
-    })
-    .await?;
+    let n = n.unwrap_or(DEFAULT_PAGE) as usize;
+    let rights = auth
+        .rights(&caller.principal)
+        .await
+        .map_err(authz::auth_error_plain)?;
+    let mut repos = Vec::new();
+    let mut cursor = last.map(str::to_owned);
+    let mut more = false;
+    'pages: loop {
+        let batch = store.repositories(cursor.as_deref(), CATALOG_BATCH).await?;
+        let exhausted = batch.len() < CATALOG_BATCH as usize;
+        for r in batch {
+            cursor = Some(r.clone());
+            if rights.allowed(&r).has(Action::Pull) {
+                if repos.len() == n {
+                    more = true;
+                    break 'pages;
+                }
+                repos.push(r);
+            }
+        }
+        if exhausted {
+            break;
+        }
+    }
     let mut r = json(
         StatusCode::OK,
         &serde_json::json!({ "repositories": repos }),
     );
-    if let (true, Some(n), Some(l)) = (more, n, repos.last()) {
-        link_next(&mut r, "/v2/_catalog", n, l);
+    if let (true, Some(l)) = (more, repos.last()) {
+        link_next(&mut r, "/v2/_catalog", n as u32, l);
     }
     Ok(r)
 }

@@ -85,9 +85,19 @@ impl From<MetaError> for StoreError {
                 "descriptor of {digest} gives size {declared} but the content is {actual} bytes"
             ))),
             MetaError::Busy => StoreError::Busy,
+            MetaError::Conflict(what) => StoreError::Internal(format!("{what} already exists")),
             MetaError::Db(e) => StoreError::Internal(e),
         }
     }
+}
+
+/// Opens the embedded backends: blobs under `dir`, metadata in `dir/meta.db`.
+pub fn open_local_backends(dir: &Path) -> Result<(Arc<FsBlobStore>, Arc<SqliteMeta>), StoreError> {
+    let io = |e: io::Error| StoreError::Internal(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let blobs = FsBlobStore::open(dir).map_err(io)?;
+    let meta = SqliteMeta::open(&dir.join("meta.db"))?;
+    Ok((Arc::new(blobs), Arc::new(meta)))
 }
 
 /// What a stored manifest answered.
@@ -163,12 +173,8 @@ impl Store {
 
     /// The embedded default: blobs under `dir`, metadata in `dir/meta.db`.
     pub fn open_local(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Internal(format!("{}: {e}", dir.display())))?;
-        let blobs = FsBlobStore::open(dir)
-            .map_err(|e| StoreError::Internal(format!("{}: {e}", dir.display())))?;
-        let meta = SqliteMeta::open(&dir.join("meta.db"))?;
-        Ok(Store::new(Arc::new(blobs), Arc::new(meta)))
+        let (blobs, meta) = open_local_backends(dir)?;
+        Ok(Store::new(blobs, meta))
     }
 
     pub fn max_manifest(&self) -> usize {

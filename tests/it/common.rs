@@ -14,11 +14,34 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
+/// The first admin's password in every test registry.
+pub const ADMIN_PASSWORD: &str = "test-admin-password";
+
+/// An HTTP client that sends `user:password` as Basic credentials on every request.
+pub fn client_as(user: &str, password: &str) -> Client {
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Basic {basic}").parse().unwrap(),
+    );
+    Client::builder().default_headers(headers).build().unwrap()
+}
+
+/// A client logged in as the admin.
+pub fn admin_client() -> Client {
+    client_as("admin", ADMIN_PASSWORD)
+}
+
 /// An in-process registry on its own runtime thread, stopped on drop.
 pub struct TestRegistry {
     pub base: String,
     pub data: PathBuf,
+    /// Logged in as admin.
     pub client: Client,
+    /// No credentials.
+    pub anon: Client,
     _dir: Option<tempfile::TempDir>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -39,10 +62,8 @@ impl TestRegistry {
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let config = Config {
-            listen: addr.to_string(),
-            data: data.to_owned(),
-        };
+        let mut config = Config::new(addr.to_string(), data);
+        config.admin_password = Some(wharf::auth::Secret::new(ADMIN_PASSWORD));
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -58,10 +79,12 @@ impl TestRegistry {
                 .expect("server failed");
             });
         });
+        wait_ready(&addr.to_string());
         TestRegistry {
             base: format!("http://{addr}"),
             data: data.to_owned(),
-            client: Client::new(),
+            client: admin_client(),
+            anon: Client::new(),
             _dir: None,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -178,6 +201,34 @@ impl Drop for TestRegistry {
     }
 }
 
+/// Waits until the registry answers an admin's `GET /v2/` with 200: the store is open
+/// and the first admin exists.
+fn wait_ready(host: &str) {
+    use base64::Engine as _;
+    use std::io::{Read, Write};
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("admin:{ADMIN_PASSWORD}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(host) {
+            let req = format!(
+                "GET /v2/ HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {basic}\r\nConnection: close\r\n\r\n"
+            );
+            let mut out = String::new();
+            if s.write_all(req.as_bytes()).is_ok()
+                && s.read_to_string(&mut out).is_ok()
+                && out.starts_with("HTTP/1.1 200")
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the registry did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
@@ -235,6 +286,13 @@ pub fn require_tool(tool: &str, install: &str) {
     );
 }
 
+/// A command for the wharf binary's admin subcommands on `data`.
+pub fn wharf_cmd(data: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));
+    c.env("WHARF_DATA", data).env_remove("WHARF_CONFIG");
+    c
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -258,20 +316,31 @@ pub struct Process {
 
 impl Process {
     pub fn start(data: &Path) -> Process {
+        Process::start_with(data, &[], &[])
+    }
+
+    /// Starts with extra environment variables, and without those named in `remove`.
+    pub fn start_with(data: &Path, env: &[(&str, &str)], remove: &[&str]) -> Process {
         // Pick a free port, then hand it to the process.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
             .arg(data)
             .env_remove("WHARF_CONFIG")
+            .env("WHARF_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start wharf");
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        for k in remove {
+            cmd.env_remove(k);
+        }
+        let child = cmd.spawn().expect("start wharf");
         let base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

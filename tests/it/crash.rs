@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 
 use crate::common::{OCI_MANIFEST, Process, header, image_manifest, sha256};
 
@@ -37,7 +37,7 @@ async fn kill_during_a_large_chunked_upload_then_resume() {
     const CHUNK: usize = 8 << 20;
     let data = pattern(3 * CHUNK, 7);
     let digest = sha256(&data);
-    let client = Client::new();
+    let client = crate::common::admin_client();
 
     let p = Process::start(&data_dir);
     let r = client
@@ -59,7 +59,7 @@ async fn kill_during_a_large_chunked_upload_then_resume() {
     let url = format!("{}{loc}", p.base);
     let half = data[CHUNK..CHUNK + CHUNK / 2].to_vec();
     let in_flight = tokio::spawn(async move {
-        Client::new()
+        crate::common::admin_client()
             .patch(url)
             .header("content-range", format!("{}-{}", CHUNK, 2 * CHUNK - 1))
             .header("content-length", CHUNK.to_string())
@@ -133,7 +133,7 @@ async fn kill_during_a_monolithic_blob_push_serves_nothing_partial() {
     let half = data[..2 << 20].to_vec();
     let len = data.len();
     let in_flight = tokio::spawn(async move {
-        Client::new()
+        crate::common::admin_client()
             .post(url)
             .header("content-length", len.to_string())
             .body(stalling_body(half))
@@ -145,7 +145,7 @@ async fn kill_during_a_monolithic_blob_push_serves_nothing_partial() {
     assert!(in_flight.await.unwrap().is_err());
 
     let p = Process::start(&data_dir);
-    let client = Client::new();
+    let client = crate::common::admin_client();
     let r = client
         .get(format!("{}/v2/team/api/blobs/{digest}", p.base))
         .send()
@@ -178,7 +178,7 @@ async fn kill_during_manifest_pushes_loses_no_acknowledged_tag() {
     for w in 0..4u8 {
         let (base, acked) = (base.clone(), Arc::clone(&acked));
         pushers.push(tokio::spawn(async move {
-            let client = Client::new();
+            let client = crate::common::admin_client();
             for i in 0..10_000u32 {
                 let config = format!("{{\"worker\":{w},\"i\":{i}}}").into_bytes();
                 let layer = pattern(64 * 1024 + i as usize, w);
@@ -226,7 +226,7 @@ async fn kill_during_manifest_pushes_loses_no_acknowledged_tag() {
     assert!(acked.len() >= 40);
 
     let p = Process::start(&data_dir);
-    let client = Client::new();
+    let client = crate::common::admin_client();
     for (reference, digest) in &acked {
         let (repo, tag) = reference.split_once(':').unwrap();
         let r = client

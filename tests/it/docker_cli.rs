@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{TestRegistry, require_tool, run};
+use crate::common::{ADMIN_PASSWORD, TestRegistry, require_tool, run};
 
 pub fn busybox_context(dir: &Path, message: &str) {
     require_tool("busybox", "apt-get install -y busybox-static");
@@ -29,12 +29,59 @@ pub fn busybox_context(dir: &Path, message: &str) {
     .unwrap();
 }
 
-fn docker() -> Command {
-    require_tool(
-        "docker",
-        "the docker engine and CLI (apt-get install -y docker.io)",
-    );
-    Command::new("docker")
+/// The docker CLI with its own config directory, so logins of parallel tests never
+/// share `~/.docker/config.json`.
+pub struct Docker {
+    config: tempfile::TempDir,
+}
+
+impl Docker {
+    pub fn new() -> Docker {
+        require_tool(
+            "docker",
+            "the docker engine and CLI (apt-get install -y docker.io)",
+        );
+        Docker {
+            config: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new("docker");
+        c.env("DOCKER_CONFIG", self.config.path());
+        c
+    }
+
+    pub fn login(&self, host: &str, user: &str, password: &str) {
+        use std::io::Write;
+        let mut child = self
+            .cmd()
+            .args(["login", "-u", user, "--password-stdin", host])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(password.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker login failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs a docker command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(!out.status.success(), "docker {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
 }
 
 #[test]
@@ -50,6 +97,9 @@ fn docker_build_push_rmi_pull_run() {
     );
     busybox_context(ctx.path(), &format!("hello from wharf {nonce}"));
     let image = format!("{}/wharf-test/busybox-{nonce}:v1", reg.host());
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let docker = || d.cmd();
 
     run(docker().args(["build", "-q", "-t", &image]).arg(ctx.path()));
     let pushed = run(docker().args(["push", &image]));

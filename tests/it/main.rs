@@ -3,6 +3,8 @@
 mod common;
 
 mod api;
+mod auth;
+mod auth_clients;
 mod blobs;
 mod crash;
 mod docker_cli;

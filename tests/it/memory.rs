@@ -1,7 +1,7 @@
 //! Streaming with bounded memory: pushing and pulling a blob far larger than any buffer
 //! leaves the server's peak resident memory far below the blob's size.
 
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 
 use crate::common::{Process, header};
 
@@ -20,7 +20,7 @@ async fn a_512_mib_blob_streams_through_in_bounded_memory() {
     const PART: usize = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
     let p = Process::start(&dir.path().join("data"));
-    let client = Client::new();
+    let client = crate::common::admin_client();
 
     // The content is generated as it is sent, so the test holds no copy either.
     let part =
@@ -58,7 +58,7 @@ async fn a_512_mib_blob_streams_through_in_bounded_memory() {
     for _ in 0..2 {
         let url = format!("{}/v2/big/one/blobs/{digest}", p.base);
         pulls.push(tokio::spawn(async move {
-            let mut r = Client::new().get(url).send().await.unwrap();
+            let mut r = crate::common::admin_client().get(url).send().await.unwrap();
             assert_eq!(r.status(), StatusCode::OK);
             let mut h = <sha2::Sha256 as sha2::Digest>::new();
             let mut n = 0usize;

@@ -84,7 +84,7 @@ async fn sigterm_finishes_requests_in_flight_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let mut p = Process::start(&data_dir);
-    let client = reqwest::Client::new();
+    let client = crate::common::admin_client();
     let r = client
         .post(format!("{}/v2/team/api/blobs/uploads/", p.base))
         .send()
@@ -102,7 +102,7 @@ async fn sigterm_finishes_requests_in_flight_and_exits_zero() {
     });
     let url = format!("{}{loc}", p.base);
     let upload = tokio::spawn(async move {
-        reqwest::Client::new()
+        crate::common::admin_client()
             .patch(url)
             .body(reqwest::Body::wrap_stream(body))
             .send()

@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 use serde_json::{Value, json};
 
 use crate::common::{
-    OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, TestRegistry, require_tool, run, sha256,
+    ADMIN_PASSWORD, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, TestRegistry, require_tool,
+    run, sha256,
 };
 
 fn write_blob(layout: &Path, data: &[u8]) -> String {
@@ -94,12 +95,26 @@ fn skopeo_copies_a_multi_platform_index_both_ways() {
     let layout = work.path().join("layout");
     let index = multi_arch_layout(&layout, work.path());
     let dest = format!("docker://{}/team/multi:v1", reg.host());
+    let creds = format!("admin:{ADMIN_PASSWORD}");
 
     run(skopeo()
-        .args(["copy", "--all", "--dest-tls-verify=false"])
+        .args([
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &creds,
+        ])
         .arg(format!("oci:{}:multi", layout.display()))
         .arg(&dest));
-    let raw = run(skopeo().args(["inspect", "--raw", "--tls-verify=false", &dest]));
+    let raw = run(skopeo().args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &dest,
+    ]));
     assert_eq!(
         sha256(raw.as_bytes()),
         sha256(&index),
@@ -114,6 +129,8 @@ fn skopeo_copies_a_multi_platform_index_both_ways() {
             "linux",
             "inspect",
             "--tls-verify=false",
+            "--creds",
+            &creds,
             &dest,
         ])))
         .unwrap();
@@ -122,7 +139,14 @@ fn skopeo_copies_a_multi_platform_index_both_ways() {
 
     let out = work.path().join("out");
     run(skopeo()
-        .args(["copy", "--all", "--src-tls-verify=false", &dest])
+        .args([
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            "--src-creds",
+            &creds,
+            &dest,
+        ])
         .arg(format!("oci:{}:pulled", out.display())));
     let top: Value =
         serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();

@@ -2,7 +2,9 @@
 //! One trait, one test suite (`tests::suite`) every backend passes. SQLite is the embedded
 //! default; a PostgreSQL backend implements the same trait over the same schema.
 
+pub mod auth;
 mod sqlite;
+mod sqlite_auth;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,6 +25,8 @@ pub enum MetaError {
         declared: i64,
         actual: i64,
     },
+    #[error("{0} already exists")]
+    Conflict(String),
     #[error("the metadata database is busy")]
     Busy,
     #[error("metadata database: {0}")]

@@ -12,7 +12,10 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use super::{ManifestRecord, MetaError, MetaStore, NewManifest, Referrer, UploadRow};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../../migrations/sqlite/0002_auth.sql"),
+];
 const READERS: usize = 8;
 
 pub struct SqliteMeta {
@@ -21,7 +24,7 @@ pub struct SqliteMeta {
     readers: Mutex<Vec<Connection>>,
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -63,7 +66,7 @@ impl SqliteMeta {
         })
     }
 
-    async fn read<T, F>(&self, f: F) -> Result<T, MetaError>
+    pub(super) async fn read<T, F>(&self, f: F) -> Result<T, MetaError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
@@ -87,7 +90,7 @@ impl SqliteMeta {
         result
     }
 
-    async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
+    pub(super) async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
@@ -106,21 +109,27 @@ impl SqliteMeta {
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), MetaError> {
-    let version: usize =
-        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
-    if version > MIGRATIONS.len() {
-        return Err(MetaError::Db(format!(
-            "database schema version {version} is newer than this wharf knows ({})",
-            MIGRATIONS.len()
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+    // Each step reads the version and applies the next migration in one IMMEDIATE
+    // transaction, so processes opening the database at the same time (a server and an
+    // admin command) serialize instead of applying a migration twice.
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version =
+            usize::try_from(tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?)
+                .unwrap_or(0);
+        if version > MIGRATIONS.len() {
+            return Err(MetaError::Db(format!(
+                "database schema version {version} is newer than this wharf knows ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        if version == MIGRATIONS.len() {
+            return Ok(tx.commit()?);
+        }
+        tx.execute_batch(MIGRATIONS[version])?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", version + 1))?;
         tx.commit()?;
     }
-    Ok(())
 }
 
 fn ensure_repo(tx: &Transaction<'_>, repo: &str, now: i64) -> Result<(), MetaError> {
@@ -504,5 +513,25 @@ mod tests {
             again.upload_get("u").await.unwrap().unwrap().repository,
             "r"
         );
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_openers_migrate_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let p = path.clone();
+                std::thread::spawn(move || SqliteMeta::open(&p).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
     }
 }

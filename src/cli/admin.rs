@@ -1,0 +1,423 @@
+//! Admin commands. They open the data directory directly (SQLite in WAL mode lets them
+//! run beside a live server) and go through the same `Auth` the server uses.
+
+use std::future::Future;
+use std::io::Read;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Subcommand, ValueEnum};
+use wharf::auth::{Auth, Level, Pattern, Scope, Secret, now_secs, secret};
+use wharf::store::meta::auth::{AuthMeta, TokenRecord};
+use wharf::store::open_local_backends;
+use wharf::time::rfc3339;
+
+use super::DataArgs;
+
+pub struct Admin {
+    auth: Auth,
+    meta: Arc<dyn AuthMeta>,
+    actor: String,
+}
+
+type Job = Pin<Box<dyn Future<Output = anyhow::Result<()>>>>;
+
+pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()> {
+    let config = data.resolve()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (_, meta) = open_local_backends(&config.data)
+            .with_context(|| format!("opening {}", config.data.display()))?;
+        let auth = Auth::open(Arc::clone(&meta) as _, &config.data, &config.service)?;
+        let actor = format!(
+            "cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        );
+        job(Admin { auth, meta, actor }).await
+    })
+}
+
+impl Admin {
+    async fn audit(&self, action: &str, repository: Option<&str>, detail: String) {
+        self.auth
+            .audit(Some(&self.actor), action, repository, Some(detail), None)
+            .await;
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Create a user; prints a random password unless --password-stdin is given.
+    Add {
+        name: String,
+        /// Give the user every right on every repository.
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users.
+    List,
+    /// Remove a user, their tokens and grants.
+    Remove { name: String },
+    /// Set a new password (random unless --password-stdin); ends the user's sessions.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}
+
+fn valid_user_name(name: &str) -> anyhow::Result<()> {
+    let ok = name.len() <= 64 && !name.contains('/') && wharf::oci::RepoName::parse(name).is_ok();
+    if !ok {
+        bail!(
+            "invalid user name {name:?}: lowercase letters and digits, separated by '.', '_' or '-' (it is also the user's namespace)"
+        );
+    }
+    Ok(())
+}
+
+fn new_password(from_stdin: bool) -> anyhow::Result<(Secret, bool)> {
+    if !from_stdin {
+        return Ok((Secret::new(secret::random_string(24)), true));
+    }
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading the password from standard input")?;
+    let pw = s.trim_end_matches(['\n', '\r']).to_owned();
+    if pw.chars().count() < 8 {
+        bail!("the password must have at least 8 characters");
+    }
+    Ok((Secret::new(pw), false))
+}
+
+pub async fn user(a: Admin, cmd: UserCmd) -> anyhow::Result<()> {
+    match cmd {
+        UserCmd::Add {
+            name,
+            admin,
+            password_stdin,
+        } => {
+            valid_user_name(&name)?;
+            let (pw, generated) = new_password(password_stdin)?;
+            a.meta
+                .user_create(&name, &secret::hash_password(pw.expose()), admin)
+                .await?;
+            a.audit(
+                "user.create",
+                None,
+                format!("{name}{}", if admin { " (admin)" } else { "" }),
+            )
+            .await;
+            if generated {
+                println!("{}", pw.expose());
+                eprintln!("created user {name}; the password above is shown only once");
+            } else {
+                eprintln!("created user {name}");
+            }
+        }
+        UserCmd::List => {
+            println!("{:<24} {:<6} CREATED", "NAME", "ADMIN");
+            for u in a.meta.user_list().await? {
+                println!(
+                    "{:<24} {:<6} {}",
+                    u.name,
+                    if u.admin { "yes" } else { "no" },
+                    rfc3339(u.created_at)
+                );
+            }
+        }
+        UserCmd::Remove { name } => {
+            if !a.meta.user_remove(&name).await? {
+                bail!("no user {name}");
+            }
+            a.audit("user.remove", None, name.clone()).await;
+            eprintln!("removed user {name} with their tokens and grants");
+        }
+        UserCmd::Passwd {
+            name,
+            password_stdin,
+        } => {
+            let (pw, generated) = new_password(password_stdin)?;
+            if !a
+                .meta
+                .user_set_password(&name, &secret::hash_password(pw.expose()))
+                .await?
+            {
+                bail!("no user {name}");
+            }
+            a.audit("user.passwd", None, name.clone()).await;
+            if generated {
+                println!("{}", pw.expose());
+            }
+            eprintln!("password of {name} changed; earlier logins of {name} are ended");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create an access token; prints it once.
+    Create {
+        /// The user the token acts for.
+        #[arg(long)]
+        user: String,
+        /// What the token may do: repository:<name, namespace/* or *>:<pull,push,delete>
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Lifetime: e.g. 30m, 12h, 90d, 1y, or never.
+        #[arg(long, default_value = "90d")]
+        expires: String,
+        /// A name to recognise it by (e.g. ci, prod-server).
+        #[arg(long)]
+        name: String,
+    },
+    /// List tokens with their scopes, creation, last use and expiry.
+    List {
+        #[arg(long)]
+        user: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token at once.
+    Revoke { id: String },
+}
+
+/// Parses `30m`, `12h`, `90d`, `1y` or `never` into milliseconds.
+pub fn parse_lifetime(s: &str) -> anyhow::Result<Option<i64>> {
+    if s == "never" {
+        return Ok(None);
+    }
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 =
+        n.parse().ok().filter(|n| *n > 0).with_context(|| {
+            format!("invalid lifetime {s:?}: use e.g. 30m, 12h, 90d, 1y or never")
+        })?;
+    let unit_ms = match unit {
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "y" => 365 * 86_400_000,
+        _ => bail!("invalid lifetime {s:?}: use e.g. 30m, 12h, 90d, 1y or never"),
+    };
+    Ok(Some(n.checked_mul(unit_ms).context("lifetime too long")?))
+}
+
+fn token_status(t: &TokenRecord, now_ms: i64) -> &'static str {
+    if t.revoked_at.is_some() {
+        "revoked"
+    } else if t.expires_at.is_some_and(|e| e <= now_ms) {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
+    let now_ms = now_secs() * 1000;
+    match cmd {
+        TokenCmd::Create {
+            user,
+            scopes,
+            expires,
+            name,
+        } => {
+            let parsed: Vec<Scope> = scopes
+                .iter()
+                .map(|s| Scope::parse(s))
+                .collect::<Result<_, _>>()?;
+            let lifetime = parse_lifetime(&expires)?;
+            a.auth.check_scopes_within(&user, &parsed).await?;
+            let (id, token, hash) = secret::new_token();
+            let record = TokenRecord {
+                id: id.clone(),
+                user_name: user.clone(),
+                name: name.clone(),
+                kind: "access".into(),
+                secret_hash: hash,
+                scopes: parsed.iter().map(ToString::to_string).collect(),
+                created_at: now_ms,
+                last_used_at: None,
+                expires_at: lifetime.map(|l| now_ms + l),
+                revoked_at: None,
+            };
+            a.meta.token_create(&record).await?;
+            a.audit(
+                "token.create",
+                None,
+                format!("{id} {name} for {user}: {}", record.scopes.join(" ")),
+            )
+            .await;
+            println!("{}", token.expose());
+            eprintln!(
+                "token {id} ({name}) for {user}, {}, expires {}; shown only this once",
+                record.scopes.join(" "),
+                record.expires_at.map_or("never".into(), rfc3339)
+            );
+        }
+        TokenCmd::List { user, json } => {
+            let tokens: Vec<TokenRecord> = a
+                .meta
+                .token_list(user.as_deref())
+                .await?
+                .into_iter()
+                .filter(|t| t.kind == "access")
+                .collect();
+            if json {
+                let v: Vec<serde_json::Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "id": t.id, "user": t.user_name, "name": t.name, "scopes": t.scopes,
+                            "created": rfc3339(t.created_at),
+                            "last_used": t.last_used_at.map(rfc3339),
+                            "expires": t.expires_at.map(rfc3339),
+                            "status": token_status(t, now_ms),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<13} {:<12} {:<14} {:<8} {:<21} {:<21} {:<21} SCOPES",
+                    "ID", "USER", "NAME", "STATUS", "CREATED", "LAST USED", "EXPIRES"
+                );
+                for t in &tokens {
+                    println!(
+                        "{:<13} {:<12} {:<14} {:<8} {:<21} {:<21} {:<21} {}",
+                        t.id,
+                        t.user_name,
+                        t.name,
+                        token_status(t, now_ms),
+                        rfc3339(t.created_at),
+                        t.last_used_at.map_or("never".into(), rfc3339),
+                        t.expires_at.map_or("never".into(), rfc3339),
+                        t.scopes.join(" ")
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            if !a.meta.token_revoke(&id, now_ms).await? {
+                bail!("no active token {id}");
+            }
+            a.audit("token.revoke", None, id.clone()).await;
+            eprintln!("revoked token {id}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCmd {
+    /// Make a repository or namespace (`team/*`) public (anonymous pull) or private.
+    Visibility {
+        pattern: String,
+        visibility: Visibility,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Visibility {
+    Public,
+    Private,
+}
+
+pub async fn repo(a: Admin, cmd: RepoCmd) -> anyhow::Result<()> {
+    let RepoCmd::Visibility {
+        pattern,
+        visibility,
+    } = cmd;
+    let p = Pattern::parse(&pattern)?;
+    let public = matches!(visibility, Visibility::Public);
+    a.meta.visibility_set(&p.to_string(), public).await?;
+    let word = if public { "public" } else { "private" };
+    a.audit("repo.visibility", Some(&p.to_string()), word.to_owned())
+        .await;
+    eprintln!("{p} is now {word}");
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GrantArgs {
+    user: String,
+    /// A repository, `namespace/*`, or `*`.
+    pattern: String,
+    /// pull, push (includes pull), delete (includes push), admin, or none to remove.
+    level: String,
+}
+
+pub async fn grant(a: Admin, g: GrantArgs) -> anyhow::Result<()> {
+    let p = Pattern::parse(&g.pattern)?;
+    if a.meta.user_get(&g.user).await?.is_none() {
+        bail!("no user {}", g.user);
+    }
+    if g.level == "none" {
+        if !a.meta.grant_remove(&g.user, &p.to_string()).await? {
+            bail!("{} has no grant on {p}", g.user);
+        }
+    } else {
+        let level = Level::parse(&g.level).with_context(|| {
+            format!(
+                "invalid level {:?}: pull, push, delete, admin or none",
+                g.level
+            )
+        })?;
+        a.meta
+            .grant_set(&g.user, &p.to_string(), level.name())
+            .await?;
+    }
+    a.audit(
+        "grant",
+        Some(&p.to_string()),
+        format!("{} {}", g.user, g.level),
+    )
+    .await;
+    eprintln!("{} now has {} on {p}", g.user, g.level);
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AuditArgs {
+    /// How many of the latest entries to show.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+}
+
+pub async fn audit(a: Admin, args: AuditArgs) -> anyhow::Result<()> {
+    for e in a.meta.audit_list(args.limit).await? {
+        println!(
+            "{}  {:<18} {:<16} {:<24} {:<15} {}",
+            rfc3339(e.at),
+            e.action,
+            e.actor.unwrap_or_else(|| "-".into()),
+            e.repository.unwrap_or_else(|| "-".into()),
+            e.client.unwrap_or_else(|| "-".into()),
+            e.detail.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes() {
+        assert_eq!(parse_lifetime("never").unwrap(), None);
+        assert_eq!(parse_lifetime("90d").unwrap(), Some(90 * 86_400_000));
+        assert_eq!(parse_lifetime("30m").unwrap(), Some(1_800_000));
+        for bad in ["", "d", "0d", "-1d", "10", "5w", "1.5d"] {
+            assert!(parse_lifetime(bad).is_err(), "{bad}");
+        }
+    }
+}

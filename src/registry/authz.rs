@@ -1,0 +1,227 @@
+//! Who is calling and whether they may: credentials from the Authorization header,
+//! decisions from [`Auth`], and the 401/403/429 answers with Docker's token challenge.
+
+use std::net::IpAddr;
+
+use axum::http::{HeaderMap, StatusCode, header};
+use base64::Engine as _;
+
+use super::error::{ApiError, OciErrorCode};
+use crate::auth::{Action, Auth, AuthError, Principal, Secret, granted_by, jwt::Claims};
+
+/// The caller of one request.
+pub struct Caller {
+    pub principal: Principal,
+    /// Set when the caller presented a registry JWT: what it grants.
+    pub claims: Option<Claims>,
+}
+
+/// Where clients reach this registry, for the challenge's realm.
+pub struct Site<'a> {
+    pub base_url: String,
+    pub service: &'a str,
+}
+
+impl Site<'_> {
+    /// `Bearer realm=...,service=...[,scope=...][,error=...]`.
+    pub fn challenge(&self, scope: Option<&str>, error: Option<&str>) -> String {
+        let mut c = format!(
+            "Bearer realm=\"{}/token\",service=\"{}\"",
+            self.base_url, self.service
+        );
+        if let Some(s) = scope {
+            c.push_str(&format!(",scope=\"{s}\""));
+        }
+        if let Some(e) = error {
+            c.push_str(&format!(",error=\"{e}\""));
+        }
+        c
+    }
+
+    pub fn unauthorized(
+        &self,
+        message: &str,
+        scope: Option<&str>,
+        error: Option<&str>,
+    ) -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            OciErrorCode::Unauthorized,
+            message,
+        )
+        .with_header(header::WWW_AUTHENTICATE, &self.challenge(scope, error))
+    }
+}
+
+/// The base URL clients use: the configured public URL, else the scheme and Host of
+/// the request.
+pub fn base_url(public_url: Option<&str>, tls: bool, headers: &HeaderMap) -> String {
+    if let Some(u) = public_url {
+        return u.trim_end_matches('/').to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    format!("{}://{host}", if tls { "https" } else { "http" })
+}
+
+pub fn auth_error(site: &Site<'_>, e: AuthError) -> ApiError {
+    match e {
+        AuthError::BadCredentials => site.unauthorized(
+            "authentication required: invalid username, password or token",
+            None,
+            None,
+        ),
+        AuthError::BadToken(why) => site.unauthorized(
+            &format!("invalid token: {why}"),
+            None,
+            Some("invalid_token"),
+        ),
+        AuthError::RateLimited(secs) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            OciErrorCode::Toomanyrequests,
+            format!("too many failed logins; retry in {secs} s"),
+        )
+        .with_header(header::RETRY_AFTER, &secs.to_string()),
+        AuthError::Invalid(m) => {
+            ApiError::new(StatusCode::BAD_REQUEST, OciErrorCode::Unsupported, m)
+        }
+        AuthError::Busy => crate::store::StoreError::Busy.into(),
+        AuthError::Internal(m) => crate::store::StoreError::Internal(m).into(),
+    }
+}
+
+/// Parses `Authorization: Basic ...` into (user, secret).
+pub fn basic_credentials(headers: &HeaderMap) -> Option<Result<(String, Secret), ()>> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok();
+    let text = decoded.and_then(|d| String::from_utf8(d).ok());
+    Some(match text.as_deref().and_then(|t| t.split_once(':')) {
+        Some((u, p)) if !u.is_empty() => Ok((u.to_owned(), Secret::new(p))),
+        _ => Err(()),
+    })
+}
+
+/// Identifies the caller from the request's Authorization header.
+pub async fn authenticate(
+    auth: &Auth,
+    site: &Site<'_>,
+    headers: &HeaderMap,
+    client: Option<IpAddr>,
+) -> Result<Caller, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(Caller {
+            principal: Principal::Anonymous,
+            claims: None,
+        });
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| site.unauthorized("malformed Authorization header", None, None))?;
+    if let Some(token) = text
+        .strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+    {
+        let (principal, claims) = auth
+            .verify(token.trim())
+            .await
+            .map_err(|e| auth_error(site, e))?;
+        return Ok(Caller {
+            principal,
+            claims: Some(claims),
+        });
+    }
+    match basic_credentials(headers) {
+        Some(Ok((user, secret))) => {
+            let principal = auth
+                .login(&user, &secret, client)
+                .await
+                .map_err(|e| auth_error(site, e))?;
+            Ok(Caller {
+                principal,
+                claims: None,
+            })
+        }
+        _ => Err(site.unauthorized("unsupported or malformed Authorization header", None, None)),
+    }
+}
+
+/// Whether the caller may do `action` on `repo`.
+pub async fn permits(
+    auth: &Auth,
+    caller: &Caller,
+    repo: &str,
+    action: Action,
+) -> Result<bool, ApiError> {
+    match &caller.claims {
+        Some(claims) => Ok(granted_by(claims, repo).has(action)),
+        None => Ok(auth
+            .allowed(&caller.principal, repo)
+            .await
+            .map_err(auth_error_plain)?
+            .has(action)),
+    }
+}
+
+pub fn auth_error_plain(e: AuthError) -> ApiError {
+    match e {
+        AuthError::Busy => crate::store::StoreError::Busy.into(),
+        other => crate::store::StoreError::Internal(other.to_string()).into(),
+    }
+}
+
+fn scope_for(repo: &str, action: Action) -> String {
+    let actions = match action {
+        Action::Pull => "pull",
+        Action::Push => "pull,push",
+        Action::Delete => "delete",
+    };
+    format!("repository:{repo}:{actions}")
+}
+
+/// Ok if the caller may do `action` on `repo`; else 401 with a challenge for the scope
+/// (anonymous, or a token that lacks a scope its user has) or 403 DENIED.
+pub async fn require(
+    auth: &Auth,
+    site: &Site<'_>,
+    caller: &Caller,
+    repo: &str,
+    action: Action,
+) -> Result<(), ApiError> {
+    if permits(auth, caller, repo, action).await? {
+        return Ok(());
+    }
+    let scope = scope_for(repo, action);
+    if caller.principal == Principal::Anonymous {
+        return Err(site.unauthorized("authentication required", Some(&scope), None));
+    }
+    if caller.claims.is_some()
+        && auth
+            .allowed(&caller.principal, repo)
+            .await
+            .map_err(auth_error_plain)?
+            .has(action)
+    {
+        return Err(site.unauthorized(
+            "the token does not cover this request",
+            Some(&scope),
+            Some("insufficient_scope"),
+        ));
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        OciErrorCode::Denied,
+        format!(
+            "requested access to the resource is denied: {} may not {} {repo}",
+            caller.principal.name().unwrap_or("anonymous"),
+            action.name()
+        ),
+    ))
+}

@@ -1,0 +1,181 @@
+//! Accounts, tokens, grants, visibility and the audit log: kept in the same database as
+//! the registry's metadata, behind their own trait.
+
+use async_trait::async_trait;
+
+use super::MetaError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub name: String,
+    pub password_hash: String,
+    pub admin: bool,
+    pub created_at: i64,
+    pub generation: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub user_name: String,
+    pub name: String,
+    /// `access` (made by `wharf token create`) or `refresh` (kept by `docker login`).
+    pub kind: String,
+    pub secret_hash: String,
+    pub scopes: Vec<String>,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRecord {
+    pub user_name: String,
+    pub pattern: String,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditEntry {
+    pub at: i64,
+    pub actor: Option<String>,
+    pub action: String,
+    pub repository: Option<String>,
+    pub detail: Option<String>,
+    pub client: Option<String>,
+}
+
+#[async_trait]
+pub trait AuthMeta: Send + Sync + 'static {
+    async fn user_count(&self) -> Result<u64, MetaError>;
+    async fn user_get(&self, name: &str) -> Result<Option<UserRecord>, MetaError>;
+    /// Fails with `Conflict` if the user exists.
+    async fn user_create(
+        &self,
+        name: &str,
+        password_hash: &str,
+        admin: bool,
+    ) -> Result<(), MetaError>;
+    async fn user_list(&self) -> Result<Vec<UserRecord>, MetaError>;
+    /// Removes the user with their tokens and grants; false if there was none.
+    async fn user_remove(&self, name: &str) -> Result<bool, MetaError>;
+    /// Sets a new password, bumps the generation (old JWTs stop working) and revokes
+    /// the refresh tokens of earlier logins; false if there is no such user.
+    async fn user_set_password(&self, name: &str, password_hash: &str) -> Result<bool, MetaError>;
+
+    async fn token_create(&self, t: &TokenRecord) -> Result<(), MetaError>;
+    async fn token_get(&self, id: &str) -> Result<Option<TokenRecord>, MetaError>;
+    async fn token_list(&self, user: Option<&str>) -> Result<Vec<TokenRecord>, MetaError>;
+    /// Marks a token revoked; false if it does not exist or already was.
+    async fn token_revoke(&self, id: &str, now: i64) -> Result<bool, MetaError>;
+    async fn token_touch(&self, id: &str, now: i64) -> Result<(), MetaError>;
+
+    async fn grant_set(&self, user: &str, pattern: &str, level: &str) -> Result<(), MetaError>;
+    async fn grant_remove(&self, user: &str, pattern: &str) -> Result<bool, MetaError>;
+    async fn grants_of(&self, user: &str) -> Result<Vec<GrantRecord>, MetaError>;
+
+    async fn visibility_set(&self, pattern: &str, public: bool) -> Result<(), MetaError>;
+    async fn visibility_list(&self) -> Result<Vec<(String, bool)>, MetaError>;
+
+    async fn audit_add(&self, e: AuditEntry) -> Result<(), MetaError>;
+    /// The latest `limit` entries, oldest first.
+    async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError>;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) async fn suite(m: &dyn AuthMeta) {
+        assert_eq!(m.user_count().await.unwrap(), 0);
+        m.user_create("alice", "h1", false).await.unwrap();
+        assert!(matches!(
+            m.user_create("alice", "h2", true).await,
+            Err(MetaError::Conflict(_))
+        ));
+        let u = m.user_get("alice").await.unwrap().unwrap();
+        assert_eq!(
+            (u.password_hash.as_str(), u.admin, u.generation),
+            ("h1", false, 1)
+        );
+
+        let t = TokenRecord {
+            id: "tok1".into(),
+            user_name: "alice".into(),
+            name: "ci".into(),
+            kind: "refresh".into(),
+            secret_hash: "sh".into(),
+            scopes: vec!["repository:alice/*:pull".into()],
+            created_at: 10,
+            last_used_at: None,
+            expires_at: Some(100),
+            revoked_at: None,
+        };
+        m.token_create(&t).await.unwrap();
+        assert_eq!(m.token_get("tok1").await.unwrap().unwrap(), t);
+        m.token_touch("tok1", 50).await.unwrap();
+        assert_eq!(
+            m.token_get("tok1").await.unwrap().unwrap().last_used_at,
+            Some(50)
+        );
+
+        // A password change bumps the generation and revokes refresh tokens.
+        assert!(m.user_set_password("alice", "h3").await.unwrap());
+        let u = m.user_get("alice").await.unwrap().unwrap();
+        assert_eq!((u.password_hash.as_str(), u.generation), ("h3", 2));
+        assert!(
+            m.token_get("tok1")
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at
+                .is_some()
+        );
+        assert!(!m.user_set_password("nobody", "h").await.unwrap());
+
+        let mut t2 = t.clone();
+        t2.id = "tok2".into();
+        t2.kind = "access".into();
+        m.token_create(&t2).await.unwrap();
+        assert!(m.token_revoke("tok2", 60).await.unwrap());
+        assert!(!m.token_revoke("tok2", 61).await.unwrap());
+        assert_eq!(m.token_list(Some("alice")).await.unwrap().len(), 2);
+
+        m.grant_set("alice", "team/*", "push").await.unwrap();
+        m.grant_set("alice", "team/*", "pull").await.unwrap();
+        assert_eq!(m.grants_of("alice").await.unwrap()[0].level, "pull");
+        m.visibility_set("team/*", true).await.unwrap();
+        assert_eq!(
+            m.visibility_list().await.unwrap(),
+            vec![("team/*".to_owned(), true)]
+        );
+
+        m.audit_add(AuditEntry {
+            at: 1,
+            action: "login".into(),
+            actor: Some("alice".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        m.audit_add(AuditEntry {
+            at: 2,
+            action: "push".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let log = m.audit_list(10).await.unwrap();
+        assert_eq!(
+            log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+            ["login", "push"]
+        );
+        assert_eq!(m.audit_list(1).await.unwrap()[0].action, "push");
+
+        assert!(m.user_remove("alice").await.unwrap());
+        assert!(m.token_get("tok1").await.unwrap().is_none());
+        assert!(m.grants_of("alice").await.unwrap().is_empty());
+        assert!(!m.user_remove("alice").await.unwrap());
+    }
+}
