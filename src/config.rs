@@ -22,6 +22,14 @@ pub struct Config {
     pub public_url: Option<String>,
     /// The first admin's password, used only when the registry has no users yet.
     pub admin_password: Option<Secret>,
+    /// Serve HTTPS with this certificate chain and key (PEM files).
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// What the TOML file may set. Unknown keys are an error, so a typo is not ignored.
@@ -32,6 +40,8 @@ struct FileConfig {
     data: Option<PathBuf>,
     service: Option<String>,
     public_url: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// Values given on the command line (or, through clap, by their environment variables).
@@ -42,6 +52,8 @@ pub struct Overrides {
     pub service: Option<String>,
     pub public_url: Option<String>,
     pub admin_password: Option<Secret>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +72,8 @@ pub enum ConfigError {
     Listen(String),
     #[error("invalid public_url {0:?}: expected http://... or https://...")]
     PublicUrl(String),
+    #[error("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")]
+    Tls,
 }
 
 impl Config {
@@ -71,6 +85,7 @@ impl Config {
             service: DEFAULT_SERVICE.to_owned(),
             public_url: None,
             admin_password: None,
+            tls: None,
         }
     }
 
@@ -114,12 +129,21 @@ impl Config {
                 return Err(ConfigError::PublicUrl(u.clone()));
             }
         }
+        let tls = match (
+            flags.tls_cert.or(file_cfg.tls_cert),
+            flags.tls_key.or(file_cfg.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err(ConfigError::Tls),
+        };
         Ok(Config {
             listen,
             data,
             service,
             public_url,
             admin_password: flags.admin_password,
+            tls,
         })
     }
 }

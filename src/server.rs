@@ -1,13 +1,20 @@
-//! Runs the registry on a listener until shutdown.
+//! Runs the registry on a listener until shutdown: plain HTTP, or HTTPS with rustls.
+//! One accept loop serves both, so both shut down the same way.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tower::ServiceExt as _;
 
 use crate::auth::{Auth, AuthError};
-use crate::config::Config;
+use crate::config::{Config, TlsFiles};
 use crate::registry::{self, AppState};
 use crate::store::{Store, StoreError, open_local_backends};
 
@@ -17,6 +24,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const UPLOAD_MAX_IDLE: Duration = Duration::from_secs(24 * 3600);
 /// How often idle uploads are looked for.
 const UPLOAD_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// How long a client may take to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -24,8 +33,45 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("access control: {0}")]
     Auth(#[from] AuthError),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Builds the rustls configuration from PEM files.
+fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| {
+            ServeError::Tls(format!(
+                "reading certificates from {}: {e}",
+                files.cert.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(ServeError::Tls(format!(
+            "no certificate in {}",
+            files.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        ServeError::Tls(format!(
+            "reading the private key from {}: {e}",
+            files.key.display()
+        ))
+    })?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServeError::Tls(format!("certificate and key do not fit: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Serves the registry on `listener` with the data in `config.data` until `shutdown`
@@ -36,6 +82,7 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let (blobs, meta) = open_local_backends(&config.data)?;
     let store = Arc::new(Store::new(blobs, Arc::clone(&meta) as _));
     let auth = Arc::new(Auth::open(meta, &config.data, &config.service)?);
@@ -52,34 +99,81 @@ pub async fn serve(
         store,
         auth,
         public_url: config.public_url.clone(),
-        tls: false,
+        tls: tls.is_some(),
     };
-    let app = registry::router(Arc::new(state))
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = registry::router(Arc::new(state));
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
-        "wharf listening on http://{addr}, data in {}",
+        "wharf listening on {scheme}://{addr}, data in {}",
         config.data.display()
     );
 
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections, finishing requests in flight");
-        let _ = stopping_tx.send(());
-    });
-    let server = std::future::IntoFuture::into_future(server);
-    tokio::pin!(server);
-    let deadline = async move {
-        if stopping_rx.await.is_ok() {
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } else {
-            std::future::pending::<()>().await;
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // The timer enables hyper's header read timeout against slow-header clients.
+    builder.timer(TokioTimer::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                req
+            },
+        ));
+        match &tls {
+            None => {
+                let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                return tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            }
+                            Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                        };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
         }
-    };
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections, finishing requests in flight");
     tokio::select! {
-        r = &mut server => r?,
-        () = deadline => tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; aborting them"),
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; aborting them");
+        }
     }
     sweeper.abort();
     tracing::info!("stopped");

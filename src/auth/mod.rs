@@ -107,7 +107,13 @@ pub struct Auth {
     key: [u8; 32],
     service: String,
     limiter: limiter::Limiter,
+    /// Recently verified passwords: keyed hash -> when.
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
 }
+
+/// How long a verified password is remembered.
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
+const VERIFIED_MAX: usize = 10_000;
 
 /// Loads the signing key from the data directory, creating it (mode 0600) on first use.
 fn load_key(dir: &Path) -> std::io::Result<[u8; 32]> {
@@ -166,7 +172,18 @@ impl Auth {
             key,
             service: service.to_owned(),
             limiter: limiter::Limiter::default(),
+            verified: std::sync::Mutex::default(),
         })
+    }
+
+    fn verified_key(&self, user: &str, password: &Secret, stored_hash: &str) -> [u8; 32] {
+        use hmac::Mac;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key).expect("any key length");
+        for part in [user, password.expose(), stored_hash] {
+            m.update(&(part.len() as u64).to_be_bytes());
+            m.update(part.as_bytes());
+        }
+        m.finalize().into_bytes().into()
     }
 
     pub fn service(&self) -> &str {
@@ -262,6 +279,29 @@ impl Auth {
             };
         }
         let record = self.meta.user_get(user).await?;
+        // A password verified recently for this very hash need not be hashed again:
+        // Argon2id costs tens of milliseconds and 19 MiB, and curl-style clients send
+        // Basic credentials on every request. The key is a keyed hash of the user, the
+        // password and the stored hash, so a password change never hits the cache.
+        let cache_key = record
+            .as_ref()
+            .map(|u| self.verified_key(user, password, &u.password_hash));
+        if let (Some(u), Some(k)) = (&record, &cache_key) {
+            if self
+                .verified
+                .lock()
+                .expect("verified cache")
+                .get(k)
+                .is_some_and(|t| t.elapsed() < VERIFIED_TTL)
+            {
+                return Ok(Principal::User {
+                    name: u.name.clone(),
+                    admin: u.admin,
+                    generation: u.generation,
+                    token: None,
+                });
+            }
+        }
         let hash = record
             .as_ref()
             .map_or(secret::dummy_hash(), |u| u.password_hash.as_str())
@@ -270,6 +310,16 @@ impl Auth {
         let ok = tokio::task::spawn_blocking(move || secret::verify_password(pw.expose(), &hash))
             .await
             .map_err(|e| AuthError::Internal(e.to_string()))?;
+        if let (true, Some(k)) = (ok, cache_key) {
+            let mut cache = self.verified.lock().expect("verified cache");
+            if cache.len() >= VERIFIED_MAX {
+                cache.retain(|_, t| t.elapsed() < VERIFIED_TTL);
+                if cache.len() >= VERIFIED_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(k, std::time::Instant::now());
+        }
         match record {
             Some(u) if ok => Ok(Principal::User {
                 name: u.name,

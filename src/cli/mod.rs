@@ -73,6 +73,12 @@ struct ServeArgs {
     /// URL clients reach the registry by, when a reverse proxy sits in front
     #[arg(long, env = "WHARF_PUBLIC_URL", value_name = "URL")]
     public_url: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key)
+    #[arg(long, env = "WHARF_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert
+    #[arg(long, env = "WHARF_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn main() -> ExitCode {
@@ -107,6 +113,8 @@ fn serve(args: ServeArgs, data: DataArgs) -> anyhow::Result<()> {
         data: data.data,
         service: args.service,
         public_url: args.public_url,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
         admin_password: std::env::var("WHARF_ADMIN_PASSWORD")
             .ok()
             .filter(|p| !p.is_empty())

@@ -311,6 +311,14 @@ async fn token_endpoint_get_and_oauth_post_with_refresh_tokens() {
         start_upload(&reg, &b, "team/api").await,
         StatusCode::UNAUTHORIZED
     );
+    // The old password was just verified (and remembered), yet fails at once.
+    let r = reg.client.get(reg.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let new = client_as("admin", "a brand new password");
+    assert_eq!(
+        new.get(reg.url("/v2/")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

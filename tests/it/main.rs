@@ -15,4 +15,5 @@ mod podman;
 mod referrers;
 mod restart;
 mod skopeo;
+mod tls;
 mod uploads;
