@@ -969,3 +969,65 @@ async fn first_start_prints_a_random_admin_password_once_and_logs_no_secrets() {
         assert!(!log.contains(secret), "secret in the log:\n{log}");
     }
 }
+
+#[tokio::test]
+async fn an_expired_access_token_is_refused() {
+    use wharf::store::meta::auth::{AuthMeta, TokenRecord};
+    let reg = TestRegistry::start();
+    reg.push_image("team/api", "v1", "x").await;
+    let (_, meta) = wharf::store::open_local_backends(&reg.data).unwrap();
+    let now_ms = wharf::auth::now_secs() * 1000;
+    let mut tokens = Vec::new();
+    for (name, expires_at) in [("live", now_ms + 60_000), ("stale", now_ms - 1)] {
+        let (id, token, hash) = wharf::auth::secret::new_token();
+        meta.token_create(&TokenRecord {
+            id,
+            user_name: "admin".into(),
+            name: name.into(),
+            kind: "access".into(),
+            secret_hash: hash,
+            scopes: vec!["repository:team/*:pull".into()],
+            created_at: now_ms - 120_000,
+            last_used_at: None,
+            expires_at: Some(expires_at),
+            revoked_at: None,
+        })
+        .await
+        .unwrap();
+        tokens.push(token);
+    }
+    let live = client_as("admin", tokens[0].expose());
+    let stale = client_as("admin", tokens[1].expose());
+    assert_eq!(
+        live.get(reg.url("/v2/team/api/manifests/v1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let (s, code) = error_of(
+        stale
+            .get(reg.url("/v2/team/api/manifests/v1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+    );
+    assert_eq!(
+        token(&reg, &stale, &["repository:team/api:pull"])
+            .await
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let list = wharf(&reg, &["token", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.contains("stale") && l.contains("expired")),
+        "{list}"
+    );
+}
