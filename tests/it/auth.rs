@@ -12,6 +12,17 @@ use crate::common::{
     ADMIN_PASSWORD, Process, TestRegistry, client_as, error_of, header, run, wharf_cmd,
 };
 
+/// The (unverified) claims of a registry JWT, to see what it grants.
+fn claims_of(jwt: &str) -> Value {
+    let payload = jwt.split('.').nth(1).expect("a JWT has three parts");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 /// Runs a wharf admin command on the registry's data directory; returns stdout.
 fn wharf(reg: &TestRegistry, args: &[&str]) -> String {
     run(wharf_cmd(&reg.data).args(args))
@@ -175,12 +186,7 @@ async fn token_endpoint_get_and_oauth_post_with_refresh_tokens() {
     assert!(body["issued_at"].as_str().unwrap().ends_with('Z'));
     // Its claims name what was granted.
     let t = body["token"].as_str().unwrap();
-    let claims: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(t.split('.').nth(1).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let claims: Value = claims_of(t);
     assert_eq!(claims["access"][0]["name"], "team/api");
     assert_eq!(
         claims["access"][0]["actions"],
@@ -365,12 +371,7 @@ async fn authenticated_but_not_allowed_is_403_denied() {
         .json()
         .await
         .unwrap();
-    let claims: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(body["token"].as_str().unwrap().split('.').nth(1).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let claims: Value = claims_of(body["token"].as_str().unwrap());
     assert_eq!(claims["access"][0]["actions"], serde_json::json!(["pull"]));
     let b = bearer(&reg, &bob, &["repository:team/api:pull,push"]).await;
     let (s, code) = error_of(
@@ -494,12 +495,7 @@ async fn access_tokens_are_scoped_revocable_and_never_exceed_their_owner() {
     .json()
     .await
     .unwrap();
-    let claims: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(body["token"].as_str().unwrap().split('.').nth(1).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let claims: Value = claims_of(body["token"].as_str().unwrap());
     assert_eq!(claims["access"][0]["actions"], serde_json::json!(["pull"]));
     assert_eq!(claims["access"][1]["actions"], serde_json::json!([]));
 

@@ -87,32 +87,9 @@ fn skopeo_with_access_token_credentials_both_ways() {
     require_tool("skopeo", "apt-get install -y skopeo");
     let reg = TestRegistry::start();
     let work = tempfile::tempdir().unwrap();
-    // A one-layer OCI layout to copy in and out.
+    // A one-image OCI layout to copy in and out.
     let layout = work.path().join("src");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    let put = |data: &[u8]| {
-        let d = crate::common::sha256(data);
-        std::fs::write(layout.join("blobs/sha256").join(&d[7..]), data).unwrap();
-        d
-    };
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let c = put(config);
-    let m = crate::common::image_manifest((&c, config.len()), &[]);
-    let md = put(&m);
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": crate::common::OCI_MANIFEST, "digest": md, "size": m.len(),
-            "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
-        .unwrap(),
-    )
-    .unwrap();
+    let (m, md) = crate::common::one_image_layout(&layout);
 
     let push = run(wharf_cmd(&reg.data).args([
         "token",

@@ -247,6 +247,36 @@ pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)]) -> Vec<u8
     .unwrap()
 }
 
+/// Writes an OCI image layout at `layout` holding one image (a config, no layers) tagged
+/// `v1`; returns its manifest bytes and digest.
+pub fn one_image_layout(layout: &Path) -> (Vec<u8>, String) {
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let put = |data: &[u8]| {
+        let d = sha256(data);
+        std::fs::write(layout.join("blobs/sha256").join(&d[7..]), data).unwrap();
+        d
+    };
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let c = put(config);
+    let m = image_manifest((&c, config.len()), &[]);
+    let md = put(&m);
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let index = json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": OCI_MANIFEST, "digest": md, "size": m.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"}}]});
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    (m, md)
+}
+
 /// Status and OCI error code of an error answer; asserts the body is the OCI format.
 pub async fn error_of(r: Response) -> (StatusCode, String) {
     let status = r.status();

@@ -78,28 +78,7 @@ fn serves_https_with_the_given_certificate() {
     std::fs::create_dir_all(&certs).unwrap();
     std::fs::copy(&cert, certs.join("ca.crt")).unwrap();
     let layout = dir.path().join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    let put = |data: &[u8]| {
-        let d = crate::common::sha256(data);
-        std::fs::write(layout.join("blobs/sha256").join(&d[7..]), data).unwrap();
-        d
-    };
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let c = put(config);
-    let m = crate::common::image_manifest((&c, config.len()), &[]);
-    let md = put(&m);
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": crate::common::OCI_MANIFEST, "digest": md, "size": m.len(), "annotations": {"org.opencontainers.image.ref.name": "v1"}}]});
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&index).unwrap(),
-    )
-    .unwrap();
+    let (m, _) = crate::common::one_image_layout(&layout);
     let dest = format!("docker://{host}/team/tls:v1");
     run(Command::new("skopeo")
         .args(["copy", "--dest-cert-dir"])
