@@ -3,7 +3,7 @@
 use std::fmt;
 
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::PasswordHash;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -53,21 +53,69 @@ pub fn random_key() -> [u8; 32] {
     random_bytes()
 }
 
-pub fn hash_password(password: &str) -> String {
-    let salt = SaltString::encode_b64(&random_bytes::<16>()).expect("16 bytes encode");
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .expect("argon2 hashes")
-        .to_string()
+/// Argon2id cost: OWASP's 7 MiB, 5 passes, one lane, which it rates as strong as its
+/// 19 MiB, 2 passes: the server keeps one small working area instead of a large one.
+const ARGON2_M_KIB: u32 = 7 * 1024;
+const ARGON2_T: u32 = 5;
+const ARGON2_P: u32 = 1;
+const HASH_LEN: usize = 32;
+
+/// Argon2's working memory, allocated once and reused by every hash and check. Hashing
+/// one password at a time keeps memory flat however many logins arrive at once (each
+/// fresh allocation of several MiB would otherwise stay in the allocator's arenas).
+static WORK_AREA: std::sync::Mutex<Vec<argon2::Block>> = std::sync::Mutex::new(Vec::new());
+
+fn argon2_raw(params: argon2::Params, password: &[u8], salt: &[u8], out: &mut [u8]) -> bool {
+    let ctx = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut area = WORK_AREA
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let blocks = ctx.params().block_count();
+    if area.len() < blocks {
+        area.resize(blocks, argon2::Block::default());
+    }
+    ctx.hash_password_into_with_memory(password, salt, out, &mut area[..blocks])
+        .is_ok()
 }
 
-/// Checks `password` against a stored hash; the comparison is constant-time.
+/// A PHC string (`$argon2id$v=19$m=..,t=..,p=..$salt$hash`) for `password`.
+pub fn hash_password(password: &str) -> String {
+    let salt = random_bytes::<16>();
+    let params = argon2::Params::new(ARGON2_M_KIB, ARGON2_T, ARGON2_P, Some(HASH_LEN))
+        .expect("valid argon2 parameters");
+    let mut out = [0u8; HASH_LEN];
+    assert!(
+        argon2_raw(params, password.as_bytes(), &salt, &mut out),
+        "argon2 hashes"
+    );
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+    format!(
+        "$argon2id$v=19$m={ARGON2_M_KIB},t={ARGON2_T},p={ARGON2_P}${}${}",
+        base64::Engine::encode(&b64, salt),
+        base64::Engine::encode(&b64, out)
+    )
+}
+
+/// Checks `password` against a stored Argon2 PHC hash, whatever its cost parameters; the
+/// comparison is constant-time.
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|h| {
-        Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok()
-    })
+    let Ok(h) = PasswordHash::new(hash) else {
+        return false;
+    };
+    if h.algorithm.as_str() != "argon2id" || h.version.is_some_and(|v| v != 0x13) {
+        return false;
+    }
+    let (Ok(params), Some(salt), Some(expected)) = (argon2::Params::try_from(&h), h.salt, h.hash)
+    else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let mut out = vec![0u8; expected.len()];
+    argon2_raw(params, password.as_bytes(), salt, &mut out)
+        && bool::from(out.as_slice().ct_eq(expected.as_bytes()))
 }
 
 /// A password hash to compare against when the user does not exist, so that a missing
@@ -117,6 +165,27 @@ mod tests {
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("correct horsE", &h));
         assert!(!verify_password("x", "not a hash"));
+    }
+
+    #[test]
+    fn hashes_agree_with_the_argon2_crate_both_ways() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier, SaltString};
+        // A hash made by the crate's own API with its default (19 MiB) cost still verifies.
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let old = Argon2::default()
+            .hash_password(b"pw", &salt)
+            .unwrap()
+            .to_string();
+        assert!(verify_password("pw", &old));
+        assert!(!verify_password("pW", &old));
+        // And ours verifies with the crate's verifier.
+        let ours = hash_password("pw");
+        assert!(ours.starts_with("$argon2id$v=19$m=7168,t=5,p=1$"));
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default().verify_password(b"pw", &parsed).is_ok());
+        assert!(Argon2::default().verify_password(b"px", &parsed).is_err());
+        // Other algorithms are refused rather than checked with the wrong one.
+        assert!(!verify_password("pw", &old.replace("argon2id", "argon2i")));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
 
 pub use blob::{BlobError, BlobStore, ByteStream, FsBlobStore};
 pub use meta::{ManifestRecord, MetaError, MetaStore, Referrer, SqliteMeta};
@@ -122,43 +123,6 @@ pub struct Store {
     meta: Arc<dyn MetaStore>,
     uploads: Mutex<HashMap<String, UploadSlot>>,
     max_manifest: usize,
-}
-
-/// Counts and hashes the bytes of a stream as they pass, and fails it past `limit`.
-struct Tap {
-    inner: ByteStream,
-    state: Arc<Mutex<TapState>>,
-    limit: Option<u64>,
-}
-
-struct TapState {
-    count: u64,
-    hasher: Option<Hasher>,
-}
-
-impl Stream for Tap {
-    type Item = io::Result<Bytes>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        let polled = self.inner.as_mut().poll_next(cx);
-        if let std::task::Poll::Ready(Some(Ok(chunk))) = &polled {
-            let mut st = self.state.lock().expect("tap lock");
-            st.count += chunk.len() as u64;
-            if let Some(h) = st.hasher.as_mut() {
-                h.update(chunk);
-            }
-            if self.limit.is_some_and(|l| st.count > l) {
-                return std::task::Poll::Ready(Some(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "body is longer than its declared length",
-                ))));
-            }
-        }
-        polled
-    }
 }
 
 impl Store {
@@ -294,28 +258,71 @@ impl Store {
             _ if size == 0 => Some(Algorithm::Sha256.hasher()),
             _ => None,
         };
-        let tap_state = Arc::new(Mutex::new(TapState { count: 0, hasher }));
-        let tap = Tap {
-            inner: body,
-            state: Arc::clone(&tap_state),
-            limit: len,
-        };
-        let written = self.blobs.upload_write(id, size, Box::pin(tap)).await?;
-        let TapState { count, hasher } = std::mem::replace(
-            &mut *tap_state.lock().expect("tap lock"),
-            TapState {
-                count: 0,
-                hasher: None,
-            },
-        );
-        debug_assert_eq!(count, written);
-        if let Some(len) = len {
-            if written != len {
-                return Err(StoreError::SizeInvalid(format!(
-                    "chunk declared {len} bytes but {written} arrived"
-                )));
+        // One loop feeds the body to the blob store and, through a channel, to a hashing
+        // thread: receiving, hashing and writing run on different threads at once, and the
+        // bounded channels make the slowest of the three set the pace.
+        let (to_store, store_rx) = mpsc::channel::<io::Result<Bytes>>(8);
+        let (to_hasher, hasher_rx) = match hasher {
+            Some(h) => {
+                let (tx, rx) = mpsc::channel::<Bytes>(8);
+                (Some(tx), Some((h, rx)))
             }
-        }
+            None => (None, None),
+        };
+        let hashing = hasher_rx.map(|(mut h, mut rx)| {
+            tokio::task::spawn_blocking(move || {
+                while let Some(chunk) = rx.blocking_recv() {
+                    h.update(&chunk);
+                }
+                h
+            })
+        });
+        let mut store_rx = store_rx;
+        let stored = self.blobs.upload_write(
+            id,
+            size,
+            Box::pin(futures_util::stream::poll_fn(move |cx| {
+                store_rx.poll_recv(cx)
+            })),
+        );
+        let feed = async move {
+            let mut body = body;
+            let mut count = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.and_then(|c| {
+                    count += c.len() as u64;
+                    if len.is_some_and(|l| count > l) {
+                        Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "body is longer than its declared length",
+                        ))
+                    } else {
+                        Ok(c)
+                    }
+                });
+                let failed = chunk.is_err();
+                if let (Ok(c), Some(h)) = (&chunk, &to_hasher) {
+                    if h.send(c.clone()).await.is_err() {
+                        break;
+                    }
+                }
+                // The store ends the upload on an error; a closed channel means it failed.
+                if to_store.send(chunk).await.is_err() || failed {
+                    break;
+                }
+            }
+            count
+        };
+        let (written, count) = tokio::join!(stored, feed);
+        let written = written?;
+        let hasher = match hashing {
+            Some(task) => Some(
+                task.await
+                    .map_err(|e| StoreError::Internal(format!("hashing task: {e}")))?,
+            ),
+            None => None,
+        };
+        debug_assert_eq!(count, written);
         let new_size = size + written;
         self.meta.upload_set_size(id, new_size).await?;
         state.hasher = hasher.map(|h| (new_size, h));

@@ -3,22 +3,21 @@
 //! never sees a partial blob, and a crash leaves at most an orphan upload file.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
-use tokio_util::io::ReaderStream;
 
+use super::direct::UploadWriter;
 use super::{BlobError, BlobStore, ByteStream};
 use crate::oci::Digest;
 
-const READ_BUFFER: usize = 256 * 1024;
-const WRITE_BUFFER: usize = 1024 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
+const READ_AHEAD: usize = 1;
 
 pub struct FsBlobStore {
     root: PathBuf,
@@ -75,19 +74,62 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
 }
 
+/// Streams `range` of the file at `path`. A blocking thread reads ahead in large chunks
+/// while the connection sends the previous ones, so disk reads and socket writes overlap
+/// and each byte is copied once into user space (into the chunk hyper then writes).
+/// Memory per reader is bounded: `READ_AHEAD` chunks queued plus one being read.
 async fn open_range(
     path: PathBuf,
     range: Range<u64>,
     missing: BlobError,
 ) -> Result<ByteStream, BlobError> {
-    let mut file = tokio::fs::File::open(&path)
+    let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(READ_AHEAD);
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel::<io::Result<()>>();
+    tokio::task::spawn_blocking(move || {
+        let opened = File::open(&path).and_then(|mut f| {
+            f.seek(SeekFrom::Start(range.start))?;
+            Ok(f)
+        });
+        let mut file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = opened_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = opened_tx.send(Ok(()));
+        let mut at = range.start;
+        while at < range.end {
+            let n = usize::try_from(range.end - at).map_or(READ_CHUNK, |l| l.min(READ_CHUNK));
+            let mut buf = Vec::with_capacity(n);
+            let read = (&mut file)
+                .take(n as u64)
+                .read_to_end(&mut buf)
+                .and_then(|_| {
+                    // The file is shorter than its recorded size: never send a short body.
+                    if buf.is_empty() {
+                        Err(io::ErrorKind::UnexpectedEof.into())
+                    } else {
+                        Ok(())
+                    }
+                });
+            let chunk = read.map(|()| {
+                at += buf.len() as u64;
+                Bytes::from(buf)
+            });
+            let failed = chunk.is_err();
+            if tx.blocking_send(chunk).is_err() || failed {
+                return; // the client went away, or the error was sent
+            }
+        }
+    });
+    opened_rx
         .await
+        .map_err(|_| io::Error::other("blob reader thread ended"))?
         .map_err(|e| not_found_as(e, missing))?;
-    if range.start > 0 {
-        file.seek(SeekFrom::Start(range.start)).await?;
-    }
-    let reader = file.take(range.end - range.start);
-    Ok(Box::pin(ReaderStream::with_capacity(reader, READ_BUFFER)))
+    Ok(Box::pin(futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+    })))
 }
 
 #[async_trait]
@@ -103,22 +145,11 @@ impl BlobStore for FsBlobStore {
         // caller on this stream) and disk writes overlap.
         let (tx, mut rx) = mpsc::channel::<Bytes>(16);
         let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let mut file = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(false)
-                .open(&path)?;
-            file.set_len(offset)?;
-            file.seek(SeekFrom::Start(offset))?;
-            let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, file);
-            let mut written = 0u64;
+            let mut out = UploadWriter::open(&path, offset)?;
             while let Some(chunk) = rx.blocking_recv() {
-                out.write_all(&chunk)?;
-                written += chunk.len() as u64;
+                out.write(&chunk)?;
             }
-            let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
-            file.sync_data()?;
-            Ok(written)
+            Ok(out.finish()? - offset)
         });
         let mut body_error = None;
         while let Some(chunk) = data.next().await {
@@ -158,15 +189,21 @@ impl BlobStore for FsBlobStore {
                     _ => Ok(()),
                 };
             }
+            // Every append ended with fdatasync, so the bytes are durable. A crash during
+            // an append can leave bytes past the recorded length: cut them off first.
             let file = OpenOptions::new().write(true).open(&upload)?;
-            file.set_len(len)?;
-            file.sync_all()?;
+            if file.metadata()?.len() != len {
+                file.set_len(len)?;
+                file.sync_all()?;
+            }
             drop(file);
             let dir = target.parent().expect("blob path has a parent");
             std::fs::create_dir_all(dir)?;
             std::fs::rename(&upload, &target)?;
-            sync_dir(dir)?;
-            sync_dir(upload.parent().expect("upload path has a parent"))
+            // Syncing the blob's folder makes the rename durable. The uploads folder is
+            // not synced: at worst a crash brings back a stale upload name, which the
+            // sweeper removes as data no upload owns.
+            sync_dir(dir)
         })
         .await
         .map_err(|e| not_found_as(e, BlobError::UploadNotFound))

@@ -5,6 +5,7 @@
 //! rename nor local temp files: an object store implements `upload_write` with multipart
 //! parts and `upload_commit` with a copy or completion to the blob's key.
 
+mod direct;
 mod fs;
 
 use std::io;

@@ -66,7 +66,38 @@ impl SqliteMeta {
         })
     }
 
+    fn take_reader(&self) -> Result<Connection, MetaError> {
+        let pooled = self.readers.lock().expect("reader pool lock").pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => Ok(open_connection(&self.path)?),
+        }
+    }
+
+    fn return_reader(&self, conn: Connection) {
+        let mut pool = self.readers.lock().expect("reader pool lock");
+        if pool.len() < READERS {
+            pool.push(conn);
+        }
+    }
+
+    /// A point read (a row or a few, by key), run on the calling thread. On cached pages
+    /// it takes microseconds and a WAL reader never waits for the writer, so a trip through
+    /// the blocking pool would cost more than the read itself. A connection is held only
+    /// while `f` runs and `f` cannot await, so at most one per thread is in use and the pool
+    /// never has to open one per request.
     pub(super) async fn read<T, F>(&self, f: F) -> Result<T, MetaError>
+    where
+        F: FnOnce(&Connection) -> Result<T, MetaError>,
+    {
+        let conn = self.take_reader()?;
+        let result = f(&conn);
+        self.return_reader(conn);
+        result
+    }
+
+    /// A read whose size depends on the data (listings, scans): run on the blocking pool.
+    pub(super) async fn scan<T, F>(&self, f: F) -> Result<T, MetaError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
@@ -83,10 +114,7 @@ impl SqliteMeta {
         })
         .await
         .map_err(|e| MetaError::Db(format!("blocking task: {e}")))??;
-        let mut pool = self.readers.lock().expect("reader pool lock");
-        if pool.len() < READERS {
-            pool.push(conn);
-        }
+        self.return_reader(conn);
         result
     }
 
@@ -285,7 +313,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn uploads_idle_since(&self, before_ms: i64) -> Result<Vec<String>, MetaError> {
-        self.read(move |c| {
+        self.scan(move |c| {
             let mut stmt = c.prepare_cached("SELECT id FROM uploads WHERE updated_at < ?1")?;
             let rows = stmt.query_map(params![before_ms], |r| r.get(0))?;
             Ok(rows.collect::<Result<Vec<String>, _>>()?)
@@ -437,7 +465,7 @@ impl MetaStore for SqliteMeta {
         limit: u32,
     ) -> Result<Option<Vec<String>>, MetaError> {
         let (repo, last) = (repo.to_owned(), last.map(str::to_owned));
-        self.read(move |c| {
+        self.scan(move |c| {
             let exists = c
                 .prepare_cached("SELECT 1 FROM repositories WHERE name = ?1")?
                 .exists(params![repo])?;
@@ -456,7 +484,7 @@ impl MetaStore for SqliteMeta {
 
     async fn repositories(&self, last: Option<&str>, limit: u32) -> Result<Vec<String>, MetaError> {
         let last = last.map(str::to_owned);
-        self.read(move |c| {
+        self.scan(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT name FROM repositories WHERE name > ?1 ORDER BY name LIMIT ?2",
             )?;
@@ -468,7 +496,7 @@ impl MetaStore for SqliteMeta {
 
     async fn referrers(&self, repo: &str, subject: &str) -> Result<Vec<Referrer>, MetaError> {
         let (repo, subject) = (repo.to_owned(), subject.to_owned());
-        self.read(move |c| {
+        self.scan(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT digest, media_type, artifact_type, annotations, size FROM manifests
                  WHERE repository = ?1 AND subject = ?2 ORDER BY digest",

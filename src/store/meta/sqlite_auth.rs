@@ -76,7 +76,7 @@ impl AuthMeta for SqliteMeta {
     }
 
     async fn user_list(&self) -> Result<Vec<UserRecord>, MetaError> {
-        self.read(|c| {
+        self.scan(|c| {
             let mut s = c.prepare("SELECT name, password_hash, admin, created_at, generation FROM users ORDER BY name")?;
             let rows = s.query_map([], user)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -145,7 +145,7 @@ impl AuthMeta for SqliteMeta {
 
     async fn token_list(&self, user: Option<&str>) -> Result<Vec<TokenRecord>, MetaError> {
         let user = user.map(str::to_owned);
-        self.read(move |c| {
+        self.scan(move |c| {
             let mut s = c.prepare(&format!(
                 "SELECT {TOKEN_COLUMNS} FROM access_tokens WHERE ?1 IS NULL OR user_name = ?1 ORDER BY created_at, id"
             ))?;
@@ -249,7 +249,7 @@ impl AuthMeta for SqliteMeta {
     }
 
     async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError> {
-        self.read(move |c| {
+        self.scan(move |c| {
             let mut s = c.prepare(
                 "SELECT at, actor, action, repository, detail, client FROM
                    (SELECT * FROM audit_log ORDER BY id DESC LIMIT ?1) ORDER BY id",
