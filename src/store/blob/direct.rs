@@ -52,7 +52,8 @@ struct Job {
 
 pub struct UploadWriter {
     plain: Arc<File>,
-    /// Whether whole blocks go through `O_DIRECT` (the I/O thread may turn it off).
+    /// Whether whole blocks are meant for `O_DIRECT`: the head is then aligned first. (If
+    /// the filesystem refuses a direct write, the I/O thread falls back on its own.)
     direct: bool,
     buf: AlignedBuf,
     filled: usize,
