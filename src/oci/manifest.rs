@@ -34,6 +34,10 @@ pub fn is_manifest_type(media_type: &str) -> bool {
     MANIFEST_TYPES.contains(&media_type)
 }
 
+pub fn is_index_type(media_type: &str) -> bool {
+    media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
+}
+
 /// A content descriptor as the image-spec defines it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -203,6 +207,66 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<ParsedManifest, 
         }
     }
     Ok(parsed)
+}
+
+/// What a listing shows of a stored manifest: for an image manifest its config and the
+/// total size of its layers; for an index its entries.
+#[derive(Debug, Clone, Default)]
+pub struct Shape {
+    pub config: Option<Descriptor>,
+    pub layers_size: u64,
+    pub entries: Vec<Descriptor>,
+}
+
+/// The shape of a manifest already accepted by [`parse`]; None if it no longer parses.
+pub fn shape(body: &[u8]) -> Option<Shape> {
+    let raw: Raw = serde_json::from_slice(body).ok()?;
+    let layers_size = raw
+        .layers
+        .iter()
+        .flatten()
+        .map(|l| u64::try_from(l.size).unwrap_or(0))
+        .sum();
+    Some(Shape {
+        config: raw.config,
+        layers_size,
+        entries: raw.manifests.unwrap_or_default(),
+    })
+}
+
+/// Config media types that describe a runnable image (and so carry os and architecture).
+pub const IMAGE_CONFIG_TYPES: &[&str] = &[
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+
+/// An image's platform, as an index entry or an image config gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// From a JSON object with `os` and `architecture` (an index entry's `platform`, or an
+    /// image config). None for missing fields and for buildx's `unknown/unknown`
+    /// attestation entries.
+    pub fn from_json(v: &serde_json::Value) -> Option<Platform> {
+        let p: Platform = serde_json::from_value(v.clone()).ok()?;
+        (p.os != "unknown" && !p.os.is_empty() && !p.architecture.is_empty()).then_some(p)
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -209,6 +209,13 @@ impl From<StoreError> for ApiError {
                     .with_detail(detail)
             }
             StoreError::NameUnknown => ApiError::new(StatusCode::NOT_FOUND, C::NameUnknown, msg),
+            StoreError::Immutable {
+                ref repository,
+                ref tag,
+                ref policy,
+            } => ApiError::new(StatusCode::FORBIDDEN, C::Denied, msg.clone()).with_detail(
+                serde_json::json!({ "repository": repository, "tag": tag, "policy": policy }),
+            ),
             StoreError::Body(e) => {
                 tracing::debug!(error = %e, "request body failed");
                 ApiError::new(

@@ -9,6 +9,7 @@
 
 pub mod blob;
 pub mod meta;
+pub mod policy;
 
 use std::collections::HashMap;
 use std::io;
@@ -21,9 +22,10 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 pub use blob::{BlobError, BlobStore, ByteStream, FsBlobStore};
-pub use meta::{ManifestRecord, MetaError, MetaStore, Referrer, SqliteMeta};
+pub use meta::{ManifestRecord, MetaError, MetaStore, Referrer, SqliteMeta, TagOrder};
+pub use policy::TagPolicy;
 
-use crate::oci::manifest::{self, ManifestError};
+use crate::oci::manifest::{self, ManifestError, Platform};
 use crate::oci::{Algorithm, Digest, Hasher, Reference, RepoName};
 
 /// The default (and minimum) largest manifest accepted: 4 MiB.
@@ -58,6 +60,13 @@ pub enum StoreError {
     Body(io::Error),
     #[error("the metadata database is busy")]
     Busy,
+    /// An immutability policy protects the tag.
+    #[error("tag {tag:?} of {repository} is immutable: {policy} forbids moving or deleting it")]
+    Immutable {
+        repository: String,
+        tag: String,
+        policy: String,
+    },
     #[error("storage: {0}")]
     Internal(String),
 }
@@ -86,6 +95,15 @@ impl From<MetaError> for StoreError {
                 "descriptor of {digest} gives size {declared} but the content is {actual} bytes"
             ))),
             MetaError::Busy => StoreError::Busy,
+            MetaError::Immutable {
+                repository,
+                tag,
+                policy,
+            } => StoreError::Immutable {
+                repository,
+                tag,
+                policy,
+            },
             MetaError::Conflict(what) => StoreError::Internal(format!("{what} already exists")),
             MetaError::Db(e) => StoreError::Internal(e),
         }
@@ -100,6 +118,30 @@ pub fn open_local_backends(dir: &Path) -> Result<(Arc<FsBlobStore>, Arc<SqliteMe
     let meta = SqliteMeta::open(&dir.join("meta.db"))?;
     Ok((Arc::new(blobs), Arc::new(meta)))
 }
+
+/// One tag as the tag details listing shows it.
+#[derive(Debug, Clone)]
+pub struct TagDetail {
+    pub name: String,
+    pub digest: String,
+    pub media_type: String,
+    /// The bytes of the layers the tag's image(s) are made of, as pushed (compressed).
+    pub size: u64,
+    /// One per image: a single-platform tag has one, a multi-platform index one per entry.
+    pub images: Vec<ImageDetail>,
+    /// When the tag was last pointed at a manifest (unix milliseconds).
+    pub pushed_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageDetail {
+    pub digest: String,
+    pub platform: Option<Platform>,
+    pub size: u64,
+}
+
+/// The largest image config read to learn an image's platform.
+const MAX_CONFIG_READ: u64 = 1024 * 1024;
 
 /// What a stored manifest answered.
 #[derive(Debug, Clone)]
@@ -578,5 +620,136 @@ impl Store {
         subject: &Digest,
     ) -> Result<Vec<Referrer>, StoreError> {
         Ok(self.meta.referrers(repo.as_str(), subject.as_str()).await?)
+    }
+
+    // ---- tag details and policies ----
+
+    /// The repository's tag count and one page of tags with digest, size, platforms and
+    /// push time, read in one pass over the metadata.
+    pub async fn tag_details(
+        &self,
+        repo: &RepoName,
+        order: TagOrder,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(u64, Vec<TagDetail>), StoreError> {
+        let (count, rows) = self
+            .meta
+            .tag_page(repo.as_str(), order, offset, limit)
+            .await?
+            .ok_or(StoreError::NameUnknown)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let shape = manifest::shape(&row.content).unwrap_or_default();
+            let images = if manifest::is_index_type(&row.media_type) {
+                self.index_images(repo, &shape).await?
+            } else {
+                vec![ImageDetail {
+                    digest: row.digest.clone(),
+                    platform: self.config_platform(shape.config.as_ref()).await,
+                    size: shape.layers_size,
+                }]
+            };
+            let size = if images.is_empty() {
+                // An index of blobs (a build cache): its entries are the layers.
+                shape
+                    .entries
+                    .iter()
+                    .map(|e| u64::try_from(e.size).unwrap_or(0))
+                    .sum()
+            } else {
+                images.iter().map(|i| i.size).sum()
+            };
+            out.push(TagDetail {
+                name: row.name,
+                digest: row.digest,
+                media_type: row.media_type,
+                size,
+                images,
+                pushed_at_ms: row.updated_at,
+            });
+        }
+        Ok((count, out))
+    }
+
+    /// The images of an index: each manifest entry with its platform and layer size.
+    /// Attestation entries (`unknown/unknown`) are not images and are left out.
+    async fn index_images(
+        &self,
+        repo: &RepoName,
+        shape: &manifest::Shape,
+    ) -> Result<Vec<ImageDetail>, StoreError> {
+        let mut images = Vec::new();
+        for e in &shape.entries {
+            if !manifest::is_manifest_type(&e.media_type) {
+                continue;
+            }
+            let unknown = e
+                .platform
+                .as_ref()
+                .and_then(|p| p.get("os"))
+                .is_some_and(|os| os == "unknown");
+            if unknown {
+                continue;
+            }
+            let child = self
+                .meta
+                .manifest_by_digest(repo.as_str(), &e.digest)
+                .await?;
+            let child_shape = child
+                .and_then(|c| manifest::shape(&c.content))
+                .unwrap_or_default();
+            let platform = match e.platform.as_ref().and_then(Platform::from_json) {
+                Some(p) => Some(p),
+                None => self.config_platform(child_shape.config.as_ref()).await,
+            };
+            images.push(ImageDetail {
+                digest: e.digest.clone(),
+                platform,
+                size: child_shape.layers_size,
+            });
+        }
+        Ok(images)
+    }
+
+    /// The platform an image config records; None for artifacts and unreadable configs.
+    async fn config_platform(&self, config: Option<&manifest::Descriptor>) -> Option<Platform> {
+        let config = config?;
+        if !manifest::IMAGE_CONFIG_TYPES.contains(&config.media_type.as_str()) {
+            return None;
+        }
+        let size = u64::try_from(config.size)
+            .ok()
+            .filter(|&s| s <= MAX_CONFIG_READ)?;
+        let digest: Digest = config.digest.parse().ok()?;
+        let mut stream = self.blobs.read(&digest, 0..size).await.ok()?;
+        let mut buf = Vec::with_capacity(size as usize);
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk.ok()?);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
+        Platform::from_json(&v)
+    }
+
+    pub async fn policies(&self) -> Result<Vec<TagPolicy>, StoreError> {
+        Ok(self.meta.policies().await?)
+    }
+
+    /// Adds an immutability policy over `repositories` for the tags matching `globs`
+    /// (checked with [`policy::parse_tag_globs`]).
+    pub async fn policy_add(
+        &self,
+        repositories: &crate::auth::Pattern,
+        globs: &[String],
+        by: Option<&str>,
+    ) -> Result<i64, StoreError> {
+        Ok(self
+            .meta
+            .policy_add(&repositories.to_string(), globs, by)
+            .await?)
+    }
+
+    pub async fn policy_remove(&self, id: i64) -> Result<bool, StoreError> {
+        Ok(self.meta.policy_remove(id).await?)
     }
 }

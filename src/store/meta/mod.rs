@@ -11,6 +11,8 @@ use bytes::Bytes;
 
 pub use sqlite::SqliteMeta;
 
+use super::policy::TagPolicy;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     /// A manifest references a blob the repository does not hold.
@@ -27,6 +29,13 @@ pub enum MetaError {
     },
     #[error("{0} already exists")]
     Conflict(String),
+    /// A tag protected by an immutability policy would be moved or deleted.
+    #[error("tag {tag:?} of {repository} cannot be changed: {policy}")]
+    Immutable {
+        repository: String,
+        tag: String,
+        policy: String,
+    },
     #[error("the metadata database is busy")]
     Busy,
     #[error("metadata database: {0}")]
@@ -65,6 +74,27 @@ pub struct Referrer {
     pub artifact_type: Option<String>,
     pub annotations: Option<String>,
     pub size: i64,
+}
+
+/// A tag with its manifest, for the tag details listing.
+#[derive(Debug, Clone)]
+pub struct TagRow {
+    pub name: String,
+    pub digest: String,
+    pub media_type: String,
+    pub content: Bytes,
+    /// When the tag was last pointed at a manifest (unix milliseconds).
+    pub updated_at: i64,
+}
+
+/// The order of a tag details listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagOrder {
+    /// Most recently pushed first (Docker Hub's default).
+    NewestFirst,
+    OldestFirst,
+    Name,
+    NameDesc,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +160,25 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Up to `limit` repository names after `last`, sorted.
     async fn repositories(&self, last: Option<&str>, limit: u32) -> Result<Vec<String>, MetaError>;
     async fn referrers(&self, repo: &str, subject: &str) -> Result<Vec<Referrer>, MetaError>;
+    /// The number of tags and one page of them with their manifests; None if the
+    /// repository does not exist.
+    async fn tag_page(
+        &self,
+        repo: &str,
+        order: TagOrder,
+        offset: u64,
+        limit: u32,
+    ) -> Result<Option<(u64, Vec<TagRow>)>, MetaError>;
+
+    /// Adds a tag immutability policy; returns its id.
+    async fn policy_add(
+        &self,
+        repositories: &str,
+        tags: &[String],
+        by: Option<&str>,
+    ) -> Result<i64, MetaError>;
+    async fn policies(&self) -> Result<Vec<TagPolicy>, MetaError>;
+    async fn policy_remove(&self, id: i64) -> Result<bool, MetaError>;
 }
 
 #[cfg(test)]
@@ -292,5 +341,82 @@ pub(crate) mod tests {
         );
         assert!(m.upload_delete("up2").await.unwrap());
         assert!(!m.upload_delete("up2").await.unwrap());
+
+        // Tag details: count and pages with their manifests, in the asked order.
+        m.manifest_put("pol/app", manifest(d(20), vec![], &["a", "b"]))
+            .await
+            .unwrap();
+        m.manifest_put("pol/app", manifest(d(21), vec![], &["c"]))
+            .await
+            .unwrap();
+        let (count, page) = m
+            .tag_page("pol/app", TagOrder::Name, 1, 10)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(count, 3);
+        let names: Vec<_> = page.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["b", "c"]);
+        assert_eq!(page[1].digest, d(21));
+        let (_, page) = m
+            .tag_page("pol/app", TagOrder::NameDesc, 0, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(page[0].name, "c");
+        assert!(
+            m.tag_page("nowhere", TagOrder::Name, 0, 1)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        // Immutability: a protected tag neither moves nor goes; a re-push of the same
+        // manifest and unprotected tags are fine.
+        let id = m
+            .policy_add("pol/*", &["v*".into(), "[0-9]*".into()], Some("admin"))
+            .await
+            .unwrap();
+        m.manifest_put("pol/app", manifest(d(20), vec![], &["1.0.0", "prod"]))
+            .await
+            .unwrap();
+        m.manifest_put("pol/app", manifest(d(20), vec![], &["1.0.0"]))
+            .await
+            .unwrap();
+        let e = m
+            .manifest_put("pol/app", manifest(d(21), vec![], &["prod", "1.0.0"]))
+            .await;
+        assert!(
+            matches!(e, Err(MetaError::Immutable { ref tag, .. }) if tag == "1.0.0"),
+            "{e:?}"
+        );
+        // The failed push changed nothing, not even the movable tag it also named.
+        assert_eq!(
+            m.manifest_by_tag("pol/app", "prod")
+                .await
+                .unwrap()
+                .unwrap()
+                .digest,
+            d(20)
+        );
+        m.manifest_put("pol/app", manifest(d(21), vec![], &["prod"]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            m.tag_delete("pol/app", "1.0.0").await,
+            Err(MetaError::Immutable { .. })
+        ));
+        assert!(matches!(
+            m.manifest_delete("pol/app", &d(20)).await,
+            Err(MetaError::Immutable { .. })
+        ));
+        assert!(m.tag_delete("pol/app", "prod").await.unwrap());
+        let listed = m.policies().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].tags, ["v*", "[0-9]*"]);
+        assert_eq!(listed[0].created_by.as_deref(), Some("admin"));
+        assert!(m.policy_remove(id).await.unwrap());
+        assert!(!m.policy_remove(id).await.unwrap());
+        assert!(m.tag_delete("pol/app", "1.0.0").await.unwrap());
     }
 }

@@ -9,12 +9,16 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::{ManifestRecord, MetaError, MetaStore, NewManifest, Referrer, UploadRow};
+use super::{
+    ManifestRecord, MetaError, MetaStore, NewManifest, Referrer, TagOrder, TagRow, UploadRow,
+};
+use crate::store::policy::TagPolicy;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../migrations/sqlite/0002_auth.sql"),
+    include_str!("../../../migrations/sqlite/0003_policies.sql"),
 ];
 const READERS: usize = 8;
 
@@ -57,8 +61,21 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 impl SqliteMeta {
     /// Opens (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<SqliteMeta, MetaError> {
-        let mut writer = open_connection(path)?;
-        migrate(&mut writer)?;
+        // Processes opening a new database together (a server and an admin command) can
+        // get SQLITE_BUSY without the busy handler running: switching to WAL needs an
+        // exclusive lock. Those steps are idempotent, so they are retried for a while.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let writer = loop {
+            let attempt = open_connection(path)
+                .map_err(MetaError::from)
+                .and_then(|mut c| migrate(&mut c).map(|()| c));
+            match attempt {
+                Err(MetaError::Busy) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         Ok(SqliteMeta {
             path: path.to_owned(),
             writer: Arc::new(Mutex::new(writer)),
@@ -227,6 +244,52 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManifestRecord> {
     })
 }
 
+fn load_policies(conn: &Connection) -> Result<Vec<TagPolicy>, MetaError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, repositories, tags, created_at, created_by FROM tag_policies ORDER BY id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(TagPolicy {
+            id: r.get(0)?,
+            repositories: r.get(1)?,
+            tags: r
+                .get::<_, String>(2)?
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
+            created_at: r.get(3)?,
+            created_by: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Refuses to change `tag` of `repo` if it exists, an immutability policy covers it, and
+/// the change is not a no-op (`keep` is the digest a re-push would leave it at).
+fn check_mutable(
+    tx: &Transaction<'_>,
+    policies: &[TagPolicy],
+    repo: &str,
+    tag: &str,
+    keep: Option<&str>,
+) -> Result<(), MetaError> {
+    let Some(policy) = policies.iter().find(|p| p.locks(repo, tag)) else {
+        return Ok(());
+    };
+    let current: Option<String> = tx
+        .prepare_cached("SELECT digest FROM tags WHERE repository = ?1 AND name = ?2")?
+        .query_row(params![repo, tag], |r| r.get(0))
+        .optional()?;
+    match current {
+        Some(d) if Some(d.as_str()) != keep => Err(MetaError::Immutable {
+            repository: repo.to_owned(),
+            tag: tag.to_owned(),
+            policy: policy.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[async_trait]
 impl MetaStore for SqliteMeta {
     async fn linked_blob(&self, repo: &str, digest: &str) -> Result<Option<u64>, MetaError> {
@@ -390,6 +453,10 @@ impl MetaStore for SqliteMeta {
             for ((digest, _), kind) in m.children.iter().zip(child_kinds) {
                 refs.execute(params![repo, m.digest, digest, kind])?;
             }
+            let policies = if m.tags.is_empty() { Vec::new() } else { load_policies(tx)? };
+            for t in &m.tags {
+                check_mutable(tx, &policies, &repo, t, Some(&m.digest))?;
+            }
             let mut tag = tx.prepare_cached(
                 "INSERT INTO tags (repository, name, digest, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (repository, name) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
@@ -439,6 +506,16 @@ impl MetaStore for SqliteMeta {
     async fn manifest_delete(&self, repo: &str, digest: &str) -> Result<bool, MetaError> {
         let (repo, digest) = (repo.to_owned(), digest.to_owned());
         self.write(move |tx| {
+            let policies = load_policies(tx)?;
+            if !policies.is_empty() {
+                let tags: Vec<String> = tx
+                    .prepare_cached("SELECT name FROM tags WHERE repository = ?1 AND digest = ?2")?
+                    .query_map(params![repo, digest], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for t in &tags {
+                    check_mutable(tx, &policies, &repo, t, None)?;
+                }
+            }
             Ok(tx.execute(
                 "DELETE FROM manifests WHERE repository = ?1 AND digest = ?2",
                 params![repo, digest],
@@ -450,6 +527,7 @@ impl MetaStore for SqliteMeta {
     async fn tag_delete(&self, repo: &str, tag: &str) -> Result<bool, MetaError> {
         let (repo, tag) = (repo.to_owned(), tag.to_owned());
         self.write(move |tx| {
+            check_mutable(tx, &load_policies(tx)?, &repo, &tag, None)?;
             Ok(tx.execute(
                 "DELETE FROM tags WHERE repository = ?1 AND name = ?2",
                 params![repo, tag],
@@ -511,6 +589,81 @@ impl MetaStore for SqliteMeta {
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn tag_page(
+        &self,
+        repo: &str,
+        order: TagOrder,
+        offset: u64,
+        limit: u32,
+    ) -> Result<Option<(u64, Vec<TagRow>)>, MetaError> {
+        let repo = repo.to_owned();
+        self.scan(move |c| {
+            let exists = c
+                .prepare_cached("SELECT 1 FROM repositories WHERE name = ?1")?
+                .exists(params![repo])?;
+            if !exists {
+                return Ok(None);
+            }
+            let count: i64 = c
+                .prepare_cached("SELECT count(*) FROM tags WHERE repository = ?1")?
+                .query_row(params![repo], |r| r.get(0))?;
+            let order_by = match order {
+                TagOrder::NewestFirst => "t.updated_at DESC, t.name",
+                TagOrder::OldestFirst => "t.updated_at, t.name",
+                TagOrder::Name => "t.name",
+                TagOrder::NameDesc => "t.name DESC",
+            };
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT t.name, t.digest, m.media_type, m.content, t.updated_at FROM tags t
+                 JOIN manifests m ON m.repository = t.repository AND m.digest = t.digest
+                 WHERE t.repository = ?1 ORDER BY {order_by} LIMIT ?2 OFFSET ?3"
+            ))?;
+            let rows = stmt.query_map(params![repo, limit, to_i64(offset)], |r| {
+                Ok(TagRow {
+                    name: r.get(0)?,
+                    digest: r.get(1)?,
+                    media_type: r.get(2)?,
+                    content: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                    updated_at: r.get(4)?,
+                })
+            })?;
+            Ok(Some((to_u64(count), rows.collect::<Result<Vec<_>, _>>()?)))
+        })
+        .await
+    }
+
+    async fn policy_add(
+        &self,
+        repositories: &str,
+        tags: &[String],
+        by: Option<&str>,
+    ) -> Result<i64, MetaError> {
+        let (repositories, tags, by) = (
+            repositories.to_owned(),
+            tags.join(","),
+            by.map(str::to_owned),
+        );
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT INTO tag_policies (repositories, tags, created_at, created_by) VALUES (?1, ?2, ?3, ?4)",
+                params![repositories, tags, now_ms(), by],
+            )?;
+            Ok(tx.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn policies(&self) -> Result<Vec<TagPolicy>, MetaError> {
+        self.scan(|c| load_policies(c)).await
+    }
+
+    async fn policy_remove(&self, id: i64) -> Result<bool, MetaError> {
+        self.write(move |tx| {
+            Ok(tx.execute("DELETE FROM tag_policies WHERE id = ?1", params![id])? > 0)
         })
         .await
     }
