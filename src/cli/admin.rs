@@ -10,7 +10,8 @@ use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use wharf::auth::{Auth, Level, Pattern, Scope, Secret, now_secs, secret};
 use wharf::store::meta::auth::{AuthMeta, TokenRecord};
-use wharf::store::open_local_backends;
+use wharf::store::policy::parse_tag_globs;
+use wharf::store::{MetaStore, open_local_backends};
 use wharf::time::rfc3339;
 
 use super::DataArgs;
@@ -18,6 +19,7 @@ use super::DataArgs;
 pub struct Admin {
     auth: Auth,
     meta: Arc<dyn AuthMeta>,
+    registry: Arc<dyn MetaStore>,
     actor: String,
 }
 
@@ -36,7 +38,15 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
             "cli:{}",
             std::env::var("USER").unwrap_or_else(|_| "unknown".into())
         );
-        job(Admin { auth, meta, actor }).await
+        let registry = Arc::clone(&meta) as Arc<dyn MetaStore>;
+        let meta = meta as Arc<dyn AuthMeta>;
+        job(Admin {
+            auth,
+            meta,
+            registry,
+            actor,
+        })
+        .await
     })
 }
 
@@ -343,6 +353,81 @@ pub async fn repo(a: Admin, cmd: RepoCmd) -> anyhow::Result<()> {
     a.audit("repo.visibility", Some(&p.to_string()), word.to_owned())
         .await;
     eprintln!("{p} is now {word}");
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Make matching tags immutable: once a tag exists it can be neither moved to another
+    /// manifest nor deleted (e.g. `wharf policy immutable 'team/*' --tags 'v*,[0-9]*'`).
+    Immutable {
+        /// A repository, `namespace/*`, or `*`.
+        pattern: String,
+        /// Comma-separated tag globs: `*`, `?` and classes such as `[0-9]`.
+        #[arg(long)]
+        tags: String,
+    },
+    /// List the immutability policies.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a policy by its id.
+    Remove { id: i64 },
+}
+
+pub async fn policy(a: Admin, cmd: PolicyCmd) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCmd::Immutable { pattern, tags } => {
+            let p = Pattern::parse(&pattern)?;
+            let globs = parse_tag_globs(&tags)?;
+            let id = a
+                .registry
+                .policy_add(&p.to_string(), &globs, Some(&a.actor))
+                .await?;
+            let what = format!("{p} tags {}", globs.join(","));
+            a.audit("policy.immutable", Some(&p.to_string()), what.clone())
+                .await;
+            println!("{id}");
+            eprintln!("policy {id}: existing tags of {what} can no longer be moved or deleted");
+        }
+        PolicyCmd::List { json } => {
+            let list = a.registry.policies().await?;
+            if json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "id": p.id,
+                            "repositories": p.repositories,
+                            "tags": p.tags,
+                            "created": rfc3339(p.created_at),
+                            "created_by": p.created_by,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<4} {:<24} {:<24} CREATED", "ID", "REPOSITORIES", "TAGS");
+                for p in list {
+                    println!(
+                        "{:<4} {:<24} {:<24} {}",
+                        p.id,
+                        p.repositories,
+                        p.tags.join(","),
+                        rfc3339(p.created_at)
+                    );
+                }
+            }
+        }
+        PolicyCmd::Remove { id } => {
+            if !a.registry.policy_remove(id).await? {
+                bail!("no policy {id}");
+            }
+            a.audit("policy.remove", None, id.to_string()).await;
+            eprintln!("policy {id} removed");
+        }
+    }
     Ok(())
 }
 

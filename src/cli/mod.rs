@@ -35,6 +35,9 @@ enum Command {
     /// Repository settings.
     #[command(subcommand)]
     Repo(admin::RepoCmd),
+    /// Tag immutability policies.
+    #[command(subcommand)]
+    Policy(admin::PolicyCmd),
     /// Give a user a permission level on a repository or namespace (`team/*`).
     Grant(admin::GrantArgs),
     /// Show the audit log: logins, token and permission changes, pushes, deletes.
@@ -95,6 +98,7 @@ pub fn main() -> ExitCode {
         Command::User(c) => admin::run(&cli.data, |a| Box::pin(admin::user(a, c))),
         Command::Token(c) => admin::run(&cli.data, |a| Box::pin(admin::token(a, c))),
         Command::Repo(c) => admin::run(&cli.data, |a| Box::pin(admin::repo(a, c))),
+        Command::Policy(c) => admin::run(&cli.data, |a| Box::pin(admin::policy(a, c))),
         Command::Grant(c) => admin::run(&cli.data, |a| Box::pin(admin::grant(a, c))),
         Command::Audit(c) => admin::run(&cli.data, |a| Box::pin(admin::audit(a, c))),
     };

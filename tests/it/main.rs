@@ -12,6 +12,7 @@ mod listings;
 mod manifests;
 mod memory;
 mod podman;
+mod policy;
 mod referrers;
 mod restart;
 mod skopeo;
