@@ -658,7 +658,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn policies(&self) -> Result<Vec<TagPolicy>, MetaError> {
-        self.scan(|c| load_policies(c)).await
+        self.scan(load_policies).await
     }
 
     async fn policy_remove(&self, id: i64) -> Result<bool, MetaError> {
