@@ -42,6 +42,8 @@ struct FileConfig {
     public_url: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    /// The rules of `wharf tags`.
+    tags: Option<crate::ci::tags::TagRules>,
 }
 
 /// Values given on the command line (or, through clap, by their environment variables).
@@ -76,6 +78,29 @@ pub enum ConfigError {
     Tls,
 }
 
+/// The `[tags]` rules of a config file: the given one, else `./wharf.toml` if present,
+/// else the defaults.
+pub fn tag_rules(file: Option<&Path>) -> Result<crate::ci::tags::TagRules, ConfigError> {
+    let default = Path::new("wharf.toml");
+    let path = match file {
+        Some(p) => p,
+        None if default.is_file() => default,
+        None => return Ok(Default::default()),
+    };
+    Ok(read_file(path)?.tags.unwrap_or_default())
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 impl Config {
     /// The defaults, with `listen` and `data` given (for tests and embedding).
     pub fn new(listen: impl Into<String>, data: impl Into<PathBuf>) -> Config {
@@ -92,16 +117,7 @@ impl Config {
     /// Resolves flags (already merged with their env vars) over the file over defaults.
     pub fn resolve(flags: Overrides, file: Option<&Path>) -> Result<Config, ConfigError> {
         let file_cfg = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_owned(),
-                    source,
-                })?
-            }
+            Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
         let listen = flags
@@ -215,5 +231,26 @@ mod tests {
         let e = Config::resolve(Overrides::default(), Some(&dir.path().join("missing.toml")))
             .unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn tag_rules_from_the_tags_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wharf.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:6000\"\n[tags]\nsortable = true\nsuffix = \"-arm64\"\n[tags.branches]\nmain = [\"prod\"]\n",
+        )
+        .unwrap();
+        let r = tag_rules(Some(&file)).unwrap();
+        assert!(r.sortable);
+        assert_eq!(r.suffix, "-arm64");
+        assert_eq!(r.branches.get("main").unwrap(), &vec!["prod".to_owned()]);
+        // A table given replaces the default mapping; other defaults stay.
+        assert!(!r.branches.contains_key("develop"));
+        assert!(r.sha);
+        std::fs::write(&file, "[tags]\nshaa = true\n").unwrap();
+        let e = tag_rules(Some(&file)).unwrap_err().to_string();
+        assert!(e.contains("shaa"), "{e}");
     }
 }

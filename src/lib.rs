@@ -1,9 +1,12 @@
 //! wharf: a self-hosted container registry and deploy pipeline in one binary.
 //!
 //! Layers, inward: `registry` (HTTP) → `store` → (`store::blob`, `store::meta`) → `oci`.
-//! `cli` sits on top and nothing depends on it.
+//! `client` (a registry client) and `ci` (tags from git, promotion) talk to a registry over
+//! HTTP. `cli` sits on top and nothing depends on it.
 
 pub mod auth;
+pub mod ci;
+pub mod client;
 pub mod config;
 pub mod oci;
 pub mod registry;

@@ -100,6 +100,7 @@ pub async fn serve(
         auth,
         public_url: config.public_url.clone(),
         tls: tls.is_some(),
+        metrics: registry::Metrics::default(),
     };
     let app = registry::router(Arc::new(state));
     let addr = listener.local_addr()?;

@@ -1,6 +1,7 @@
 //! Subcommands. Nothing else depends on this module.
 
 mod admin;
+mod ci;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,12 @@ pub struct Cli {
 enum Command {
     /// Run the registry.
     Serve(ServeArgs),
+    /// The tags of this build, from CI's git context (`wharf tags list` lists a
+    /// repository's tags).
+    Tags(Box<ci::TagsArgs>),
+    /// Point a tag at the exact image another reference names, on the registry, without
+    /// moving layer bytes (`wharf promote team/api:staging team/api:prod`).
+    Promote(ci::PromoteArgs),
     /// Manage users (works on the data directory, server running or not).
     #[command(subcommand)]
     User(admin::UserCmd),
@@ -95,6 +102,8 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args, cli.data),
+        Command::Tags(a) => ci::tags_cmd(*a, cli.data.config.as_deref()),
+        Command::Promote(a) => ci::promote_cmd(a),
         Command::User(c) => admin::run(&cli.data, |a| Box::pin(admin::user(a, c))),
         Command::Token(c) => admin::run(&cli.data, |a| Box::pin(admin::token(a, c))),
         Command::Repo(c) => admin::run(&cli.data, |a| Box::pin(admin::repo(a, c))),

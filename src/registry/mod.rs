@@ -3,9 +3,11 @@
 //! **Architecture invariant:** this is the only layer that knows HTTP; it never touches
 //! the file system or SQL, only [`Store`].
 
+mod api;
 mod authz;
 mod body;
 pub mod error;
+mod metrics;
 pub mod route;
 mod token;
 
@@ -23,6 +25,8 @@ use serde::Serialize;
 
 use error::upload_range;
 pub use error::{ApiError, OciErrorCode};
+pub use metrics::Metrics;
+use metrics::Route;
 use route::Endpoint;
 
 use crate::auth::{Action, Auth, Principal};
@@ -46,6 +50,7 @@ pub struct AppState {
     /// The URL clients reach the registry by, when a proxy in front changes it.
     pub public_url: Option<String>,
     pub tls: bool,
+    pub metrics: Metrics,
 }
 
 /// Builds the router serving the registry API and the token endpoint.
@@ -58,10 +63,13 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
-    let mut resp = match handle(&state, req, client).await {
+    let method = req.method().clone();
+    let mut route = Route::Other;
+    let mut resp = match handle(&state, req, client, &mut route).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
+    state.metrics.count(route, &method, resp.status());
     resp.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static(API_VERSION),
@@ -81,7 +89,7 @@ impl Query {
         )
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == key)
@@ -128,6 +136,7 @@ async fn handle(
     state: &AppState,
     req: Request,
     client: Option<std::net::IpAddr>,
+    route: &mut Route,
 ) -> Result<Response> {
     let (parts, body) = req.into_parts();
     let (store, auth) = (&*state.store, &*state.auth);
@@ -138,13 +147,20 @@ async fn handle(
     let path = parts.uri.path();
     let q = Query::parse(parts.uri.query());
     if path == "/token" {
+        *route = Route::Token;
         return token::handle(auth, &site, &parts.method, &q, &parts.headers, body, client).await;
+    }
+    if let Some(api) = api::parse(path) {
+        *route = Route::Api;
+        let caller = authz::authenticate(auth, &site, &parts.headers, client).await?;
+        return api::handle(state, &site, &caller, api, &parts.method, &q).await;
     }
     let rest = match path {
         "/v2" => "",
         _ => path.strip_prefix("/v2/").ok_or_else(ApiError::not_found)?,
     };
     let endpoint = route::parse(rest).ok_or_else(ApiError::not_found)?;
+    *route = Route::of(&endpoint, q.get("mount").is_some());
     let m = &parts.method;
     let h = &parts.headers;
     let caller = authz::authenticate(auth, &site, h, client).await?;
@@ -261,7 +277,7 @@ async fn handle(
     }
 }
 
-fn repo(name: &str) -> Result<RepoName> {
+pub(crate) fn repo(name: &str) -> Result<RepoName> {
     Ok(RepoName::parse(name)?)
 }
 
@@ -274,7 +290,7 @@ fn percent_colon(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn method_not_allowed() -> ApiError {
+pub(crate) fn method_not_allowed() -> ApiError {
     ApiError::unsupported(
         StatusCode::METHOD_NOT_ALLOWED,
         "method not allowed on this endpoint",
@@ -288,7 +304,7 @@ fn empty(status: StatusCode) -> Response {
     r
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     let body = serde_json::to_vec(value).expect("response serializes");
     let mut r = (status, body).into_response();
     r.headers_mut().insert(
@@ -298,7 +314,7 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     r
 }
 
-fn set(r: &mut Response, name: impl header::IntoHeaderName, value: &str) {
+pub(crate) fn set(r: &mut Response, name: impl header::IntoHeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         r.headers_mut().insert(name, v);
     }

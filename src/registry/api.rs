@@ -1,0 +1,206 @@
+//! wharf's own HTTP API beside `/v2/`: tag details in one call, and `/metrics`.
+//!
+//! `GET /api/v1/repositories/<name>/tags?page_size=&page=&ordering=` answers in Docker
+//! Hub's shape (`count`, `next`, `previous`, `results[]` with `name`, `digest`,
+//! `full_size`, `images`, `last_pushed`, ...), so scripts written against Docker Hub's
+//! `/v2/repositories/<name>/tags/` keep working; that path is served too.
+
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::authz::{self, Caller, Site};
+use super::{ApiError, AppState, Query, Result, json, method_not_allowed, repo, set};
+use crate::auth::{Action, Principal};
+use crate::store::TagOrder;
+use crate::time::rfc3339;
+
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Api<'a> {
+    Metrics,
+    Tags { name: &'a str },
+}
+
+/// Recognises wharf's API paths; None for everything else (the `/v2/` API included).
+pub fn parse(path: &str) -> Option<Api<'_>> {
+    if path == "/metrics" {
+        return Some(Api::Metrics);
+    }
+    let rest = path
+        .strip_prefix("/api/v1/repositories/")
+        .or_else(|| path.strip_prefix("/v2/repositories/"))?;
+    let name = rest
+        .strip_suffix("/tags/")
+        .or_else(|| rest.strip_suffix("/tags"))?;
+    (!name.is_empty()).then_some(Api::Tags { name })
+}
+
+pub async fn handle(
+    state: &AppState,
+    site: &Site<'_>,
+    caller: &Caller,
+    api: Api<'_>,
+    method: &Method,
+    q: &Query,
+) -> Result<Response> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(method_not_allowed());
+    }
+    match api {
+        Api::Metrics => {
+            match &caller.principal {
+                Principal::Anonymous => {
+                    return Err(site.unauthorized("authentication required", None, None));
+                }
+                Principal::User { admin: true, .. } => {}
+                Principal::User { .. } => {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        super::OciErrorCode::Denied,
+                        "metrics are for administrators",
+                    ));
+                }
+            }
+            let mut r = (StatusCode::OK, state.metrics.render()).into_response();
+            set(&mut r, "content-type", "text/plain; version=0.0.4");
+            Ok(r)
+        }
+        Api::Tags { name } => {
+            let name = repo(name)?;
+            authz::require(&state.auth, site, caller, name.as_str(), Action::Pull).await?;
+            tags(state, site, &name, q).await
+        }
+    }
+}
+
+fn number(q: &Query, key: &str, default: u32, max: u32) -> Result<u32> {
+    match q.get(key) {
+        None | Some("") => Ok(default),
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(|n| n.min(max))
+            .ok_or_else(|| {
+                ApiError::unsupported(
+                    StatusCode::BAD_REQUEST,
+                    format!("{key} must be a positive integer, not {v:?}"),
+                )
+            }),
+    }
+}
+
+fn order(q: &Query) -> Result<(TagOrder, &'static str)> {
+    Ok(match q.get("ordering").unwrap_or("") {
+        "" | "-last_updated" | "-last_pushed" => (TagOrder::NewestFirst, "-last_updated"),
+        "last_updated" | "last_pushed" => (TagOrder::OldestFirst, "last_updated"),
+        "name" => (TagOrder::Name, "name"),
+        "-name" => (TagOrder::NameDesc, "-name"),
+        other => {
+            return Err(ApiError::unsupported(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "ordering must be -last_updated (newest first, the default), last_updated, name or -name, not {other:?}"
+                ),
+            ));
+        }
+    })
+}
+
+async fn tags(
+    state: &AppState,
+    site: &Site<'_>,
+    name: &crate::oci::RepoName,
+    q: &Query,
+) -> Result<Response> {
+    let page_size = number(q, "page_size", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+    let page = number(q, "page", 1, u32::MAX)?;
+    let (order, ordering) = order(q)?;
+    let offset = u64::from(page - 1) * u64::from(page_size);
+    let (count, details) = state
+        .store
+        .tag_details(name, order, offset, page_size)
+        .await?;
+    let link = |p: u32| {
+        format!(
+            "{}/api/v1/repositories/{name}/tags?page={p}&page_size={page_size}&ordering={ordering}",
+            site.base_url
+        )
+    };
+    let next = (offset + u64::from(page_size) < count).then(|| link(page + 1));
+    let previous = (page > 1).then(|| link(page - 1));
+    let results: Vec<_> = details
+        .iter()
+        .map(|t| {
+            let pushed = rfc3339(t.pushed_at_ms);
+            let platforms: Vec<String> = t
+                .images
+                .iter()
+                .filter_map(|i| i.platform.as_ref().map(ToString::to_string))
+                .collect();
+            let images: Vec<_> = t
+                .images
+                .iter()
+                .map(|i| {
+                    json!({
+                        "digest": i.digest,
+                        "os": i.platform.as_ref().map(|p| p.os.as_str()),
+                        "architecture": i.platform.as_ref().map(|p| p.architecture.as_str()),
+                        "variant": i.platform.as_ref().and_then(|p| p.variant.as_deref()),
+                        "size": i.size,
+                    })
+                })
+                .collect();
+            json!({
+                "name": t.name,
+                "repository": name.as_str(),
+                "digest": t.digest,
+                "media_type": t.media_type,
+                "size": t.size,
+                "full_size": t.size,
+                "platforms": platforms,
+                "images": images,
+                "last_pushed": pushed,
+                "last_updated": pushed,
+                "tag_last_pushed": pushed,
+            })
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "count": count,
+            "page": page,
+            "page_size": page_size,
+            "next": next,
+            "previous": previous,
+            "results": results,
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(parse("/metrics"), Some(Api::Metrics));
+        assert_eq!(
+            parse("/api/v1/repositories/team/api/tags"),
+            Some(Api::Tags { name: "team/api" })
+        );
+        assert_eq!(
+            parse("/v2/repositories/team/api/tags/"),
+            Some(Api::Tags { name: "team/api" })
+        );
+        // The OCI tags list of a repository named `repositories/x` stays OCI.
+        assert_eq!(parse("/v2/repositories/x/tags/list"), None);
+        assert_eq!(parse("/api/v1/repositories//tags"), None);
+        assert_eq!(parse("/api/v1/repositories/tags"), None);
+        assert_eq!(parse("/v2/team/api/tags/list"), None);
+    }
+}
