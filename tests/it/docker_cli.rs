@@ -46,6 +46,11 @@ impl Docker {
         }
     }
 
+    /// The directory holding this CLI's `config.json` (its logins).
+    pub fn config_dir(&self) -> &Path {
+        self.config.path()
+    }
+
     pub fn cmd(&self) -> Command {
         let mut c = Command::new("docker");
         c.env("DOCKER_CONFIG", self.config.path());

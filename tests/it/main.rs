@@ -13,6 +13,7 @@ mod manifests;
 mod memory;
 mod podman;
 mod policy;
+mod promote;
 mod referrers;
 mod restart;
 mod skopeo;
