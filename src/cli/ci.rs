@@ -84,10 +84,10 @@ struct ComputeArgs {
     #[arg(long = "tag", value_name = "TAG")]
     raw: Vec<String>,
     /// Put before every tag
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     prefix: Option<String>,
     /// Put after every tag (e.g. -arm64)
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     suffix: Option<String>,
     /// The source repository URL for the `source` label [default: from CI or the remote]
     #[arg(long, value_name = "URL")]

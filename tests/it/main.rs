@@ -17,5 +17,6 @@ mod promote;
 mod referrers;
 mod restart;
 mod skopeo;
+mod tags_cli;
 mod tls;
 mod uploads;
