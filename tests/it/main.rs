@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod auth_clients;
 mod blobs;
+mod buildx_cache;
 mod crash;
 mod docker_cli;
 mod listings;
