@@ -4,6 +4,9 @@
 //! Hub's shape (`count`, `next`, `previous`, `results[]` with `name`, `digest`,
 //! `full_size`, `images`, `last_pushed`, ...), so scripts written against Docker Hub's
 //! `/v2/repositories/<name>/tags/` keep working; that path is served too.
+//!
+//! `GET /api/v1/cli/wharf-<os>-<arch>` serves this very binary, so a CI job installs
+//! the CLI from the registry it pushes to (no other download).
 
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,12 +25,21 @@ const MAX_PAGE_SIZE: u32 = 1000;
 pub enum Api<'a> {
     Metrics,
     Tags { name: &'a str },
+    Cli { file: &'a str },
+}
+
+/// The name this binary is served under: `wharf-linux-x86_64`.
+pub fn cli_file_name() -> String {
+    format!("wharf-{}-{}", std::env::consts::OS, std::env::consts::ARCH)
 }
 
 /// Recognises wharf's API paths; None for everything else (the `/v2/` API included).
 pub fn parse(path: &str) -> Option<Api<'_>> {
     if path == "/metrics" {
         return Some(Api::Metrics);
+    }
+    if let Some(file) = path.strip_prefix("/api/v1/cli/") {
+        return Some(Api::Cli { file });
     }
     let rest = path
         .strip_prefix("/api/v1/repositories/")
@@ -66,6 +78,42 @@ pub async fn handle(
             }
             let mut r = (StatusCode::OK, state.metrics.render()).into_response();
             set(&mut r, "content-type", "text/plain; version=0.0.4");
+            Ok(r)
+        }
+        Api::Cli { file } => {
+            let own = cli_file_name();
+            if file != own && file != "wharf" {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    super::OciErrorCode::NameUnknown,
+                    format!("this registry serves only {own} (its own build)"),
+                ));
+            }
+            // The running image itself, even if its file was replaced by an upgrade.
+            let exe = std::fs::File::open("/proc/self/exe")
+                .or_else(|_| std::env::current_exe().and_then(std::fs::File::open))
+                .map(tokio::fs::File::from_std)
+                .map_err(|e| {
+                    crate::store::StoreError::Internal(format!("reading the wharf binary: {e}"))
+                })?;
+            let len = exe
+                .metadata()
+                .await
+                .map_err(|e| crate::store::StoreError::Internal(e.to_string()))?
+                .len();
+            let mut r = if method == Method::HEAD {
+                StatusCode::OK.into_response()
+            } else {
+                let stream = tokio_util::io::ReaderStream::with_capacity(exe, 256 * 1024);
+                (StatusCode::OK, axum::body::Body::from_stream(stream)).into_response()
+            };
+            set(&mut r, "content-type", "application/octet-stream");
+            set(&mut r, "content-length", &len.to_string());
+            set(
+                &mut r,
+                "content-disposition",
+                &format!("attachment; filename=\"{own}\""),
+            );
             Ok(r)
         }
         Api::Tags { name } => {
@@ -202,5 +250,11 @@ mod tests {
         assert_eq!(parse("/api/v1/repositories//tags"), None);
         assert_eq!(parse("/api/v1/repositories/tags"), None);
         assert_eq!(parse("/v2/team/api/tags/list"), None);
+        assert_eq!(
+            parse("/api/v1/cli/wharf-linux-x86_64"),
+            Some(Api::Cli {
+                file: "wharf-linux-x86_64"
+            })
+        );
     }
 }

@@ -516,3 +516,36 @@ fn docker_push_promote_and_pull_the_promoted_tag() {
     run(d.cmd().args(["push", &prod]));
     run(d.cmd().args(["rmi", "-f", &prod, &release]));
 }
+
+#[test]
+fn the_registry_serves_its_own_cli_for_ci_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start(&dir.path().join("data"));
+    let name = format!("wharf-{}-{}", std::env::consts::OS, std::env::consts::ARCH);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let anon = reqwest::Client::new();
+        let r = anon
+            .get(format!("{}/api/v1/cli/{name}", p.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let served = r.bytes().await.unwrap();
+        let built = std::fs::read(env!("CARGO_BIN_EXE_wharf")).unwrap();
+        assert!(
+            served.as_ref() == built.as_slice(),
+            "the served CLI is not this build"
+        );
+        let r = anon
+            .get(format!("{}/api/v1/cli/wharf-plan9-mips", p.base))
+            .send()
+            .await
+            .unwrap();
+        let (status, code) = error_of(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+        );
+    });
+}
