@@ -9,6 +9,7 @@ mod blobs;
 mod buildx_cache;
 mod crash;
 mod docker_cli;
+mod examples;
 mod listings;
 mod manifests;
 mod memory;

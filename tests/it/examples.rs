@@ -1,0 +1,204 @@
+//! The kit a team copies (`examples/`) works as written: the compose file resolves with
+//! each environment file under the real `docker-compose`, and the workflows' `wharf tags`
+//! steps, run as GitHub would run them, give the pipeline's tags.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::common::{require_tool, run};
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+/// YAML as JSON, read with Python's yaml module (the machine has it; CI installs it).
+fn yaml_text(text: &str) -> Value {
+    use std::io::Write;
+    require_tool("python3", "apt-get install -y python3 python3-yaml");
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg("import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "python3 -c 'import yaml' failed: install python3-yaml"
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn yaml(path: &Path) -> Value {
+    yaml_text(&std::fs::read_to_string(path).unwrap())
+}
+
+#[test]
+fn compose_file_names_images_by_registry_namespace_and_tag_per_environment() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    let dir = examples().join("compose");
+    for (env, tag) in [
+        (".env.dev", "dev"),
+        (".env.staging", "staging"),
+        (".env.prod", "prod"),
+    ] {
+        let out = run(Command::new("docker-compose").current_dir(&dir).args([
+            "--env-file",
+            env,
+            "-f",
+            "docker-compose.prod.yml",
+            "config",
+        ]));
+        let config = yaml_text(&out);
+        assert_eq!(
+            config["services"]["api"]["image"],
+            format!("registry.example.com/team/api:{tag}"),
+            "{env}"
+        );
+        assert_eq!(
+            config["services"]["web"]["image"],
+            format!("registry.example.com/team/web:{tag}"),
+            "{env}"
+        );
+    }
+}
+
+/// Runs the `run:` script of the step with `id` as GitHub would: bash, with the
+/// workflow's expressions filled in and the given environment.
+fn run_step(workflow: &Value, id: &str, exprs: &[(&str, &str)], env: &[(&str, &str)]) -> String {
+    let steps = workflow["jobs"]["image"]["steps"].as_array().unwrap();
+    let step = steps.iter().find(|s| s["id"] == id).unwrap();
+    let mut script = step["run"].as_str().unwrap().to_owned();
+    for (expr, value) in exprs {
+        script = script.replace(&format!("${{{{ {expr} }}}}"), value);
+    }
+    assert!(!script.contains("${{"), "unfilled expression in {script}");
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("output");
+    let bin = Path::new(env!("CARGO_BIN_EXE_wharf")).parent().unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let mut c = Command::new("bash");
+    c.arg("-e")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", path)
+        .env("GITHUB_OUTPUT", &output)
+        .env("GITHUB_ACTIONS", "true");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run(&mut c);
+    std::fs::read_to_string(&output).unwrap()
+}
+
+fn tags_of(output: &str) -> Vec<String> {
+    let delim = output
+        .lines()
+        .find_map(|l| l.strip_prefix("tags<<"))
+        .unwrap();
+    output
+        .lines()
+        .skip_while(|l| !l.starts_with("tags<<"))
+        .skip(1)
+        .take_while(|l| *l != delim)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn workflows_build_multi_arch_with_registry_cache_and_compute_the_seed_tags() {
+    let build = yaml(&examples().join("github-actions/build.yml"));
+    let steps = build["jobs"]["image"]["steps"].as_array().unwrap();
+    let push = steps
+        .iter()
+        .find(|s| {
+            s["uses"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("docker/build-push-action"))
+        })
+        .unwrap();
+    assert_eq!(push["with"]["platforms"], "linux/amd64,linux/arm64");
+    assert!(
+        push["with"]["cache-to"]
+            .as_str()
+            .unwrap()
+            .contains("type=registry")
+    );
+    assert!(
+        push["with"]["cache-to"]
+            .as_str()
+            .unwrap()
+            .contains("mode=max")
+    );
+    assert!(
+        push["with"]["cache-from"]
+            .as_str()
+            .unwrap()
+            .contains(":buildcache")
+    );
+    assert_eq!(push["with"]["tags"], "${{ steps.meta.outputs.tags }}");
+    assert!(
+        build["jobs"]["deploy"]["steps"][1]["run"]
+            .as_str()
+            .unwrap()
+            .contains("/hooks/deploy/")
+    );
+
+    let gh = |r: &'static str| -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("GITHUB_REF", r),
+            ("GITHUB_SHA", "abc1234def5678abc1234def5678abc1234def56"),
+            ("GITHUB_EVENT_NAME", "push"),
+            ("REGISTRY", "registry.example.com"),
+            ("NAMESPACE", "team"),
+        ]
+    };
+    let service = [("matrix.service", "api")];
+    let img = |t: &str| format!("registry.example.com/team/api:{t}");
+    for (r, want) in [
+        ("refs/heads/main", vec!["latest", "prod", "main-abc1234"]),
+        ("refs/heads/staging", vec!["staging", "staging-abc1234"]),
+        ("refs/heads/develop", vec!["dev", "develop-abc1234"]),
+        ("refs/tags/v1.0.1", vec!["1.0.1", "1.0", "1", "latest"]),
+    ] {
+        let out = run_step(&build, "meta", &service, &gh(r));
+        let want: Vec<String> = want.iter().map(|t| img(t)).collect();
+        assert_eq!(tags_of(&out), want, "{r}");
+    }
+
+    // The manual workflow: service and environment inputs.
+    let manual = yaml(&examples().join("github-actions/manual.yml"));
+    // YAML 1.1 reads the key `on` as true.
+    let on = manual.get("on").unwrap_or(&manual["true"]);
+    let inputs = &on["workflow_dispatch"]["inputs"];
+    assert_eq!(
+        inputs["service"]["options"],
+        serde_json::json!(["api", "web", "both"])
+    );
+    assert_eq!(
+        inputs["environment"]["options"],
+        serde_json::json!(["dev", "staging", "prod"])
+    );
+    assert_eq!(inputs["deploy"]["type"], "boolean");
+    let mut env = gh("refs/heads/feature/x");
+    env.push(("GITHUB_REF_NAME", "feature/x"));
+    env[2] = ("GITHUB_EVENT_NAME", "workflow_dispatch");
+    let out = run_step(
+        &manual,
+        "meta",
+        &[("matrix.service", "api"), ("inputs.environment", "staging")],
+        &env,
+    );
+    assert_eq!(tags_of(&out), [img("staging"), img("feature-x-abc1234")]);
+}
