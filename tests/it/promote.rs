@@ -457,6 +457,34 @@ async fn cli_credentials_come_from_flags_then_env_then_docker_config() {
         .env("WHARF_PASSWORD", "wrong"));
     assert!(!success);
     assert!(err.contains("refused to log in admin"), "{err}");
+
+    // docker login may keep a refresh token (`identitytoken`) instead of the password.
+    let r = reg
+        .anon
+        .post(reg.url("/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "admin"),
+            ("password", ADMIN_PASSWORD),
+            ("access_type", "offline"),
+            ("service", "wharf"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = r.json().await.unwrap();
+    let refresh = answer["refresh_token"].as_str().unwrap();
+    {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode("admin:");
+        std::fs::write(
+            dir.path().join("config.json"),
+            json!({"auths": {reg.host(): {"auth": auth, "identitytoken": refresh}}}).to_string(),
+        )
+        .unwrap();
+    }
+    let (success, err) = ok(&mut base());
+    assert!(success, "{err}");
 }
 
 #[test]
