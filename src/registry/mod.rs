@@ -188,7 +188,7 @@ async fn handle(
                     manifest_get(store, &name, reference, h, m == Method::HEAD).await
                 }
                 Method::PUT => {
-                    let r = manifest_put(store, &name, reference, &q, h, body).await?;
+                    let r = manifest_put(store, &name, reference, &q, h, body, actor).await?;
                     let digest = r
                         .headers()
                         .get("docker-content-digest")
@@ -199,7 +199,7 @@ async fn handle(
                     Ok(r)
                 }
                 Method::DELETE => {
-                    let r = manifest_delete(store, &name, reference).await?;
+                    let r = manifest_delete(store, &name, reference, actor).await?;
                     auth.audit(
                         actor,
                         "delete.manifest",
@@ -625,6 +625,7 @@ async fn manifest_put(
     q: &Query,
     h: &HeaderMap,
     body: Body,
+    actor: Option<&str>,
 ) -> Result<Response> {
     let reference = Reference::parse(&percent_colon(reference))?;
     let extra_tags: Vec<String> = q.all("tag").map(str::to_owned).collect();
@@ -661,7 +662,14 @@ async fn manifest_put(
     })?;
     let content_type = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let put = store
-        .manifest_put(name, &reference, extra_tags.clone(), content_type, bytes)
+        .manifest_put(
+            name,
+            &reference,
+            extra_tags.clone(),
+            content_type,
+            bytes,
+            actor,
+        )
         .await?;
     let mut r = empty(StatusCode::CREATED);
     set(
@@ -708,9 +716,14 @@ async fn read_limited(body: Body, limit: usize) -> std::result::Result<Bytes, Op
     }
 }
 
-async fn manifest_delete(store: &Store, name: &RepoName, reference: &str) -> Result<Response> {
+async fn manifest_delete(
+    store: &Store,
+    name: &RepoName,
+    reference: &str,
+    actor: Option<&str>,
+) -> Result<Response> {
     let reference = read_reference(reference)?;
-    store.manifest_delete(name, &reference).await?;
+    store.manifest_delete(name, &reference, actor).await?;
     Ok(empty(StatusCode::ACCEPTED))
 }
 

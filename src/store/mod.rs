@@ -506,6 +506,7 @@ impl Store {
         extra_tags: Vec<String>,
         content_type: Option<&str>,
         body: Bytes,
+        actor: Option<&str>,
     ) -> Result<PutManifest, StoreError> {
         if body.len() > self.max_manifest {
             return Err(StoreError::ManifestTooLarge {
@@ -553,6 +554,7 @@ impl Store {
                 .map(|(d, s)| (d.to_string(), *s))
                 .collect(),
             tags,
+            actor: actor.map(str::to_owned),
         };
         self.meta.manifest_put(repo.as_str(), record).await?;
         Ok(PutManifest {
@@ -582,10 +584,15 @@ impl Store {
         &self,
         repo: &RepoName,
         reference: &Reference,
+        actor: Option<&str>,
     ) -> Result<(), StoreError> {
         let deleted = match reference {
-            Reference::Tag(t) => self.meta.tag_delete(repo.as_str(), t).await?,
-            Reference::Digest(d) => self.meta.manifest_delete(repo.as_str(), d.as_str()).await?,
+            Reference::Tag(t) => self.meta.tag_delete(repo.as_str(), t, actor).await?,
+            Reference::Digest(d) => {
+                self.meta
+                    .manifest_delete(repo.as_str(), d.as_str(), actor)
+                    .await?
+            }
         };
         if deleted {
             Ok(())

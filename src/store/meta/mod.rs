@@ -64,6 +64,8 @@ pub struct NewManifest {
     /// Index entries: each must be a manifest or a blob of the repository.
     pub children: Vec<(String, i64)>,
     pub tags: Vec<String>,
+    /// Who pushed it, for the event it makes.
+    pub actor: Option<String>,
 }
 
 /// A manifest whose `subject` is a given digest.
@@ -85,6 +87,25 @@ pub struct TagRow {
     pub content: Bytes,
     /// When the tag was last pointed at a manifest (unix milliseconds).
     pub updated_at: i64,
+}
+
+/// A registry change, as the outbox records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    pub id: i64,
+    /// The id receivers de-duplicate on.
+    pub uuid: String,
+    /// Unix milliseconds.
+    pub at: i64,
+    /// `push` (a new manifest, once per tag it was pushed with), `tag` (an existing
+    /// manifest given a tag: a promotion or re-tag), `untag`, `delete` (a manifest).
+    pub action: String,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: String,
+    pub media_type: Option<String>,
+    pub size: Option<i64>,
+    pub actor: Option<String>,
 }
 
 /// The order of a tag details listing.
@@ -147,8 +168,18 @@ pub trait MetaStore: Send + Sync + 'static {
         tag: &str,
     ) -> Result<Option<ManifestRecord>, MetaError>;
     /// Deletes a manifest and every tag on it; false if it was not there.
-    async fn manifest_delete(&self, repo: &str, digest: &str) -> Result<bool, MetaError>;
-    async fn tag_delete(&self, repo: &str, tag: &str) -> Result<bool, MetaError>;
+    async fn manifest_delete(
+        &self,
+        repo: &str,
+        digest: &str,
+        actor: Option<&str>,
+    ) -> Result<bool, MetaError>;
+    async fn tag_delete(
+        &self,
+        repo: &str,
+        tag: &str,
+        actor: Option<&str>,
+    ) -> Result<bool, MetaError>;
 
     /// Up to `limit` tags after `last`, sorted; None if the repository does not exist.
     async fn tags(
@@ -169,6 +200,9 @@ pub trait MetaStore: Send + Sync + 'static {
         offset: u64,
         limit: u32,
     ) -> Result<Option<(u64, Vec<TagRow>)>, MetaError>;
+
+    /// Up to `limit` events with an id above `after`, oldest first.
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRecord>, MetaError>;
 
     /// Adds a tag immutability policy; returns its id.
     async fn policy_add(
@@ -200,6 +234,7 @@ pub(crate) mod tests {
             blobs,
             children: vec![],
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            actor: Some("tester".into()),
         }
     }
 
@@ -315,22 +350,22 @@ pub(crate) mod tests {
         );
 
         // Deletes.
-        assert!(m.tag_delete("team/api", "v1").await.unwrap());
-        assert!(!m.tag_delete("team/api", "v1").await.unwrap());
+        assert!(m.tag_delete("team/api", "v1", None).await.unwrap());
+        assert!(!m.tag_delete("team/api", "v1", None).await.unwrap());
         assert!(
             m.manifest_by_digest("team/api", &d(9))
                 .await
                 .unwrap()
                 .is_some()
         );
-        assert!(m.manifest_delete("team/api", &d(9)).await.unwrap());
+        assert!(m.manifest_delete("team/api", &d(9), None).await.unwrap());
         assert!(
             m.manifest_by_tag("team/api", "latest")
                 .await
                 .unwrap()
                 .is_none()
         );
-        assert!(!m.manifest_delete("team/api", &d(9)).await.unwrap());
+        assert!(!m.manifest_delete("team/api", &d(9), None).await.unwrap());
         assert!(m.unlink_blob("other", &d(1)).await.unwrap());
         assert!(!m.unlink_blob("other", &d(1)).await.unwrap());
         assert!(m.upload_create("up2", "x").await.is_ok());
@@ -403,20 +438,51 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            m.tag_delete("pol/app", "1.0.0").await,
+            m.tag_delete("pol/app", "1.0.0", None).await,
             Err(MetaError::Immutable { .. })
         ));
         assert!(matches!(
-            m.manifest_delete("pol/app", &d(20)).await,
+            m.manifest_delete("pol/app", &d(20), None).await,
             Err(MetaError::Immutable { .. })
         ));
-        assert!(m.tag_delete("pol/app", "prod").await.unwrap());
+        assert!(m.tag_delete("pol/app", "prod", None).await.unwrap());
         let listed = m.policies().await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].tags, ["v*", "[0-9]*"]);
         assert_eq!(listed[0].created_by.as_deref(), Some("admin"));
         assert!(m.policy_remove(id).await.unwrap());
         assert!(!m.policy_remove(id).await.unwrap());
-        assert!(m.tag_delete("pol/app", "1.0.0").await.unwrap());
+        assert!(m.tag_delete("pol/app", "1.0.0", None).await.unwrap());
+
+        // The outbox recorded each change of pol/app, in order, and nothing for the
+        // refused pushes or the re-push that changed nothing.
+        let events: Vec<_> = m
+            .events_after(0, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.repository == "pol/app")
+            .map(|e| (e.action, e.tag, e.digest))
+            .collect();
+        let ev = |a: &str, t: &str, n: u8| (a.to_owned(), Some(t.to_owned()), d(n));
+        assert_eq!(
+            events,
+            vec![
+                ev("push", "a", 20),
+                ev("push", "b", 20),
+                ev("push", "c", 21),
+                ev("tag", "1.0.0", 20),
+                ev("tag", "prod", 20),
+                ev("tag", "prod", 21),
+                ev("untag", "prod", 21),
+                ev("untag", "1.0.0", 20),
+            ]
+        );
+        let all = m.events_after(0, 1000).await.unwrap();
+        assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+        assert!(all.iter().any(|e| e.action == "delete" && e.digest == d(9)));
+        let first = &all[0];
+        assert_eq!(first.actor.as_deref(), Some("tester"));
+        assert_eq!(m.events_after(first.id, 1).await.unwrap()[0].id, all[1].id);
     }
 }

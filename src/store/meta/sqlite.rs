@@ -10,7 +10,8 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::{
-    ManifestRecord, MetaError, MetaStore, NewManifest, Referrer, TagOrder, TagRow, UploadRow,
+    EventRecord, ManifestRecord, MetaError, MetaStore, NewManifest, Referrer, TagOrder, TagRow,
+    UploadRow,
 };
 use crate::store::policy::TagPolicy;
 
@@ -19,6 +20,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../migrations/sqlite/0002_auth.sql"),
     include_str!("../../../migrations/sqlite/0003_policies.sql"),
+    include_str!("../../../migrations/sqlite/0004_events.sql"),
 ];
 const READERS: usize = 8;
 
@@ -244,6 +246,44 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManifestRecord> {
     })
 }
 
+/// An event to record in the outbox.
+struct Event<'a> {
+    action: &'a str,
+    repository: &'a str,
+    tag: Option<&'a str>,
+    digest: &'a str,
+    media_type: Option<&'a str>,
+    size: Option<i64>,
+    actor: Option<&'a str>,
+    at: i64,
+}
+
+fn record_event(tx: &Transaction<'_>, e: &Event<'_>) -> Result<(), MetaError> {
+    tx.prepare_cached(
+        "INSERT INTO events (uuid, at, action, repository, tag, digest, media_type, size, actor)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        uuid::Uuid::new_v4().to_string(),
+        e.at,
+        e.action,
+        e.repository,
+        e.tag,
+        e.digest,
+        e.media_type,
+        e.size,
+        e.actor
+    ])?;
+    Ok(())
+}
+
+fn tag_digest(conn: &Connection, repo: &str, tag: &str) -> Result<Option<String>, MetaError> {
+    Ok(conn
+        .prepare_cached("SELECT digest FROM tags WHERE repository = ?1 AND name = ?2")?
+        .query_row(params![repo, tag], |r| r.get(0))
+        .optional()?)
+}
+
 fn load_policies(conn: &Connection) -> Result<Vec<TagPolicy>, MetaError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, repositories, tags, created_at, created_by FROM tag_policies ORDER BY id",
@@ -427,7 +467,7 @@ impl MetaStore for SqliteMeta {
                 }
             }
             ensure_repo(tx, &repo, now)?;
-            tx.execute(
+            let stored = tx.execute(
                 "INSERT INTO manifests (repository, digest, media_type, artifact_type, subject, annotations, size, content, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (repository, digest) DO NOTHING",
@@ -453,9 +493,32 @@ impl MetaStore for SqliteMeta {
             for ((digest, _), kind) in m.children.iter().zip(child_kinds) {
                 refs.execute(params![repo, m.digest, digest, kind])?;
             }
+            let new_manifest = stored > 0;
             let policies = if m.tags.is_empty() { Vec::new() } else { load_policies(tx)? };
+            let size = to_i64(m.content.len() as u64);
+            let event = |tag: Option<&str>, action: &str| {
+                record_event(tx, &Event {
+                    action,
+                    repository: &repo,
+                    tag,
+                    digest: &m.digest,
+                    media_type: Some(&m.media_type),
+                    size: Some(size),
+                    actor: m.actor.as_deref(),
+                    at: now,
+                })
+            };
+            if new_manifest && m.tags.is_empty() {
+                event(None, "push")?;
+            }
             for t in &m.tags {
                 check_mutable(tx, &policies, &repo, t, Some(&m.digest))?;
+                let previous = tag_digest(tx, &repo, t)?;
+                if new_manifest {
+                    event(Some(t), "push")?;
+                } else if previous.as_deref() != Some(m.digest.as_str()) {
+                    event(Some(t), "tag")?;
+                }
             }
             let mut tag = tx.prepare_cached(
                 "INSERT INTO tags (repository, name, digest, updated_at) VALUES (?1, ?2, ?3, ?4)
@@ -503,8 +566,13 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn manifest_delete(&self, repo: &str, digest: &str) -> Result<bool, MetaError> {
-        let (repo, digest) = (repo.to_owned(), digest.to_owned());
+    async fn manifest_delete(
+        &self,
+        repo: &str,
+        digest: &str,
+        actor: Option<&str>,
+    ) -> Result<bool, MetaError> {
+        let (repo, digest, actor) = (repo.to_owned(), digest.to_owned(), actor.map(str::to_owned));
         self.write(move |tx| {
             let policies = load_policies(tx)?;
             if !policies.is_empty() {
@@ -516,22 +584,68 @@ impl MetaStore for SqliteMeta {
                     check_mutable(tx, &policies, &repo, t, None)?;
                 }
             }
-            Ok(tx.execute(
+            let media_type: Option<(String, i64)> = tx
+                .query_row(
+                    "SELECT media_type, size FROM manifests WHERE repository = ?1 AND digest = ?2",
+                    params![repo, digest],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((media_type, size)) = media_type else {
+                return Ok(false);
+            };
+            tx.execute(
                 "DELETE FROM manifests WHERE repository = ?1 AND digest = ?2",
                 params![repo, digest],
-            )? > 0)
+            )?;
+            record_event(
+                tx,
+                &Event {
+                    action: "delete",
+                    repository: &repo,
+                    tag: None,
+                    digest: &digest,
+                    media_type: Some(&media_type),
+                    size: Some(size),
+                    actor: actor.as_deref(),
+                    at: now_ms(),
+                },
+            )?;
+            Ok(true)
         })
         .await
     }
 
-    async fn tag_delete(&self, repo: &str, tag: &str) -> Result<bool, MetaError> {
-        let (repo, tag) = (repo.to_owned(), tag.to_owned());
+    async fn tag_delete(
+        &self,
+        repo: &str,
+        tag: &str,
+        actor: Option<&str>,
+    ) -> Result<bool, MetaError> {
+        let (repo, tag, actor) = (repo.to_owned(), tag.to_owned(), actor.map(str::to_owned));
         self.write(move |tx| {
             check_mutable(tx, &load_policies(tx)?, &repo, &tag, None)?;
-            Ok(tx.execute(
+            let Some(digest) = tag_digest(tx, &repo, &tag)? else {
+                return Ok(false);
+            };
+            tx.execute(
                 "DELETE FROM tags WHERE repository = ?1 AND name = ?2",
                 params![repo, tag],
-            )? > 0)
+            )?;
+            record_event(
+                tx,
+                &Event {
+                    action: "untag",
+                    repository: &repo,
+                    tag: Some(&tag),
+                    digest: &digest,
+                    media_type: None,
+                    size: None,
+                    actor: actor.as_deref(),
+                    at: now_ms(),
+                },
+            )?;
+            Ok(true)
         })
         .await
     }
@@ -632,6 +746,31 @@ impl MetaStore for SqliteMeta {
                 })
             })?;
             Ok(Some((to_u64(count), rows.collect::<Result<Vec<_>, _>>()?)))
+        })
+        .await
+    }
+
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRecord>, MetaError> {
+        self.scan(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, uuid, at, action, repository, tag, digest, media_type, size, actor
+                 FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit], |r| {
+                Ok(EventRecord {
+                    id: r.get(0)?,
+                    uuid: r.get(1)?,
+                    at: r.get(2)?,
+                    action: r.get(3)?,
+                    repository: r.get(4)?,
+                    tag: r.get(5)?,
+                    digest: r.get(6)?,
+                    media_type: r.get(7)?,
+                    size: r.get(8)?,
+                    actor: r.get(9)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
