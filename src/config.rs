@@ -24,6 +24,10 @@ pub struct Config {
     pub admin_password: Option<Secret>,
     /// Serve HTTPS with this certificate chain and key (PEM files).
     pub tls: Option<TlsFiles>,
+    /// Webhooks from the file (`[[webhooks]]`), kept in step with the database.
+    pub webhooks: Vec<crate::events::WebhookConfig>,
+    /// How webhook deliveries are retried (`[webhook_delivery]`).
+    pub webhook_delivery: crate::events::DeliverySettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +48,9 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     /// The rules of `wharf tags`.
     tags: Option<crate::ci::tags::TagRules>,
+    #[serde(default)]
+    webhooks: Vec<crate::events::WebhookConfig>,
+    webhook_delivery: Option<crate::events::DeliverySettings>,
 }
 
 /// Values given on the command line (or, through clap, by their environment variables).
@@ -111,6 +118,8 @@ impl Config {
             public_url: None,
             admin_password: None,
             tls: None,
+            webhooks: Vec::new(),
+            webhook_delivery: Default::default(),
         }
     }
 
@@ -160,6 +169,8 @@ impl Config {
             public_url,
             admin_password: flags.admin_password,
             tls,
+            webhooks: file_cfg.webhooks,
+            webhook_delivery: file_cfg.webhook_delivery.unwrap_or_default(),
         })
     }
 }

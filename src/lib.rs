@@ -8,6 +8,7 @@ pub mod auth;
 pub mod ci;
 pub mod client;
 pub mod config;
+pub mod events;
 pub mod oci;
 pub mod registry;
 pub mod server;

@@ -16,6 +16,7 @@ use tower::ServiceExt as _;
 use crate::auth::{Auth, AuthError};
 use crate::config::{Config, TlsFiles};
 use crate::registry::{self, AppState};
+use crate::store::meta::events::EventsMeta;
 use crate::store::{Store, StoreError, open_local_backends};
 
 /// How long requests in flight may run on after shutdown is asked for.
@@ -35,6 +36,8 @@ pub enum ServeError {
     Auth(#[from] AuthError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -85,6 +88,7 @@ pub async fn serve(
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let (blobs, meta) = open_local_backends(&config.data)?;
     let store = Arc::new(Store::new(blobs, Arc::clone(&meta) as _));
+    let events = Arc::clone(&meta) as Arc<dyn EventsMeta>;
     let auth = Arc::new(Auth::open(meta, &config.data, &config.service)?);
     let admin_pw = config.admin_password.as_ref().map(|s| s.expose());
     if let Some(generated) = auth.ensure_admin(admin_pw).await? {
@@ -95,6 +99,17 @@ pub async fn serve(
         );
     }
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store)));
+    sync_config_webhooks(events.as_ref(), &config.webhooks).await?;
+    let addr = listener.local_addr()?;
+    let registry_url = match &config.public_url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => format!("{}://{addr}", if tls.is_some() { "https" } else { "http" }),
+    };
+    let dispatcher = tokio::spawn(crate::events::run_dispatcher(
+        events,
+        config.webhook_delivery.clone(),
+        registry_url,
+    ));
     let state = AppState {
         store,
         auth,
@@ -103,7 +118,6 @@ pub async fn serve(
         metrics: registry::Metrics::default(),
     };
     let app = registry::router(Arc::new(state));
-    let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
         "wharf listening on {scheme}://{addr}, data in {}",
@@ -177,7 +191,35 @@ pub async fn serve(
         }
     }
     sweeper.abort();
+    dispatcher.abort();
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Makes the database's config webhooks those of the file: added, updated, removed.
+async fn sync_config_webhooks(
+    events: &dyn EventsMeta,
+    hooks: &[crate::events::WebhookConfig],
+) -> Result<(), ServeError> {
+    use sha2::Digest as _;
+    let mut keep = Vec::new();
+    for h in hooks {
+        let id = format!(
+            "cfg-{}",
+            &hex::encode(sha2::Sha256::digest(h.url.as_bytes()))[..12]
+        );
+        let record = crate::events::validate(id.clone(), h, "config")
+            .map_err(|e| ServeError::Config(format!("webhook {}: {e}", h.url)))?;
+        events
+            .webhook_put(&record)
+            .await
+            .map_err(|e| ServeError::Store(e.into()))?;
+        keep.push(id);
+    }
+    events
+        .webhooks_retain("config", &keep)
+        .await
+        .map_err(|e| ServeError::Store(e.into()))?;
     Ok(())
 }
 

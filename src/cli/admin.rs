@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use wharf::auth::{Auth, Level, Pattern, Scope, Secret, now_secs, secret};
 use wharf::store::meta::auth::{AuthMeta, TokenRecord};
+use wharf::store::meta::events::EventsMeta;
 use wharf::store::policy::parse_tag_globs;
 use wharf::store::{MetaStore, open_local_backends};
 use wharf::time::rfc3339;
@@ -20,6 +21,9 @@ pub struct Admin {
     auth: Auth,
     meta: Arc<dyn AuthMeta>,
     registry: Arc<dyn MetaStore>,
+    events: Arc<dyn EventsMeta>,
+    /// The URL the registry is reached by, for test payloads.
+    registry_url: String,
     actor: String,
 }
 
@@ -39,11 +43,18 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
             std::env::var("USER").unwrap_or_else(|_| "unknown".into())
         );
         let registry = Arc::clone(&meta) as Arc<dyn MetaStore>;
+        let events = Arc::clone(&meta) as Arc<dyn EventsMeta>;
         let meta = meta as Arc<dyn AuthMeta>;
+        let registry_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", config.listen));
         job(Admin {
             auth,
             meta,
             registry,
+            events,
+            registry_url,
             actor,
         })
         .await
@@ -505,4 +516,219 @@ mod tests {
             assert!(parse_lifetime(bad).is_err(), "{bad}");
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebhookCmd {
+    /// Send registry events to URL, signed with a secret (printed if generated).
+    Add {
+        url: String,
+        /// The HMAC-SHA256 signing secret (at least 16 characters) [default: generated]
+        #[arg(long)]
+        secret: Option<String>,
+        /// A repository, `namespace/*`, or `*`
+        #[arg(long, default_value = "*")]
+        repositories: String,
+        /// Comma-separated tag globs (`*` for all)
+        #[arg(long, default_value = "*")]
+        tags: String,
+        /// Comma-separated: push, tag, untag, delete
+        #[arg(long, default_value = "push,tag")]
+        actions: String,
+        /// Payload: wharf, cncf (Distribution's envelope) or dockerhub (Docker Hub's push)
+        #[arg(long, default_value = "wharf")]
+        format: String,
+    },
+    /// List the webhooks (secrets are not shown).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a webhook and its delivery log.
+    Remove { id: String },
+    /// Send a signed test event now and show the answer.
+    Test { id: String },
+    /// The delivery log of a webhook, newest first.
+    Deliveries {
+        id: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
+    use wharf::events::{WebhookConfig, validate};
+    let find = |id: String| {
+        let events = Arc::clone(&a.events);
+        async move {
+            events
+                .webhooks()
+                .await?
+                .into_iter()
+                .find(|h| h.id == id)
+                .with_context(|| format!("no webhook {id}"))
+        }
+    };
+    match cmd {
+        WebhookCmd::Add {
+            url,
+            secret,
+            repositories,
+            tags,
+            actions,
+            format,
+        } => {
+            let generated = secret.is_none();
+            let secret = secret.unwrap_or_else(|| {
+                let mut b = [0u8; 24];
+                getrandom::fill(&mut b).expect("system randomness");
+                hex::encode(b)
+            });
+            let split = |s: &str| -> Vec<String> {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            };
+            let config = WebhookConfig {
+                url,
+                secret: secret.clone(),
+                repositories,
+                tags: vec![tags],
+                actions: split(&actions),
+                format,
+            };
+            let mut id = [0u8; 6];
+            getrandom::fill(&mut id).expect("system randomness");
+            let record = validate(format!("wh-{}", hex::encode(id)), &config, "cli")?;
+            a.events.webhook_put(&record).await?;
+            a.audit("webhook.add", None, format!("{} {}", record.id, record.url))
+                .await;
+            println!("{}", record.id);
+            if generated {
+                println!("{secret}");
+                eprintln!(
+                    "webhook {} added; its signing secret is shown above, only this once",
+                    record.id
+                );
+            } else {
+                eprintln!("webhook {} added", record.id);
+            }
+        }
+        WebhookCmd::List { json } => {
+            let hooks = a.events.webhooks().await?;
+            if json {
+                let rows: Vec<_> = hooks
+                    .iter()
+                    .map(|h| {
+                        serde_json::json!({
+                            "id": h.id, "url": h.url, "repositories": h.repositories,
+                            "tags": h.tags, "actions": h.actions, "format": h.format,
+                            "source": h.source, "created": rfc3339(h.created_at),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<16} {:<8} {:<10} {:<14} {:<12} {:<12} URL",
+                    "ID", "SOURCE", "FORMAT", "REPOSITORIES", "TAGS", "ACTIONS"
+                );
+                for h in hooks {
+                    println!(
+                        "{:<16} {:<8} {:<10} {:<14} {:<12} {:<12} {}",
+                        h.id,
+                        h.source,
+                        h.format,
+                        h.repositories,
+                        h.tags.join(","),
+                        h.actions.join(","),
+                        h.url
+                    );
+                }
+            }
+        }
+        WebhookCmd::Remove { id } => {
+            let hook = find(id.clone()).await?;
+            if hook.source == "config" {
+                bail!("webhook {id} comes from the config file; remove it there");
+            }
+            a.events.webhook_remove(&id).await?;
+            a.audit("webhook.remove", None, id.clone()).await;
+            eprintln!("webhook {id} removed");
+        }
+        WebhookCmd::Test { id } => {
+            let hook = find(id).await?;
+            let event = wharf::store::meta::EventRecord {
+                id: 0,
+                uuid: uuid::Uuid::new_v4().to_string(),
+                at: wharf::store::meta::now_ms(),
+                action: "ping".into(),
+                repository: "wharf/test".into(),
+                tag: Some("test".into()),
+                digest: format!("sha256:{}", "0".repeat(64)),
+                media_type: None,
+                size: None,
+                actor: Some(a.actor.clone()),
+            };
+            let http = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()?;
+            match wharf::events::send(&http, &hook, &event, 0, &a.registry_url).await {
+                Ok(code) if (200..300).contains(&code) => println!("{} answered {code}", hook.url),
+                Ok(code) => bail!("{} answered {code}", hook.url),
+                Err(e) => bail!("{} did not answer: {e}", hook.url),
+            }
+        }
+        WebhookCmd::Deliveries { id, limit, json } => {
+            find(id.clone()).await?;
+            let list = a.events.deliveries(&id, limit).await?;
+            if json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "id": d.id, "event": d.event_uuid, "action": d.action,
+                            "repository": d.repository, "tag": d.tag, "digest": d.digest,
+                            "status": d.status, "attempts": d.attempts,
+                            "response_code": d.response_code, "last_error": d.last_error,
+                            "next_attempt": (d.status == "pending").then(|| rfc3339(d.next_attempt_at)),
+                            "created": rfc3339(d.created_at), "updated": rfc3339(d.updated_at),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<6} {:<8} {:<30} {:<10} {:>8} {:>5}  {:<20} LAST ERROR",
+                    "ID", "ACTION", "REFERENCE", "STATUS", "ATTEMPTS", "CODE", "UPDATED"
+                );
+                for d in list {
+                    let reference = match &d.tag {
+                        Some(t) => format!("{}:{t}", d.repository),
+                        None => format!(
+                            "{}@{}",
+                            d.repository,
+                            d.digest.get(..19).unwrap_or(&d.digest)
+                        ),
+                    };
+                    println!(
+                        "{:<6} {:<8} {:<30} {:<10} {:>8} {:>5}  {:<20} {}",
+                        d.id,
+                        d.action,
+                        reference,
+                        d.status,
+                        d.attempts,
+                        d.response_code.map_or("-".to_owned(), |c| c.to_string()),
+                        rfc3339(d.updated_at),
+                        d.last_error.unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }

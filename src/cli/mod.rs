@@ -42,6 +42,9 @@ enum Command {
     /// Repository settings.
     #[command(subcommand)]
     Repo(admin::RepoCmd),
+    /// Webhooks: registry events sent, signed, to your endpoints.
+    #[command(subcommand)]
+    Webhook(admin::WebhookCmd),
     /// Tag immutability policies.
     #[command(subcommand)]
     Policy(admin::PolicyCmd),
@@ -107,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::User(c) => admin::run(&cli.data, |a| Box::pin(admin::user(a, c))),
         Command::Token(c) => admin::run(&cli.data, |a| Box::pin(admin::token(a, c))),
         Command::Repo(c) => admin::run(&cli.data, |a| Box::pin(admin::repo(a, c))),
+        Command::Webhook(c) => admin::run(&cli.data, |a| Box::pin(admin::webhook(a, c))),
         Command::Policy(c) => admin::run(&cli.data, |a| Box::pin(admin::policy(a, c))),
         Command::Grant(c) => admin::run(&cli.data, |a| Box::pin(admin::grant(a, c))),
         Command::Audit(c) => admin::run(&cli.data, |a| Box::pin(admin::audit(a, c))),

@@ -64,6 +64,10 @@ impl TestRegistry {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let mut config = Config::new(addr.to_string(), data);
         config.admin_password = Some(wharf::auth::Secret::new(ADMIN_PASSWORD));
+        // Webhook retries in test time.
+        config.webhook_delivery.poll_ms = 50;
+        config.webhook_delivery.retry_initial_ms = 200;
+        config.webhook_delivery.retry_max_ms = 1000;
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -88,6 +92,19 @@ impl TestRegistry {
             _dir: None,
             shutdown: Some(tx),
             thread: Some(thread),
+        }
+    }
+
+    /// A handle on a registry running elsewhere (a [`Process`]) at `base`.
+    pub fn attach(base: &str, data: &Path) -> TestRegistry {
+        TestRegistry {
+            base: base.to_owned(),
+            data: data.to_owned(),
+            client: admin_client(),
+            anon: Client::new(),
+            _dir: None,
+            shutdown: None,
+            thread: None,
         }
     }
 

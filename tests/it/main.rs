@@ -22,3 +22,4 @@ mod skopeo;
 mod tags_cli;
 mod tls;
 mod uploads;
+mod webhooks;

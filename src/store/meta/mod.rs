@@ -3,13 +3,15 @@
 //! default; a PostgreSQL backend implements the same trait over the same schema.
 
 pub mod auth;
+pub mod events;
 mod sqlite;
 mod sqlite_auth;
+mod sqlite_events;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use sqlite::SqliteMeta;
+pub use sqlite::{SqliteMeta, now_ms};
 
 use super::policy::TagPolicy;
 

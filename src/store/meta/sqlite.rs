@@ -30,7 +30,7 @@ pub struct SqliteMeta {
     readers: Mutex<Vec<Connection>>,
 }
 
-pub(super) fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -137,7 +137,7 @@ impl SqliteMeta {
         result
     }
 
-    pub(super) async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
