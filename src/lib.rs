@@ -4,6 +4,7 @@
 //! `client` (a registry client) and `ci` (tags from git, promotion) talk to a registry over
 //! HTTP. `cli` sits on top and nothing depends on it.
 
+pub mod agent;
 pub mod auth;
 pub mod ci;
 pub mod client;

@@ -1,6 +1,7 @@
 //! Subcommands. Nothing else depends on this module.
 
 mod admin;
+mod agent;
 mod ci;
 
 use std::path::PathBuf;
@@ -33,6 +34,11 @@ enum Command {
     /// Point a tag at the exact image another reference names, on the registry, without
     /// moving layer bytes (`wharf promote team/api:staging team/api:prod`).
     Promote(ci::PromoteArgs),
+    /// Run the deploy agent on a server: follow tags, redeploy compose stacks, check
+    /// health, roll back.
+    Agent(agent::AgentArgs),
+    /// Talk to the deploy agent: status, history, deploy now, roll back.
+    Deploy(agent::DeployArgs),
     /// Manage users (works on the data directory, server running or not).
     #[command(subcommand)]
     User(admin::UserCmd),
@@ -105,6 +111,8 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args, cli.data),
+        Command::Agent(a) => agent::agent(a, cli.data.config.as_deref()),
+        Command::Deploy(a) => agent::deploy(a),
         Command::Tags(a) => ci::tags_cmd(*a, cli.data.config.as_deref()),
         Command::Promote(a) => ci::promote_cmd(a),
         Command::User(c) => admin::run(&cli.data, |a| Box::pin(admin::user(a, c))),
@@ -153,7 +161,7 @@ fn serve(args: ServeArgs, data: DataArgs) -> anyhow::Result<()> {
 
 /// Installs the SIGINT and SIGTERM handlers now (before the port opens, so no signal
 /// can arrive unhandled) and returns the future that completes on either.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;

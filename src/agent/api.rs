@@ -1,0 +1,279 @@
+//! The agent's HTTP side: the registry's webhook, the deploy hook for CI and people, and
+//! the local API the `wharf deploy` commands use.
+//!
+//! - `POST /hooks/registry`: a registry webhook (wharf format), signature checked
+//!   against `webhook_secret`, refused outside the time window or when its event id was
+//!   seen before; deploys the stacks following the tag (coalesced).
+//! - `POST /hooks/deploy/<stack>` with `Authorization: Bearer <deploy_token>`, body
+//!   optional `{"tag": "v1.0.0"}` or `{"services": {"api": "v1.0.0"}}`: deploys now and
+//!   answers with the outcome; 409 if a deploy of the stack is running.
+//! - `/api/...` with `Authorization: Bearer <api token>` (in `<data>/api.token`):
+//!   `GET /api/status`, `GET /api/stacks/<s>/history`, `POST /api/stacks/<s>/deploy`,
+//!   `POST /api/stacks/<s>/rollback` (`{"to": id}` | `{"tag": t}` | `{"digest": d}`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::{Agent, DeployError, Target};
+
+pub struct ApiState {
+    pub agent: Arc<Agent>,
+    pub api_token: String,
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/hooks/registry", post(registry_hook))
+        .route("/hooks/deploy/{stack}", post(deploy_hook))
+        .route("/api/status", get(status))
+        .route("/api/stacks/{stack}/history", get(history))
+        .route("/api/stacks/{stack}/deploy", post(deploy_now))
+        .route("/api/stacks/{stack}/rollback", post(rollback))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn bearer_ok(h: &HeaderMap, token: &str) -> bool {
+    h.get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| {
+            !token.is_empty() && bool::from(t.trim().as_bytes().ct_eq(token.as_bytes()))
+        })
+}
+
+fn deploy_error(e: DeployError) -> Response {
+    match e {
+        DeployError::Busy(_) => error(StatusCode::CONFLICT, e.to_string()),
+        DeployError::UnknownStack(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        DeployError::Other(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
+    }
+}
+
+async fn registry_hook(State(s): State<Arc<ApiState>>, h: HeaderMap, body: Bytes) -> Response {
+    let Some(secret) = s.agent.config.webhook_secret.as_deref() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this agent takes no registry webhooks (no webhook_secret)",
+        );
+    };
+    let Some(sig) = h.get("wharf-signature").and_then(|v| v.to_str().ok()) else {
+        return error(StatusCode::UNAUTHORIZED, "unsigned webhook");
+    };
+    if let Err(e) = super::verify_signature(secret, sig, &body, s.agent.config.webhook_max_age_s) {
+        return error(StatusCode::UNAUTHORIZED, e.to_string());
+    }
+    #[derive(Deserialize)]
+    struct Event {
+        id: String,
+        action: String,
+        repository: String,
+        tag: Option<String>,
+    }
+    let Ok(e) = serde_json::from_slice::<Event>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "not a wharf webhook payload");
+    };
+    match s.agent.history.first_sight(&e.id) {
+        Ok(true) => {}
+        Ok(false) => {
+            return error(
+                StatusCode::CONFLICT,
+                format!("event {} was already received", e.id),
+            );
+        }
+        Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+    }
+    let stacks = match (&e.tag, e.action.as_str()) {
+        (Some(tag), "push" | "tag") => s.agent.followers(&e.repository, tag),
+        _ => Vec::new(),
+    };
+    for stack in &stacks {
+        s.agent.request(stack, "webhook");
+    }
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "deploying": stacks })),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    #[serde(default)]
+    tag: Option<String>,
+    #[serde(default)]
+    services: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
+}
+
+async fn run_deploy(s: &ApiState, stack: &str, trigger: &str, body: DeployBody) -> Response {
+    let target = Target {
+        tag: body.tag,
+        services: body.services,
+        pins: None,
+    };
+    match s
+        .agent
+        .deploy(
+            stack,
+            trigger,
+            body.actor.as_deref().or(Some(trigger)),
+            target,
+        )
+        .await
+    {
+        Ok(o) => (StatusCode::OK, axum::Json(json!(o))).into_response(),
+        Err(e) => deploy_error(e),
+    }
+}
+
+async fn deploy_hook(
+    State(s): State<Arc<ApiState>>,
+    Path(stack): Path<String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(token) = s.agent.config.deploy_token.as_deref() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the deploy hook is off (no deploy_token)",
+        );
+    };
+    if !bearer_ok(&h, token) {
+        return error(StatusCode::UNAUTHORIZED, "a valid deploy token is required");
+    }
+    match parse_body::<DeployBody>(&body) {
+        Ok(b) => run_deploy(&s, &stack, "hook", b).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn status(State(s): State<Arc<ApiState>>, h: HeaderMap) -> Response {
+    if !bearer_ok(&h, &s.api_token) {
+        return error(StatusCode::UNAUTHORIZED, "the agent API needs its token");
+    }
+    let mut stacks = Vec::new();
+    for c in &s.agent.config.stacks {
+        let last = s
+            .agent
+            .history
+            .list(&c.name, 1)
+            .ok()
+            .and_then(|l| l.into_iter().next());
+        let healthy = s.agent.history.last_healthy(&c.name).ok().flatten();
+        stacks.push(json!({
+            "stack": c.name,
+            "project": c.project(),
+            "follows": c.services,
+            "running": healthy.map(|d| d.after),
+            "last": last,
+        }));
+    }
+    axum::Json(json!({ "stacks": stacks })).into_response()
+}
+
+async fn history(
+    State(s): State<Arc<ApiState>>,
+    Path(stack): Path<String>,
+    h: HeaderMap,
+) -> Response {
+    if !bearer_ok(&h, &s.api_token) {
+        return error(StatusCode::UNAUTHORIZED, "the agent API needs its token");
+    }
+    if s.agent.config.stack(&stack).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no stack {stack}"));
+    }
+    match s.agent.history.list(&stack, 100) {
+        Ok(l) => axum::Json(json!(l)).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn deploy_now(
+    State(s): State<Arc<ApiState>>,
+    Path(stack): Path<String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !bearer_ok(&h, &s.api_token) {
+        return error(StatusCode::UNAUTHORIZED, "the agent API needs its token");
+    }
+    match parse_body::<DeployBody>(&body) {
+        Ok(b) => run_deploy(&s, &stack, "cli", b).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    #[serde(default)]
+    to: Option<i64>,
+    #[serde(default)]
+    tag: Option<String>,
+    #[serde(default)]
+    digest: Option<String>,
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+async fn rollback(
+    State(s): State<Arc<ApiState>>,
+    Path(stack): Path<String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !bearer_ok(&h, &s.api_token) {
+        return error(StatusCode::UNAUTHORIZED, "the agent API needs its token");
+    }
+    let b: RollbackBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if [b.to.is_some(), b.tag.is_some(), b.digest.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count()
+        > 1
+    {
+        return error(StatusCode::BAD_REQUEST, "give one of to, tag, digest");
+    }
+    let target = match s.agent.rollback_target(&stack, b.to, b.tag, b.digest).await {
+        Ok(t) => t,
+        Err(e) => return deploy_error(e),
+    };
+    match s
+        .agent
+        .deploy(
+            &stack,
+            "rollback",
+            b.actor.as_deref().or(Some("cli")),
+            target,
+        )
+        .await
+    {
+        Ok(o) => (StatusCode::OK, axum::Json(json!(o))).into_response(),
+        Err(e) => deploy_error(e),
+    }
+}

@@ -1,0 +1,222 @@
+//! The docker engine and compose, driven through their CLIs (compose has no API): a
+//! stack is pulled and brought up with an override file that pins every followed
+//! service to `repo@sha256:...`, so a stale local tag can never be what runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use super::config::StackConfig;
+
+/// `docker compose` (v2) or `docker-compose` (v1), whichever the server has, with the
+/// agent's own docker config (its registry login).
+#[derive(Debug, Clone)]
+pub struct Compose {
+    program: Vec<String>,
+    docker_config: PathBuf,
+}
+
+async fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+impl Compose {
+    pub async fn detect(docker_config: &Path) -> anyhow::Result<Compose> {
+        let program = if succeeds("docker", &["compose", "version"]).await {
+            vec!["docker".into(), "compose".into()]
+        } else if succeeds("docker-compose", &["version"]).await {
+            vec!["docker-compose".into()]
+        } else {
+            bail!("neither `docker compose` nor `docker-compose` is installed");
+        };
+        Ok(Compose {
+            program,
+            docker_config: docker_config.to_owned(),
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.program.join(" ")
+    }
+
+    fn command(&self, stack: &StackConfig, override_file: &Path) -> Command {
+        let mut c = Command::new(&self.program[0]);
+        c.args(&self.program[1..])
+            .env("DOCKER_CONFIG", &self.docker_config)
+            .current_dir(&stack.workdir)
+            .arg("-p")
+            .arg(stack.project())
+            .arg("--project-directory")
+            .arg(&stack.workdir);
+        if let Some(env) = &stack.env_file {
+            c.arg("--env-file").arg(env);
+        }
+        for f in &stack.files {
+            c.arg("-f").arg(f);
+        }
+        c.arg("-f").arg(override_file);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    async fn run(&self, mut c: Command, what: &str) -> anyhow::Result<String> {
+        let out = c
+            .output()
+            .await
+            .with_context(|| format!("running {}", self.name()))?;
+        if !out.status.success() {
+            bail!(
+                "{what} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub async fn pull(
+        &self,
+        stack: &StackConfig,
+        override_file: &Path,
+        services: &[String],
+    ) -> anyhow::Result<()> {
+        let mut c = self.command(stack, override_file);
+        c.arg("pull").args(services);
+        self.run(c, "compose pull").await.map(|_| ())
+    }
+
+    pub async fn up(
+        &self,
+        stack: &StackConfig,
+        override_file: &Path,
+        services: &[String],
+    ) -> anyhow::Result<()> {
+        let mut c = self.command(stack, override_file);
+        c.args(["up", "-d", "--no-deps"]).args(services);
+        self.run(c, "compose up").await.map(|_| ())
+    }
+
+    pub async fn containers(
+        &self,
+        stack: &StackConfig,
+        override_file: &Path,
+        service: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut c = self.command(stack, override_file);
+        c.args(["ps", "-q", service]);
+        Ok(self
+            .run(c, "compose ps")
+            .await?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+/// Writes the override pinning each service to its digest reference, atomically.
+pub fn write_override(path: &Path, pins: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let mut text =
+        String::from("# Written by wharf agent: each service pinned to a digest.\nservices:\n");
+    for (svc, image) in pins {
+        text.push_str(&format!("  {svc}:\n    image: {image}\n"));
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A container's state: `running`, `exited`, ...; its health if it has a healthcheck;
+/// and how often it restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    pub status: String,
+    pub health: Option<String>,
+    pub restarts: u64,
+}
+
+pub async fn inspect(id: &str) -> anyhow::Result<State> {
+    let out = Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.RestartCount}}",
+            id,
+        ])
+        .output()
+        .await
+        .context("running docker inspect")?;
+    if !out.status.success() {
+        bail!(
+            "docker inspect {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace();
+    let status = parts.next().unwrap_or("").to_owned();
+    let health = parts.next().filter(|h| *h != "-").map(str::to_owned);
+    let restarts = parts.next().and_then(|r| r.parse().ok()).unwrap_or(0);
+    Ok(State {
+        status,
+        health,
+        restarts,
+    })
+}
+
+/// The last lines of a container's log (both streams).
+pub async fn logs_tail(id: &str, lines: usize) -> String {
+    match Command::new("docker")
+        .args(["logs", "--tail", &lines.to_string(), id])
+        .output()
+        .await
+    {
+        Ok(out) => {
+            let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&out.stderr));
+            s
+        }
+        Err(e) => format!("(no logs: {e})"),
+    }
+}
+
+/// Logs the engine in to the registry with the token on stdin, into the agent's own
+/// docker config: the token is in no command line and no compose file.
+pub async fn login(
+    docker_config: &Path,
+    host: &str,
+    user: &str,
+    token: &str,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(docker_config)?;
+    let mut child = Command::new("docker")
+        .env("DOCKER_CONFIG", docker_config)
+        .args(["login", host, "-u", user, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running docker login")?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(token.as_bytes()).await?;
+    drop(stdin);
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        bail!(
+            "docker login {host} as {user} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! `agent.toml`: where the agent listens, the registry it pulls from, and its stacks.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::client::ImageRef;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent's HTTP API and hooks [default: 127.0.0.1:5050].
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// History database and the agent's docker login [default: ./wharf-agent].
+    #[serde(default = "default_data")]
+    pub data: PathBuf,
+    /// The registry: `host:port` or a URL.
+    pub registry: String,
+    /// The user of the read-only access token.
+    pub username: String,
+    /// A file holding the registry access token (or set WHARF_AGENT_REGISTRY_TOKEN).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Verifies the registry's webhook signatures (`POST /hooks/registry`).
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
+    /// The bearer token of `POST /hooks/deploy/<stack>`.
+    #[serde(default)]
+    pub deploy_token: Option<String>,
+    /// How often followed tags are checked, as a fallback to webhooks (0: never).
+    #[serde(default = "default_poll")]
+    pub poll_interval_s: u64,
+    /// Slack-compatible incoming webhook for deploy results.
+    #[serde(default)]
+    pub notify_url: Option<String>,
+    /// Webhooks older than this are refused (replay window).
+    #[serde(default = "default_window")]
+    pub webhook_max_age_s: i64,
+    pub stacks: Vec<StackConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackConfig {
+    pub name: String,
+    /// The compose project name [default: the stack's name].
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Compose files, relative to `workdir`.
+    pub files: Vec<PathBuf>,
+    #[serde(default)]
+    pub env_file: Option<PathBuf>,
+    pub workdir: PathBuf,
+    /// Service → the image it follows (`team/api:prod`, on the agent's registry).
+    pub services: BTreeMap<String, String>,
+    /// Service → an HTTP URL that must answer 2xx for the service to be healthy (else
+    /// the container's own healthcheck, else "running and not restarting").
+    #[serde(default)]
+    pub probes: BTreeMap<String, String>,
+    /// How long a deploy may take to become healthy.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_s: u64,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:5050".into()
+}
+fn default_data() -> PathBuf {
+    PathBuf::from("./wharf-agent")
+}
+fn default_poll() -> u64 {
+    60
+}
+fn default_window() -> i64 {
+    300
+}
+fn default_health_timeout() -> u64 {
+    120
+}
+
+impl StackConfig {
+    pub fn project(&self) -> &str {
+        self.project.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Each service's followed image.
+    pub fn images(&self) -> anyhow::Result<BTreeMap<String, ImageRef>> {
+        self.services
+            .iter()
+            .map(|(svc, image)| {
+                let r = ImageRef::parse(image, Some("latest"))
+                    .with_context(|| format!("stack {}: service {svc}", self.name))?;
+                if r.tag().is_none() {
+                    bail!(
+                        "stack {}: service {svc} must follow a tag, not a digest",
+                        self.name
+                    );
+                }
+                Ok((svc.clone(), r))
+            })
+            .collect()
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let c: AgentConfig = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid agent config", path.display()))?;
+        // Relative paths are relative to the config file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut c = c;
+        if c.data.is_relative() {
+            c.data = base.join(&c.data);
+        }
+        if let Some(t) = &c.token_file {
+            if t.is_relative() {
+                c.token_file = Some(base.join(t));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for s in &mut c.stacks {
+            if s.workdir.is_relative() {
+                s.workdir = base.join(&s.workdir);
+            }
+            if !crate::oci::name::valid_tag(&s.name) || !names.insert(s.name.clone()) {
+                bail!("stack name {:?} is invalid or repeated", s.name);
+            }
+            if s.files.is_empty() || s.services.is_empty() {
+                bail!("stack {} needs compose files and services", s.name);
+            }
+            s.images()?;
+        }
+        crate::client::endpoint(&c.registry)?;
+        Ok(c)
+    }
+
+    /// The registry token: WHARF_AGENT_REGISTRY_TOKEN, else `token_file`.
+    pub fn registry_token(&self) -> anyhow::Result<crate::auth::Secret> {
+        if let Ok(t) = std::env::var("WHARF_AGENT_REGISTRY_TOKEN") {
+            if !t.is_empty() {
+                return Ok(crate::auth::Secret::new(t));
+            }
+        }
+        let path = self
+            .token_file
+            .as_ref()
+            .context("give the registry token in token_file or WHARF_AGENT_REGISTRY_TOKEN")?;
+        let t =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let t = t.trim();
+        if t.is_empty() {
+            bail!("{} is empty", path.display());
+        }
+        Ok(crate::auth::Secret::new(t))
+    }
+
+    pub fn stack(&self, name: &str) -> Option<&StackConfig> {
+        self.stacks.iter().find(|s| s.name == name)
+    }
+}

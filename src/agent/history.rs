@@ -1,0 +1,203 @@
+//! The agent's own embedded database: every deploy and rollback, and the webhook event
+//! ids already seen (replay protection).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS deploys (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    stack        TEXT NOT NULL,
+    kind         TEXT NOT NULL CHECK (kind IN ('deploy', 'rollback')),
+    trigger      TEXT NOT NULL,
+    actor        TEXT,
+    state        TEXT NOT NULL CHECK (state IN ('running', 'success', 'failed', 'interrupted')),
+    before       TEXT,               -- JSON: service -> image@digest, the last healthy
+    after        TEXT NOT NULL,      -- JSON: service -> image@digest, what this applies
+    error        TEXT,
+    logs         TEXT,               -- the tail of the failing container's log
+    rollback_of  INTEGER,
+    started_at   INTEGER NOT NULL,
+    finished_at  INTEGER
+);
+CREATE INDEX IF NOT EXISTS deploys_stack ON deploys(stack, id);
+CREATE TABLE IF NOT EXISTS seen_events (
+    id  TEXT PRIMARY KEY,
+    at  INTEGER NOT NULL
+);
+";
+
+pub type Pins = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Deploy {
+    pub id: i64,
+    pub stack: String,
+    pub kind: String,
+    pub trigger: String,
+    pub actor: Option<String>,
+    pub state: String,
+    pub before: Option<Pins>,
+    pub after: Pins,
+    pub error: Option<String>,
+    pub logs: Option<String>,
+    pub rollback_of: Option<i64>,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+/// A deploy or rollback about to start.
+pub struct NewDeploy<'a> {
+    pub stack: &'a str,
+    pub kind: &'a str,
+    pub trigger: &'a str,
+    pub actor: Option<&'a str>,
+    pub before: Option<&'a Pins>,
+    pub after: &'a Pins,
+    pub rollback_of: Option<i64>,
+}
+
+pub struct History {
+    conn: Mutex<Connection>,
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deploy> {
+    let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    Ok(Deploy {
+        id: r.get(0)?,
+        stack: r.get(1)?,
+        kind: r.get(2)?,
+        trigger: r.get(3)?,
+        actor: r.get(4)?,
+        state: r.get(5)?,
+        before: json(r.get(6)?),
+        after: json(r.get(7)?).unwrap_or_default(),
+        error: r.get(8)?,
+        logs: r.get(9)?,
+        rollback_of: r.get(10)?,
+        started_at: r.get(11)?,
+        finished_at: r.get(12)?,
+    })
+}
+
+const COLUMNS: &str = "id, stack, kind, trigger, actor, state, before, after, error, logs, rollback_of, started_at, finished_at";
+
+impl History {
+    pub fn open(path: &Path) -> anyhow::Result<History> {
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(History {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> anyhow::Result<T> {
+        let c = self.conn.lock().expect("history lock");
+        Ok(f(&c)?)
+    }
+
+    pub fn begin(&self, d: NewDeploy<'_>) -> anyhow::Result<i64> {
+        let NewDeploy {
+            stack,
+            kind,
+            trigger,
+            actor,
+            before,
+            after,
+            rollback_of,
+        } = d;
+        let before = before.map(|b| serde_json::to_string(b).expect("pins serialize"));
+        let after = serde_json::to_string(after).expect("pins serialize");
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO deploys (stack, kind, trigger, actor, state, before, after, rollback_of, started_at)
+                 VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8)",
+                params![stack, kind, trigger, actor, before, after, rollback_of, crate::store::meta::now_ms()],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    pub fn finish(
+        &self,
+        id: i64,
+        state: &str,
+        error: Option<&str>,
+        logs: Option<&str>,
+    ) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE deploys SET state = ?2, error = ?3, logs = ?4, finished_at = ?5 WHERE id = ?1",
+                params![id, state, error, logs, crate::store::meta::now_ms()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// What the stack last ran healthy.
+    pub fn last_healthy(&self, stack: &str) -> anyhow::Result<Option<Deploy>> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM deploys WHERE stack = ?1 AND state = 'success' ORDER BY id DESC LIMIT 1"),
+                params![stack],
+                row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn get(&self, id: i64) -> anyhow::Result<Option<Deploy>> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM deploys WHERE id = ?1"),
+                params![id],
+                row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn list(&self, stack: &str, limit: u32) -> anyhow::Result<Vec<Deploy>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM deploys WHERE stack = ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![stack, limit], row)?;
+            rows.collect()
+        })
+    }
+
+    /// Deploys a crash or restart left running.
+    pub fn running(&self) -> anyhow::Result<Vec<Deploy>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM deploys WHERE state = 'running' ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([], row)?;
+            rows.collect()
+        })
+    }
+
+    /// Records an event id; false if it was seen before (a replay).
+    pub fn first_sight(&self, id: &str) -> anyhow::Result<bool> {
+        self.with(|c| {
+            let now = crate::store::meta::now_ms();
+            // Ids older than a day cannot come back: their timestamps are refused.
+            c.execute(
+                "DELETE FROM seen_events WHERE at < ?1",
+                params![now - 86_400_000],
+            )?;
+            Ok(c.execute(
+                "INSERT INTO seen_events (id, at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                params![id, now],
+            )? > 0)
+        })
+    }
+}

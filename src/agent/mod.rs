@@ -1,0 +1,636 @@
+//! The deploy agent: follows tags on the registry and keeps a compose stack on them,
+//! health-checked, rolled back by itself when a new version is unhealthy.
+//!
+//! A deploy resolves each followed tag to a digest, pins every service to
+//! `repo@sha256:...` in an override file, pulls, brings the changed services up, and
+//! waits for them to be healthy. If they are not, the stack goes back to the digests of
+//! the last healthy deploy. One deploy at a time per stack; every deploy and rollback is
+//! recorded in the agent's database with what ran before and after.
+
+pub mod api;
+pub mod compose;
+pub mod config;
+pub mod history;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::client::{Client, Credentials};
+use crate::oci::Reference;
+use compose::Compose;
+use config::{AgentConfig, StackConfig};
+use history::{Deploy, History, NewDeploy, Pins};
+
+/// What a deploy should run.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    /// Run this tag for every service instead of the one it follows.
+    pub tag: Option<String>,
+    /// Per-service tags, over `tag`.
+    pub services: BTreeMap<String, String>,
+    /// Exact references (`repo@sha256:...`) per service: a rollback.
+    pub pins: Option<Pins>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The stack already runs these digests.
+    Unchanged,
+    Deployed {
+        id: i64,
+    },
+    /// The new version was unhealthy and the stack is back on the previous one.
+    RolledBack {
+        id: i64,
+        rollback: i64,
+        error: String,
+    },
+    /// Unhealthy, and there was nothing (or nothing healthy) to go back to.
+    Failed {
+        id: i64,
+        error: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("a deploy of {0} is running; try again when it ends")]
+    Busy(String),
+    #[error("no stack {0}")]
+    UnknownStack(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+struct StackState {
+    lock: tokio::sync::Mutex<()>,
+    /// A webhook or poll asked for a deploy while one ran: run again after it.
+    pending: AtomicBool,
+}
+
+pub struct Agent {
+    pub config: AgentConfig,
+    client: Client,
+    compose: Compose,
+    pub history: History,
+    stacks: BTreeMap<String, StackState>,
+    dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Agent {
+    pub async fn start(config: AgentConfig) -> anyhow::Result<Arc<Agent>> {
+        std::fs::create_dir_all(&config.data)
+            .with_context(|| format!("creating {}", config.data.display()))?;
+        let history = History::open(&config.data.join("agent.db"))?;
+        let token = config.registry_token()?;
+        let (_, host) = crate::client::endpoint(&config.registry)?;
+        let docker_config = config.data.join("docker");
+        compose::login(&docker_config, &host, &config.username, token.expose()).await?;
+        let compose = Compose::detect(&docker_config).await?;
+        let mut client = Client::new(
+            &config.registry,
+            Some(Credentials::Basic {
+                user: config.username.clone(),
+                password: token,
+            }),
+        )?;
+        let mut stacks = BTreeMap::new();
+        for s in &config.stacks {
+            for image in s.images()?.values() {
+                client = client.with_scope(format!("repository:{}:pull", image.repo));
+            }
+            std::fs::create_dir_all(config.data.join("stacks").join(&s.name))?;
+            stacks.insert(
+                s.name.clone(),
+                StackState {
+                    lock: tokio::sync::Mutex::new(()),
+                    pending: AtomicBool::new(false),
+                },
+            );
+        }
+        tracing::info!("agent: compose is `{}`", compose.name());
+        let agent = Arc::new(Agent {
+            dir: config.data.clone(),
+            config,
+            client,
+            compose,
+            history,
+            stacks,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+        });
+        agent.recover().await;
+        Ok(agent)
+    }
+
+    fn stack(&self, name: &str) -> Result<(&StackConfig, &StackState), DeployError> {
+        match (self.config.stack(name), self.stacks.get(name)) {
+            (Some(c), Some(s)) => Ok((c, s)),
+            _ => Err(DeployError::UnknownStack(name.to_owned())),
+        }
+    }
+
+    fn override_file(&self, stack: &str) -> PathBuf {
+        self.dir
+            .join("stacks")
+            .join(stack)
+            .join("pinned.override.yml")
+    }
+
+    /// Each service's digest reference for `target`.
+    async fn resolve(&self, stack: &StackConfig, target: &Target) -> anyhow::Result<Pins> {
+        if let Some(p) = &target.pins {
+            return Ok(p.clone());
+        }
+        let (_, host) = crate::client::endpoint(&self.config.registry)?;
+        let mut pins = Pins::new();
+        for (svc, image) in stack.images()? {
+            let tag = target
+                .services
+                .get(&svc)
+                .or(target.tag.as_ref())
+                .cloned()
+                .unwrap_or_else(|| image.tag().unwrap_or("latest").to_owned());
+            let reference = Reference::parse(&tag)
+                .map_err(|e| anyhow::anyhow!("service {svc}: tag {tag:?}: {e}"))?;
+            let digest = self
+                .client
+                .manifest_digest(&image.repo, &reference)
+                .await?
+                .with_context(|| format!("{}:{tag} is not in the registry", image.repo))?;
+            pins.insert(svc, format!("{host}/{}@{digest}", image.repo));
+        }
+        Ok(pins)
+    }
+
+    /// Runs a deploy now; Busy if one is running for the stack.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        trigger: &str,
+        actor: Option<&str>,
+        target: Target,
+    ) -> Result<Outcome, DeployError> {
+        let (stack, state) = self.stack(name)?;
+        let Ok(_guard) = state.lock.try_lock() else {
+            return Err(DeployError::Busy(name.to_owned()));
+        };
+        let after = self.resolve(stack, &target).await?;
+        let before = self.history.last_healthy(name)?;
+        let kind = if target.pins.is_some() {
+            "rollback"
+        } else {
+            "deploy"
+        };
+        if before.as_ref().is_some_and(|b| b.after == after) && target.pins.is_none() {
+            return Ok(Outcome::Unchanged);
+        }
+        let before_pins = before.map(|b| b.after);
+        let id = self.history.begin(NewDeploy {
+            stack: name,
+            kind,
+            trigger,
+            actor,
+            before: before_pins.as_ref(),
+            after: &after,
+            rollback_of: None,
+        })?;
+        match self.apply(stack, before_pins.as_ref(), &after).await {
+            Ok(()) => {
+                self.history.finish(id, "success", None, None)?;
+                self.notify(&format!(
+                    "wharf: {name} deployed ({kind} #{id}, {trigger}): {}",
+                    describe(&after)
+                ))
+                .await;
+                Ok(Outcome::Deployed { id })
+            }
+            Err((error, logs)) => {
+                self.history
+                    .finish(id, "failed", Some(&error), logs.as_deref())?;
+                let Some(previous) = before_pins else {
+                    self.notify(&format!("wharf: {name} deploy #{id} FAILED and has no healthy version to go back to: {error}"))
+                        .await;
+                    return Ok(Outcome::Failed { id, error });
+                };
+                let rb = self.history.begin(NewDeploy {
+                    stack: name,
+                    kind: "rollback",
+                    trigger: "unhealthy",
+                    actor: Some("agent"),
+                    before: Some(&after),
+                    after: &previous,
+                    rollback_of: Some(id),
+                })?;
+                match self.apply(stack, None, &previous).await {
+                    Ok(()) => {
+                        self.history.finish(rb, "success", None, None)?;
+                        self.notify(&format!(
+                            "wharf: {name} deploy #{id} was unhealthy ({error}); rolled back to {} (#{rb})",
+                            describe(&previous)
+                        ))
+                        .await;
+                        Ok(Outcome::RolledBack {
+                            id,
+                            rollback: rb,
+                            error,
+                        })
+                    }
+                    Err((e2, logs2)) => {
+                        self.history
+                            .finish(rb, "failed", Some(&e2), logs2.as_deref())?;
+                        self.notify(&format!(
+                            "wharf: {name} deploy #{id} was unhealthy ({error}) and the rollback failed too: {e2}"
+                        ))
+                        .await;
+                        Ok(Outcome::Failed { id, error })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pins, pulls, brings up the services whose image changes, and waits for health.
+    /// Err: (what went wrong, the tail of the failing container's log).
+    async fn apply(
+        &self,
+        stack: &StackConfig,
+        before: Option<&Pins>,
+        after: &Pins,
+    ) -> Result<(), (String, Option<String>)> {
+        let file = self.override_file(&stack.name);
+        let changed: Vec<String> = after
+            .iter()
+            .filter(|(svc, image)| before.and_then(|b| b.get(*svc)) != Some(*image))
+            .map(|(svc, _)| svc.clone())
+            .collect();
+        let changed = if changed.is_empty() {
+            after.keys().cloned().collect()
+        } else {
+            changed
+        };
+        let plain = |e: anyhow::Error| (format!("{e:#}"), None);
+        compose::write_override(&file, after).map_err(plain)?;
+        self.compose
+            .pull(stack, &file, &changed)
+            .await
+            .map_err(plain)?;
+        self.compose
+            .up(stack, &file, &changed)
+            .await
+            .map_err(plain)?;
+        self.wait_healthy(stack, &file, &changed).await
+    }
+
+    async fn wait_healthy(
+        &self,
+        stack: &StackConfig,
+        file: &std::path::Path,
+        services: &[String],
+    ) -> Result<(), (String, Option<String>)> {
+        let deadline = Instant::now() + Duration::from_secs(stack.health_timeout_s);
+        let mut first_restarts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut running_since: BTreeMap<String, Instant> = BTreeMap::new();
+        loop {
+            let mut all_ok = true;
+            let mut last_problem = String::new();
+            let mut last_id = None;
+            for svc in services {
+                let ids = self
+                    .compose
+                    .containers(stack, file, svc)
+                    .await
+                    .map_err(|e| (format!("{e:#}"), None))?;
+                if ids.is_empty() {
+                    all_ok = false;
+                    last_problem = format!("service {svc} has no container");
+                    continue;
+                }
+                for id in ids {
+                    let st = compose::inspect(&id)
+                        .await
+                        .map_err(|e| (format!("{e:#}"), None))?;
+                    last_id = Some(id.clone());
+                    let base = *first_restarts.entry(id.clone()).or_insert(st.restarts);
+                    let failed = st.health.as_deref() == Some("unhealthy")
+                        || st.restarts > base
+                        || matches!(st.status.as_str(), "exited" | "dead" | "restarting");
+                    if failed {
+                        let logs = compose::logs_tail(&id, 50).await;
+                        return Err((
+                            format!(
+                                "service {svc} is unhealthy (status {}, health {}, restarts {})",
+                                st.status,
+                                st.health.as_deref().unwrap_or("none"),
+                                st.restarts
+                            ),
+                            Some(logs),
+                        ));
+                    }
+                    let ok = if let Some(url) = stack.probes.get(svc) {
+                        st.status == "running" && self.probe(url).await
+                    } else if let Some(h) = &st.health {
+                        h == "healthy"
+                    } else {
+                        // No healthcheck: running, and still running a little later.
+                        let since = *running_since.entry(id.clone()).or_insert_with(Instant::now);
+                        st.status == "running" && since.elapsed() >= Duration::from_secs(3)
+                    };
+                    if !ok {
+                        all_ok = false;
+                        last_problem = format!(
+                            "service {svc}: status {}, health {}",
+                            st.status,
+                            st.health.as_deref().unwrap_or("none")
+                        );
+                    }
+                }
+            }
+            if all_ok {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let logs = match last_id {
+                    Some(id) => Some(compose::logs_tail(&id, 50).await),
+                    None => None,
+                };
+                return Err((
+                    format!(
+                        "not healthy within {}s ({last_problem})",
+                        stack.health_timeout_s
+                    ),
+                    logs,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn probe(&self, url: &str) -> bool {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
+    async fn notify(&self, text: &str) {
+        tracing::info!("{text}");
+        let Some(url) = &self.config.notify_url else {
+            return;
+        };
+        let r = self
+            .http
+            .post(url)
+            .json(&serde_json::json!({ "text": text }))
+            .send()
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "agent: notification not sent");
+        }
+    }
+
+    /// Asks for a deploy that follows the tags; a burst of asks while one runs gives
+    /// one more deploy after it, not one per ask.
+    pub fn request(self: &Arc<Self>, stack: &str, trigger: &'static str) {
+        let Some(state) = self.stacks.get(stack) else {
+            return;
+        };
+        state.pending.store(true, Ordering::SeqCst);
+        let agent = Arc::clone(self);
+        let stack = stack.to_owned();
+        tokio::spawn(async move {
+            let Some(state) = agent.stacks.get(&stack) else {
+                return;
+            };
+            while state.pending.swap(false, Ordering::SeqCst) {
+                match agent
+                    .deploy(&stack, trigger, Some(trigger), Target::default())
+                    .await
+                {
+                    Ok(Outcome::Unchanged) => {}
+                    Ok(o) => tracing::info!(stack = %stack, "agent: {o:?}"),
+                    Err(DeployError::Busy(_)) => {
+                        // Run once more after the deploy in progress.
+                        state.pending.store(true, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => tracing::warn!(stack = %stack, error = %e, "agent: deploy failed"),
+                }
+            }
+        });
+    }
+
+    /// Stacks following `repository:tag`.
+    pub fn followers(&self, repository: &str, tag: &str) -> Vec<String> {
+        self.config
+            .stacks
+            .iter()
+            .filter(|s| {
+                s.images().is_ok_and(|m| {
+                    m.values()
+                        .any(|i| i.repo.as_str() == repository && i.tag() == Some(tag))
+                })
+            })
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Polls the followed tags forever (a missed webhook only delays a deploy).
+    pub async fn poll(self: Arc<Self>) {
+        if self.config.poll_interval_s == 0 {
+            return;
+        }
+        let mut every = tokio::time::interval(Duration::from_secs(self.config.poll_interval_s));
+        loop {
+            every.tick().await;
+            for s in self.stacks.keys() {
+                self.request(s, "poll");
+            }
+        }
+    }
+
+    /// A deploy a restart interrupted is recorded as such, and the stack is put back on
+    /// its last healthy digests.
+    async fn recover(self: &Arc<Self>) {
+        let running = match self.history.running() {
+            Ok(r) => r,
+            Err(e) => return tracing::warn!(error = %e, "agent: cannot read history"),
+        };
+        for d in running {
+            let _ = self.history.finish(
+                d.id,
+                "interrupted",
+                Some("the agent stopped during this deploy"),
+                None,
+            );
+            let healthy = self.history.last_healthy(&d.stack).ok().flatten();
+            match healthy {
+                Some(h) => {
+                    let target = Target {
+                        pins: Some(h.after.clone()),
+                        ..Target::default()
+                    };
+                    match self
+                        .deploy(&d.stack, "recovery", Some("agent"), target)
+                        .await
+                    {
+                        Ok(o) => {
+                            tracing::info!(stack = %d.stack, "agent: recovered an interrupted deploy: {o:?}")
+                        }
+                        Err(e) => {
+                            tracing::warn!(stack = %d.stack, error = %e, "agent: recovery failed")
+                        }
+                    }
+                }
+                None => {
+                    tracing::warn!(stack = %d.stack, "agent: deploy #{} was interrupted and there is no healthy deploy to return to", d.id)
+                }
+            }
+        }
+    }
+
+    /// The pins a rollback goes to: a past deploy's, or a tag's or digest's now.
+    pub async fn rollback_target(
+        &self,
+        stack: &str,
+        to: Option<i64>,
+        tag: Option<String>,
+        digest: Option<String>,
+    ) -> Result<Target, DeployError> {
+        let (config, _) = self.stack(stack)?;
+        if let Some(id) = to {
+            let d: Deploy = self
+                .history
+                .get(id)?
+                .filter(|d| d.stack == stack)
+                .with_context(|| format!("no deploy {id} of {stack}"))?;
+            return Ok(Target {
+                pins: Some(d.after),
+                ..Target::default()
+            });
+        }
+        if let Some(tag) = tag {
+            let pins = self
+                .resolve(
+                    config,
+                    &Target {
+                        tag: Some(tag),
+                        ..Target::default()
+                    },
+                )
+                .await?;
+            return Ok(Target {
+                pins: Some(pins),
+                ..Target::default()
+            });
+        }
+        if let Some(digest) = digest {
+            let d: crate::oci::Digest = digest
+                .parse()
+                .map_err(|e| anyhow::anyhow!("invalid digest {digest:?}: {e}"))?;
+            let (_, host) = crate::client::endpoint(&self.config.registry)?;
+            let images = config.images()?;
+            if images.len() != 1 {
+                return Err(anyhow::anyhow!(
+                    "--digest names one image; {stack} has {} services (use --to or --tag)",
+                    images.len()
+                )
+                .into());
+            }
+            let pins = images
+                .into_iter()
+                .map(|(svc, i)| (svc, format!("{host}/{}@{d}", i.repo)))
+                .collect();
+            return Ok(Target {
+                pins: Some(pins),
+                ..Target::default()
+            });
+        }
+        // No target: the healthy deploy before the current one.
+        let list = self.history.list(stack, 1000)?;
+        let mut healthy = list.iter().filter(|d| d.state == "success");
+        let current = healthy.next().context("no healthy deploy yet")?;
+        let previous = healthy
+            .find(|d| d.after != current.after)
+            .context("no earlier healthy deploy to roll back to")?;
+        Ok(Target {
+            pins: Some(previous.after.clone()),
+            ..Target::default()
+        })
+    }
+}
+
+fn describe(p: &Pins) -> String {
+    p.iter()
+        .map(|(s, i)| {
+            let short = i.rsplit_once('@').map_or(i.as_str(), |(_, d)| d);
+            format!("{s}={}", short.get(..19).unwrap_or(short))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Checks a webhook's `Wharf-Signature` over `body` and its age.
+pub fn verify_signature(
+    secret: &str,
+    header: &str,
+    body: &[u8],
+    max_age_s: i64,
+) -> anyhow::Result<()> {
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1.push(v.to_owned()),
+            _ => {}
+        }
+    }
+    let Some(t) = t else {
+        bail!("the signature has no timestamp");
+    };
+    let age = crate::auth::now_secs() - t;
+    if age > max_age_s || age < -60 {
+        bail!("the signature's timestamp is {age}s old, outside the {max_age_s}s window");
+    }
+    let want = crate::events::signature(secret, t, body);
+    let want = want.rsplit_once("v1=").map(|(_, h)| h).unwrap_or("");
+    use subtle::ConstantTimeEq;
+    if v1
+        .iter()
+        .any(|v| bool::from(v.as_bytes().ct_eq(want.as_bytes())))
+    {
+        Ok(())
+    } else {
+        bail!("the signature does not match")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_checked_with_a_window() {
+        let body = br#"{"id":"x"}"#;
+        let now = crate::auth::now_secs();
+        let good = crate::events::signature("secret-secret-16", now, body);
+        assert!(verify_signature("secret-secret-16", &good, body, 300).is_ok());
+        assert!(verify_signature("other-secret-xx", &good, body, 300).is_err());
+        assert!(verify_signature("secret-secret-16", &good, b"{}", 300).is_err());
+        let old = crate::events::signature("secret-secret-16", now - 600, body);
+        let e = verify_signature("secret-secret-16", &old, body, 300).unwrap_err();
+        assert!(e.to_string().contains("window"), "{e}");
+        assert!(verify_signature("secret-secret-16", "v1=00", body, 300).is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! `wharf agent` (the deploy agent) and `wharf deploy` (its client).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use serde_json::Value;
+use wharf::agent::config::AgentConfig;
+use wharf::agent::{Agent, api};
+use wharf::time::rfc3339;
+
+/// `wharf agent --config agent.toml` (the global `--config`, or WHARF_CONFIG).
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {}
+
+/// The agent's API token: `<data>/api.token`, made on first start (mode 0600).
+fn api_token(data: &Path, create: bool) -> anyhow::Result<String> {
+    let path = data.join("api.token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    if !create {
+        bail!("{} is empty", path.display());
+    }
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).expect("system randomness");
+    let token = hex::encode(b);
+    std::fs::create_dir_all(data)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
+}
+
+pub fn agent(_: AgentArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let config =
+        config.context("give the agent's configuration: wharf agent --config agent.toml")?;
+    let config = AgentConfig::load(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let shutdown = super::shutdown_signal()?;
+        let token = api_token(&config.data, true)?;
+        let listen = config.listen.clone();
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let agent = Agent::start(config).await?;
+        tokio::spawn(Arc::clone(&agent).poll());
+        let app = api::router(Arc::new(api::ApiState {
+            agent,
+            api_token: token,
+        }));
+        tracing::info!("wharf agent listening on http://{listen}");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok(())
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DeployArgs {
+    #[command(subcommand)]
+    cmd: DeployCmd,
+    /// The agent's configuration: its address and API token are read from it
+    #[arg(long, env = "WHARF_AGENT_CONFIG", value_name = "FILE", global = true)]
+    agent_config: Option<PathBuf>,
+    /// The agent's URL [default: from --agent-config]
+    #[arg(long, env = "WHARF_AGENT_URL", value_name = "URL", global = true)]
+    agent: Option<String>,
+    /// The agent's API token [default: from --agent-config's data directory]
+    #[arg(
+        long,
+        env = "WHARF_AGENT_TOKEN",
+        value_name = "TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    agent_token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeployCmd {
+    /// What each stack runs and its last deploy.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every deploy and rollback of a stack, newest first.
+    History {
+        stack: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deploy now: the followed tags, or --tag for every service, or --service svc=tag.
+    Now {
+        stack: String,
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long = "service", value_name = "SERVICE=TAG")]
+        services: Vec<String>,
+    },
+    /// Go back: to a past deploy (--to ID), a tag (--tag), a digest (--digest), or by
+    /// default to the healthy deploy before the current one.
+    Rollback {
+        stack: String,
+        #[arg(long, conflicts_with_all = ["tag", "digest"])]
+        to: Option<i64>,
+        #[arg(long, conflicts_with = "digest")]
+        tag: Option<String>,
+        #[arg(long)]
+        digest: Option<String>,
+    },
+}
+
+fn short(pins: &Value) -> String {
+    pins.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(s, i)| {
+                    let i = i.as_str().unwrap_or("");
+                    let d = i.rsplit_once('@').map_or(i, |(_, d)| d);
+                    format!("{s}={}", d.get(..19).unwrap_or(d))
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
+    let (url, token) = match (&a.agent, &a.agent_token, &a.agent_config) {
+        (Some(u), Some(t), _) => (u.clone(), t.clone()),
+        (u, t, Some(cfg)) => {
+            let c = AgentConfig::load(cfg)?;
+            (
+                u.clone().unwrap_or_else(|| format!("http://{}", c.listen)),
+                match t {
+                    Some(t) => t.clone(),
+                    None => api_token(&c.data, false)?,
+                },
+            )
+        }
+        _ => bail!(
+            "which agent? give --agent-config FILE (or WHARF_AGENT_CONFIG), or --agent URL with --agent-token"
+        ),
+    };
+    let url = url.trim_end_matches('/').to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(900))
+            .build()?;
+        let call = |method: reqwest::Method, path: String, body: Option<Value>| {
+            let (http, url, token) = (http.clone(), url.clone(), token.clone());
+            async move {
+                let mut rb = http
+                    .request(method, format!("{url}{path}"))
+                    .bearer_auth(token);
+                if let Some(b) = body {
+                    rb = rb.json(&b);
+                }
+                let r = rb
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach the agent at {url}"))?;
+                let status = r.status();
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                if !status.is_success() {
+                    bail!(
+                        "the agent answered {status}: {}",
+                        v.get("error").and_then(|e| e.as_str()).unwrap_or("")
+                    );
+                }
+                Ok(v)
+            }
+        };
+        let actor = format!(
+            "cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        );
+        let print_outcome = |v: &Value| -> anyhow::Result<()> {
+            println!("{}", serde_json::to_string_pretty(v)?);
+            match v.get("result").and_then(|r| r.as_str()) {
+                Some("failed") => bail!("the deploy failed"),
+                Some("rolled_back") => bail!("the deploy was unhealthy and was rolled back"),
+                _ => Ok(()),
+            }
+        };
+        match a.cmd {
+            DeployCmd::Status { json } => {
+                let v = call(reqwest::Method::GET, "/api/status".into(), None).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    for s in v["stacks"].as_array().into_iter().flatten() {
+                        let last = &s["last"];
+                        println!(
+                            "{:<12} running {}  last #{} {} {} ({})",
+                            s["stack"].as_str().unwrap_or(""),
+                            short(&s["running"]),
+                            last["id"],
+                            last["kind"].as_str().unwrap_or("-"),
+                            last["state"].as_str().unwrap_or("-"),
+                            last["started_at"].as_i64().map(rfc3339).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            DeployCmd::History { stack, json } => {
+                let v = call(
+                    reqwest::Method::GET,
+                    format!("/api/stacks/{stack}/history"),
+                    None,
+                )
+                .await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!(
+                        "{:<5} {:<9} {:<12} {:<10} {:<20} {:<8} AFTER / ERROR",
+                        "ID", "KIND", "TRIGGER", "STATE", "STARTED", "SECONDS"
+                    );
+                    for d in v.as_array().into_iter().flatten() {
+                        let secs = match (d["started_at"].as_i64(), d["finished_at"].as_i64()) {
+                            (Some(a), Some(b)) => format!("{:.1}", (b - a) as f64 / 1000.0),
+                            _ => "-".into(),
+                        };
+                        println!(
+                            "{:<5} {:<9} {:<12} {:<10} {:<20} {:<8} {}{}",
+                            d["id"],
+                            d["kind"].as_str().unwrap_or(""),
+                            d["trigger"].as_str().unwrap_or(""),
+                            d["state"].as_str().unwrap_or(""),
+                            d["started_at"].as_i64().map(rfc3339).unwrap_or_default(),
+                            secs,
+                            short(&d["after"]),
+                            d["error"]
+                                .as_str()
+                                .map(|e| format!("  ({e})"))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            DeployCmd::Now {
+                stack,
+                tag,
+                services,
+            } => {
+                let mut map = serde_json::Map::new();
+                for s in &services {
+                    let (svc, t) = s
+                        .split_once('=')
+                        .with_context(|| format!("--service {s:?}: expected SERVICE=TAG"))?;
+                    map.insert(svc.to_owned(), Value::String(t.to_owned()));
+                }
+                let body = serde_json::json!({ "tag": tag, "services": map, "actor": actor });
+                let v = call(
+                    reqwest::Method::POST,
+                    format!("/api/stacks/{stack}/deploy"),
+                    Some(body),
+                )
+                .await?;
+                print_outcome(&v)?;
+            }
+            DeployCmd::Rollback {
+                stack,
+                to,
+                tag,
+                digest,
+            } => {
+                let body =
+                    serde_json::json!({ "to": to, "tag": tag, "digest": digest, "actor": actor });
+                let v = call(
+                    reqwest::Method::POST,
+                    format!("/api/stacks/{stack}/rollback"),
+                    Some(body),
+                )
+                .await?;
+                print_outcome(&v)?;
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,405 @@
+//! The deploy agent with the real docker engine and compose: three versions of a tiny
+//! HTTP service, promoted in turn; the agent follows `:prod`, checks health and rolls
+//! back by itself.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::*;
+use crate::docker_cli::Docker;
+use crate::webhooks::Receiver;
+
+/// A busybox httpd image answering `version` on 8080, healthy or not.
+fn build_version(d: &Docker, dir: &Path, image: &str, version: &str, healthy: bool) {
+    require_tool("busybox", "apt-get install -y busybox-static");
+    let ctx = dir.join(version);
+    std::fs::create_dir_all(&ctx).unwrap();
+    let busybox = run(Command::new("sh").args(["-c", "command -v busybox"]));
+    std::fs::copy(busybox.trim(), ctx.join("busybox")).unwrap();
+    let check = if healthy {
+        r#"["/bin/wget", "-q", "-O-", "http://127.0.0.1:8080/"]"#
+    } else {
+        r#"["/bin/false"]"#
+    };
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM scratch\n\
+             COPY busybox /bin/busybox\n\
+             RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
+             RUN [\"/bin/sh\", \"-c\", \"mkdir /www && echo {version} > /www/index.html\"]\n\
+             HEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD {check}\n\
+             CMD [\"/bin/httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n"
+        ),
+    )
+    .unwrap();
+    run(d.cmd().args(["build", "-q", "-t", image]).arg(&ctx));
+    run(d.cmd().args(["push", image]));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What the stack answers over HTTP, or None.
+fn serves(port: u16) -> Option<String> {
+    let out = Command::new("curl")
+        .args([
+            "-fsS",
+            "--max-time",
+            "2",
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn wait_serving(port: u16, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if serves(port).as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stack never served {want} (serves {:?})",
+            serves(port)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Stack {
+    agent: Child,
+    dir: std::path::PathBuf,
+    project: String,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.agent.kill();
+        let _ = self.agent.wait();
+        let _ = Command::new("docker-compose")
+            .current_dir(&self.dir)
+            .args([
+                "-p",
+                &self.project,
+                "-f",
+                "compose.yml",
+                "down",
+                "--remove-orphans",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn wharf(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));
+    c.env_remove("WHARF_CONFIG").args(args);
+    c
+}
+
+fn history(cfg: &Path) -> Vec<Value> {
+    let out = run(wharf(&["deploy", "history", "web", "--json", "--agent-config"]).arg(cfg));
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The history once no deploy is running.
+fn settled(cfg: &Path) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let h = history(cfg);
+        if h.first().is_none_or(|d| d["state"] != "running") {
+            return h;
+        }
+        assert!(Instant::now() < deadline, "a deploy never finished: {h:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn promote(reg: &TestRegistry, from: &str) {
+    run(wharf(&[
+        "promote",
+        &format!("{}/team/web:{from}", reg.host()),
+        "prod",
+    ])
+    .env("WHARF_USERNAME", "admin")
+    .env("WHARF_PASSWORD", ADMIN_PASSWORD)
+    .env("DOCKER_CONFIG", "/nonexistent"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_request() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    require_tool("curl", "apt-get install -y curl");
+    let reg = TestRegistry::start();
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            & 0xffffffff
+    );
+    let image = |v: &str| format!("{}/team/web:{v}", reg.host());
+    build_version(&d, dir.path(), &image("v1"), "v1", true);
+    build_version(&d, dir.path(), &image("v2"), "v2", true);
+    build_version(&d, dir.path(), &image("v3"), "v3", false);
+
+    // The stack, as a team writes it: the image by registry, repository and tag.
+    let app_port = free_port();
+    let agent_port = free_port();
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    std::fs::write(
+        stack_dir.join("compose.yml"),
+        "services:\n  web:\n    image: ${REGISTRY}/team/web:prod\n    ports: [\"127.0.0.1:${APP_PORT}:8080\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        stack_dir.join(".env.prod"),
+        format!("REGISTRY={}\nAPP_PORT={app_port}\n", reg.host()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("token"), ADMIN_PASSWORD).unwrap();
+    let notify = Receiver::start();
+    let project = format!("wharf-agent-{nonce}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\ndata = \"agent-data\"\nregistry = \"{}\"\nusername = \"admin\"\n\
+             token_file = \"token\"\nwebhook_secret = \"webhook-secret-0123\"\ndeploy_token = \"deploy-token-0123\"\n\
+             poll_interval_s = 0\nnotify_url = \"{}/notify\"\n\n\
+             [[stacks]]\nname = \"web\"\nproject = \"{project}\"\nworkdir = \"stack\"\nfiles = [\"compose.yml\"]\n\
+             env_file = \".env.prod\"\nhealth_timeout_s = 40\n[stacks.services]\nweb = \"team/web:prod\"\n",
+            reg.host(),
+            notify.url
+        ),
+    )
+    .unwrap();
+    let agent = wharf(&["agent", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stack = Stack {
+        agent,
+        dir: stack_dir.clone(),
+        project: project.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", agent_port)).is_err() {
+        assert!(Instant::now() < deadline, "the agent did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The registry tells the agent about :prod.
+    run(wharf_cmd(&reg.data).args([
+        "webhook",
+        "add",
+        &format!("http://127.0.0.1:{agent_port}/hooks/registry"),
+        "--secret",
+        "webhook-secret-0123",
+        "--repositories",
+        "team/*",
+        "--tags",
+        "prod",
+    ]));
+
+    // 1. v1 to prod: the stack serves v1; one successful deploy.
+    promote(&reg, "v1");
+    wait_serving(app_port, "v1");
+    let h = settled(&cfg);
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(
+        (
+            h[0]["kind"].as_str(),
+            h[0]["state"].as_str(),
+            h[0]["trigger"].as_str()
+        ),
+        (Some("deploy"), Some("success"), Some("webhook"))
+    );
+    let v1_deploy = h[0]["id"].as_i64().unwrap();
+    assert!(
+        h[0]["after"]["web"].as_str().unwrap().contains("@sha256:"),
+        "pinned by digest"
+    );
+    // The running container uses the digest, never a local tag.
+    let pinned =
+        std::fs::read_to_string(dir.path().join("agent-data/stacks/web/pinned.override.yml"))
+            .unwrap();
+    assert!(pinned.contains("@sha256:"), "{pinned}");
+
+    // 2. v2: the webhook redeploys.
+    promote(&reg, "v2");
+    wait_serving(app_port, "v2");
+    assert_eq!(settled(&cfg)[0]["state"], "success");
+
+    // 3. v3 fails its healthcheck: the agent goes back to v2 by itself, and says so.
+    promote(&reg, "v3");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let h = loop {
+        let h = history(&cfg);
+        if h.len() >= 4 && h[0]["state"] != "running" {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "no rollback: {h:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(serves(app_port).as_deref(), Some("v2"));
+    assert_eq!(
+        (h[1]["kind"].as_str(), h[1]["state"].as_str()),
+        (Some("deploy"), Some("failed"))
+    );
+    assert!(
+        h[1]["error"].as_str().unwrap().contains("unhealthy"),
+        "{:?}",
+        h[1]
+    );
+    assert!(h[1]["logs"].is_string());
+    assert_eq!(
+        (h[0]["kind"].as_str(), h[0]["state"].as_str()),
+        (Some("rollback"), Some("success"))
+    );
+    assert_eq!(h[0]["rollback_of"], h[1]["id"]);
+    assert_eq!(h[0]["after"], h[2]["after"], "back on v2's digest");
+    let notes = notify.wait_for("/notify", 3);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.json()["text"].as_str().unwrap().contains("rolled back")),
+        "{notes:?}"
+    );
+
+    // 4. Roll back to the v1 deploy by its id.
+    let out = run(wharf(&[
+        "deploy",
+        "rollback",
+        "web",
+        "--to",
+        &v1_deploy.to_string(),
+        "--agent-config",
+    ])
+    .arg(&cfg));
+    assert!(out.contains("deployed"), "{out}");
+    assert_eq!(serves(app_port).as_deref(), Some("v1"));
+
+    // Webhooks with a bad signature, an old timestamp or a replayed id deploy nothing.
+    let before = history(&cfg).len();
+    let hook = format!("http://127.0.0.1:{agent_port}/hooks/registry");
+    let body = serde_json::json!({"id": "evt-1", "action": "tag", "repository": "team/web", "tag": "prod", "digest": "sha256:00"}).to_string();
+    let now = wharf::auth::now_secs();
+    let post = |sig: String| {
+        let (hook, body) = (hook.clone(), body.clone());
+        async move {
+            reqwest::Client::new()
+                .post(hook)
+                .header("wharf-signature", sig)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        post(wharf::events::signature(
+            "wrong-secret-0123",
+            now,
+            body.as_bytes()
+        ))
+        .await,
+        401
+    );
+    assert_eq!(
+        post(wharf::events::signature(
+            "webhook-secret-0123",
+            now - 3600,
+            body.as_bytes()
+        ))
+        .await,
+        401
+    );
+    assert_eq!(
+        post(wharf::events::signature(
+            "webhook-secret-0123",
+            now,
+            body.as_bytes()
+        ))
+        .await,
+        202
+    );
+    assert_eq!(
+        post(wharf::events::signature(
+            "webhook-secret-0123",
+            now,
+            body.as_bytes()
+        ))
+        .await,
+        409
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    // The one accepted event found prod where it is (v3, unhealthy): it was tried and
+    // rolled back to v1; the refused ones did nothing.
+    let h = settled(&cfg);
+    assert!(h.len() <= before + 2, "{h:?}");
+    assert_eq!(serves(app_port).as_deref(), Some("v1"));
+
+    // The deploy hook (CI's manual path): a tag for the stack, with the deploy token.
+    let deploy = |token: &str, body: &str| {
+        let (token, body) = (token.to_owned(), body.to_owned());
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("http://127.0.0.1:{agent_port}/hooks/deploy/web"))
+                .bearer_auth(token)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    assert_eq!(deploy("wrong", "").await.0, 401);
+    assert_eq!(deploy("deploy-token-0123", "{not json").await.0, 400);
+    let (code, v) = deploy("deploy-token-0123", r#"{"tag": "v2"}"#).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["result"], "deployed");
+    assert_eq!(serves(app_port).as_deref(), Some("v2"));
+    let status: Value = serde_json::from_str(&run(wharf(&[
+        "deploy",
+        "status",
+        "--json",
+        "--agent-config",
+    ])
+    .arg(&cfg)))
+    .unwrap();
+    assert_eq!(status["stacks"][0]["stack"], "web");
+    drop(stack);
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", &image("v1"), &image("v2"), &image("v3")])
+        .output();
+}
