@@ -403,3 +403,90 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
         .args(["rmi", "-f", &image("v1"), &image("v2"), &image("v3")])
         .output();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn polling_deploys_when_the_webhook_receiver_is_down() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    require_tool("curl", "apt-get install -y curl");
+    let reg = TestRegistry::start();
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            & 0xffffffff
+    );
+    let image = format!("{}/team/poll:v1", reg.host());
+    build_version(&d, dir.path(), &image, "v1", true);
+    // The registry's webhook points where nothing listens: every delivery fails.
+    let dead = free_port();
+    let out = run(wharf_cmd(&reg.data).args([
+        "webhook",
+        "add",
+        &format!("http://127.0.0.1:{dead}/hooks/registry"),
+        "--secret",
+        "webhook-secret-0123",
+        "--tags",
+        "prod",
+    ]));
+    let hook = out.lines().next().unwrap().to_owned();
+
+    let (app_port, agent_port) = (free_port(), free_port());
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    std::fs::write(
+        stack_dir.join("compose.yml"),
+        format!("services:\n  web:\n    image: {}/team/poll:prod\n    ports: [\"127.0.0.1:{app_port}:8080\"]\n", reg.host()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("token"), ADMIN_PASSWORD).unwrap();
+    let project = format!("wharf-poll-{nonce}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\nregistry = \"{}\"\nusername = \"admin\"\ntoken_file = \"token\"\n\
+             poll_interval_s = 1\n\n[[stacks]]\nname = \"web\"\nproject = \"{project}\"\nworkdir = \"stack\"\n\
+             files = [\"compose.yml\"]\n[stacks.services]\nweb = \"team/poll:prod\"\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let agent = wharf(&["agent", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _stack = Stack {
+        agent,
+        dir: stack_dir,
+        project,
+    };
+    run(
+        wharf(&["promote", &format!("{}/team/poll:v1", reg.host()), "prod"])
+            .env("WHARF_USERNAME", "admin")
+            .env("WHARF_PASSWORD", ADMIN_PASSWORD)
+            .env("DOCKER_CONFIG", "/nonexistent"),
+    );
+    wait_serving(app_port, "v1");
+    let h = settled(&cfg);
+    assert_eq!(h[0]["trigger"], "poll");
+    assert_eq!(h[0]["state"], "success");
+    // The registry kept trying its webhook meanwhile, and its log says so.
+    let log: Value = serde_json::from_str(&run(wharf_cmd(&reg.data).args([
+        "webhook",
+        "deliveries",
+        &hook,
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(log[0]["status"], "pending");
+    assert!(log[0]["attempts"].as_i64().unwrap() >= 1, "{log}");
+    assert!(log[0]["last_error"].is_string());
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+}
