@@ -175,6 +175,23 @@ pub async fn inspect(id: &str) -> anyhow::Result<State> {
     })
 }
 
+/// Whether the engine holds every image (`repo@sha256:...`) already.
+pub async fn present_locally(images: &[&String]) -> bool {
+    for i in images {
+        let ok = Command::new("docker")
+            .args(["image", "inspect", "--format", "{{.Id}}", i.as_str()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
 /// The last lines of a container's log (both streams).
 pub async fn logs_tail(id: &str, lines: usize) -> String {
     match Command::new("docker")

@@ -280,10 +280,15 @@ impl Agent {
         };
         let plain = |e: anyhow::Error| (format!("{e:#}"), None);
         compose::write_override(&file, after).map_err(plain)?;
-        self.compose
-            .pull(stack, &file, &changed)
-            .await
-            .map_err(plain)?;
+        if let Err(e) = self.compose.pull(stack, &file, &changed).await {
+            // Images of earlier deploys stay on the server: a rollback to them needs no
+            // registry.
+            let images: Vec<&String> = changed.iter().filter_map(|s| after.get(s)).collect();
+            if !compose::present_locally(&images).await {
+                return Err(plain(e));
+            }
+            tracing::warn!("agent: pull failed ({e:#}); the images are on this server, going on");
+        }
         self.compose
             .up(stack, &file, &changed)
             .await

@@ -398,9 +398,26 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
     .arg(&cfg)))
     .unwrap();
     assert_eq!(status["stacks"][0]["stack"], "web");
+
+    // With the registry gone, a rollback still works: the images stayed on the server.
+    let images = [image("v1"), image("v2"), image("v3")];
+    reg.stop();
+    let out = run(wharf(&[
+        "deploy",
+        "rollback",
+        "web",
+        "--to",
+        &v1_deploy.to_string(),
+        "--agent-config",
+    ])
+    .arg(&cfg));
+    assert!(out.contains("deployed"), "{out}");
+    assert_eq!(serves(app_port).as_deref(), Some("v1"));
     drop(stack);
     let _ = Command::new("docker")
-        .args(["rmi", "-f", &image("v1"), &image("v2"), &image("v3")])
+        .arg("rmi")
+        .arg("-f")
+        .args(&images)
         .output();
 }
 
