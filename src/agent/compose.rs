@@ -83,15 +83,29 @@ impl Compose {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `compose <args> <services>` on the stack with its pinning override.
+    async fn services_cmd(
+        &self,
+        stack: &StackConfig,
+        override_file: &Path,
+        args: &[&str],
+        services: &[String],
+    ) -> anyhow::Result<()> {
+        let mut c = self.command(stack, override_file);
+        c.args(args).args(services);
+        self.run(c, &format!("compose {}", args[0]))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn pull(
         &self,
         stack: &StackConfig,
         override_file: &Path,
         services: &[String],
     ) -> anyhow::Result<()> {
-        let mut c = self.command(stack, override_file);
-        c.arg("pull").args(services);
-        self.run(c, "compose pull").await.map(|_| ())
+        self.services_cmd(stack, override_file, &["pull"], services)
+            .await
     }
 
     pub async fn up(
@@ -100,9 +114,8 @@ impl Compose {
         override_file: &Path,
         services: &[String],
     ) -> anyhow::Result<()> {
-        let mut c = self.command(stack, override_file);
-        c.args(["up", "-d", "--no-deps"]).args(services);
-        self.run(c, "compose up").await.map(|_| ())
+        self.services_cmd(stack, override_file, &["up", "-d", "--no-deps"], services)
+            .await
     }
 
     pub async fn containers(

@@ -254,7 +254,7 @@ impl Platform {
     /// image config). None for missing fields and for buildx's `unknown/unknown`
     /// attestation entries.
     pub fn from_json(v: &serde_json::Value) -> Option<Platform> {
-        let p: Platform = serde_json::from_value(v.clone()).ok()?;
+        let p = Platform::deserialize(v).ok()?;
         (p.os != "unknown" && !p.os.is_empty() && !p.architecture.is_empty()).then_some(p)
     }
 }

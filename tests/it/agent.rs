@@ -85,6 +85,29 @@ struct Stack {
     project: String,
 }
 
+impl Stack {
+    /// Runs `wharf agent --config cfg` and waits until it listens on `port`.
+    fn start(cfg: &Path, port: u16, dir: &Path, project: &str) -> Stack {
+        let agent = wharf(&["agent", "--config"])
+            .arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stack = Stack {
+            agent,
+            dir: dir.to_owned(),
+            project: project.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the agent did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stack
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         let _ = self.agent.kill();
@@ -133,15 +156,14 @@ fn settled(cfg: &Path) -> Vec<Value> {
     }
 }
 
-fn promote(reg: &TestRegistry, from: &str) {
-    run(wharf(&[
-        "promote",
-        &format!("{}/team/web:{from}", reg.host()),
-        "prod",
-    ])
-    .env("WHARF_USERNAME", "admin")
-    .env("WHARF_PASSWORD", ADMIN_PASSWORD)
-    .env("DOCKER_CONFIG", "/nonexistent"));
+/// `wharf promote <registry>/<repo>:<from> prod`, as CI would.
+fn promote(reg: &TestRegistry, repo: &str, from: &str) {
+    run(
+        wharf(&["promote", &format!("{}/{repo}:{from}", reg.host()), "prod"])
+            .env("WHARF_USERNAME", "admin")
+            .env("WHARF_PASSWORD", ADMIN_PASSWORD)
+            .env("DOCKER_CONFIG", "/nonexistent"),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -152,14 +174,7 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
     let d = Docker::new();
     d.login(reg.host(), "admin", ADMIN_PASSWORD);
     let dir = tempfile::tempdir().unwrap();
-    let nonce = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-            & 0xffffffff
-    );
+    let nonce = nonce();
     let image = |v: &str| format!("{}/team/web:{v}", reg.host());
     build_version(&d, dir.path(), &image("v1"), "v1", true);
     build_version(&d, dir.path(), &image("v2"), "v2", true);
@@ -197,22 +212,7 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
         ),
     )
     .unwrap();
-    let agent = wharf(&["agent", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stack = Stack {
-        agent,
-        dir: stack_dir.clone(),
-        project: project.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", agent_port)).is_err() {
-        assert!(Instant::now() < deadline, "the agent did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
     // The registry tells the agent about :prod.
     run(wharf_cmd(&reg.data).args([
         "webhook",
@@ -227,7 +227,7 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
     ]));
 
     // 1. v1 to prod: the stack serves v1; one successful deploy.
-    promote(&reg, "v1");
+    promote(&reg, "team/web", "v1");
     wait_serving(app_port, "v1");
     let h = settled(&cfg);
     assert_eq!(h.len(), 1, "{h:?}");
@@ -251,12 +251,12 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
     assert!(pinned.contains("@sha256:"), "{pinned}");
 
     // 2. v2: the webhook redeploys.
-    promote(&reg, "v2");
+    promote(&reg, "team/web", "v2");
     wait_serving(app_port, "v2");
     assert_eq!(settled(&cfg)[0]["state"], "success");
 
     // 3. v3 fails its healthcheck: the agent goes back to v2 by itself, and says so.
-    promote(&reg, "v3");
+    promote(&reg, "team/web", "v3");
     let deadline = Instant::now() + Duration::from_secs(90);
     let h = loop {
         let h = history(&cfg);
@@ -429,14 +429,7 @@ async fn polling_deploys_when_the_webhook_receiver_is_down() {
     let d = Docker::new();
     d.login(reg.host(), "admin", ADMIN_PASSWORD);
     let dir = tempfile::tempdir().unwrap();
-    let nonce = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-            & 0xffffffff
-    );
+    let nonce = nonce();
     let image = format!("{}/team/poll:v1", reg.host());
     build_version(&d, dir.path(), &image, "v1", true);
     // The registry's webhook points where nothing listens: every delivery fails.
@@ -473,23 +466,8 @@ async fn polling_deploys_when_the_webhook_receiver_is_down() {
         ),
     )
     .unwrap();
-    let agent = wharf(&["agent", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _stack = Stack {
-        agent,
-        dir: stack_dir,
-        project,
-    };
-    run(
-        wharf(&["promote", &format!("{}/team/poll:v1", reg.host()), "prod"])
-            .env("WHARF_USERNAME", "admin")
-            .env("WHARF_PASSWORD", ADMIN_PASSWORD)
-            .env("DOCKER_CONFIG", "/nonexistent"),
-    );
+    let _stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+    promote(&reg, "team/poll", "v1");
     wait_serving(app_port, "v1");
     let h = settled(&cfg);
     assert_eq!(h[0]["trigger"], "poll");

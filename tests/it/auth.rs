@@ -9,7 +9,8 @@ use reqwest::{Client, StatusCode};
 use serde_json::Value;
 
 use crate::common::{
-    ADMIN_PASSWORD, Process, TestRegistry, client_as, error_of, header, run, wharf_cmd,
+    ADMIN_PASSWORD, Process, TestRegistry, client_as, error_of, header, output_with_stdin, run,
+    wharf_cmd,
 };
 
 /// The (unverified) claims of a registry JWT, to see what it grants.
@@ -29,20 +30,7 @@ fn wharf(reg: &TestRegistry, args: &[&str]) -> String {
 }
 
 fn wharf_stdin(reg: &TestRegistry, args: &[&str], input: &str) -> String {
-    let mut child = wharf_cmd(&reg.data)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(wharf_cmd(&reg.data).args(args), input);
     assert!(
         out.status.success(),
         "wharf {args:?}: {}",

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::common::{TestRegistry, require_tool, run, wharf_cmd};
+use crate::common::{TestRegistry, nonce, output_with_stdin, require_tool, run, wharf_cmd};
 use crate::docker_cli::{Docker, busybox_context};
 
 #[test]
@@ -11,17 +11,13 @@ fn docker_login_push_pull_with_user_and_token_then_logout() {
     let reg = TestRegistry::start();
     let host = reg.host().to_owned();
     let ctx = tempfile::tempdir().unwrap();
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let nonce = nonce();
     busybox_context(ctx.path(), &format!("auth {nonce}"));
-    let mut add = wharf_cmd(&reg.data);
-    add.args(["user", "add", "ci", "--password-stdin"])
-        .stdin(std::process::Stdio::piped());
-    let mut child = add.spawn().unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"ci user password").unwrap();
-    assert!(child.wait().unwrap().success());
+    let out = output_with_stdin(
+        wharf_cmd(&reg.data).args(["user", "add", "ci", "--password-stdin"]),
+        "ci user password",
+    );
+    assert!(out.status.success());
     run(wharf_cmd(&reg.data).args(["grant", "ci", "team/*", "push"]));
     let image = format!("{host}/team/app-{nonce}:v1");
     let public_image = format!("{host}/pub/app-{nonce}:v1");

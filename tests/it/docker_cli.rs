@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{ADMIN_PASSWORD, TestRegistry, require_tool, run};
+use crate::common::{ADMIN_PASSWORD, TestRegistry, nonce, output_with_stdin, require_tool, run};
 
 pub fn busybox_context(dir: &Path, message: &str) {
     require_tool("busybox", "apt-get install -y busybox-static");
@@ -58,22 +58,11 @@ impl Docker {
     }
 
     pub fn login(&self, host: &str, user: &str, password: &str) {
-        use std::io::Write;
-        let mut child = self
-            .cmd()
-            .args(["login", "-u", user, "--password-stdin", host])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(password.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = output_with_stdin(
+            self.cmd()
+                .args(["login", "-u", user, "--password-stdin", host]),
+            password,
+        );
         assert!(
             out.status.success(),
             "docker login failed: {}",
@@ -93,13 +82,7 @@ impl Docker {
 fn docker_build_push_rmi_pull_run() {
     let reg = TestRegistry::start();
     let ctx = tempfile::tempdir().unwrap();
-    let nonce = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let nonce = nonce();
     busybox_context(ctx.path(), &format!("hello from wharf {nonce}"));
     let image = format!("{}/wharf-test/busybox-{nonce}:v1", reg.host());
     let d = Docker::new();

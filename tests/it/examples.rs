@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::common::{require_tool, run};
+use crate::common::{output_with_stdin, require_tool, run};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
@@ -15,22 +15,13 @@ fn examples() -> PathBuf {
 
 /// YAML as JSON, read with Python's yaml module (the machine has it; CI installs it).
 fn yaml_text(text: &str) -> Value {
-    use std::io::Write;
     require_tool("python3", "apt-get install -y python3 python3-yaml");
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg("import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        Command::new("python3")
+            .arg("-c")
+            .arg("import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"),
+        text,
+    );
     assert!(
         out.status.success(),
         "python3 -c 'import yaml' failed: install python3-yaml"

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::common::{ADMIN_PASSWORD, TestRegistry, require_tool, run};
+use crate::common::{ADMIN_PASSWORD, TestRegistry, nonce, require_tool, run};
 use crate::docker_cli::busybox_context;
 
 fn podman() -> Command {
@@ -15,10 +15,7 @@ fn podman_build_push_rmi_pull_oci_format() {
     let reg = TestRegistry::start();
     let ctx = tempfile::tempdir().unwrap();
     // Unique content per run, so no cache of earlier runs can stand in for this push.
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let nonce = nonce();
     busybox_context(ctx.path(), &format!("hello from podman {nonce}"));
     let image = format!("{}/wharf-test/podman:v1", reg.host());
     let digest_file = ctx.path().join("digest");

@@ -361,7 +361,7 @@ async fn tag_details_api_pages_orders_and_guards() {
     assert_eq!(error_of(r).await.0, StatusCode::METHOD_NOT_ALLOWED);
 
     // A user without pull on the repository sees nothing; metrics are for admins.
-    let out = with_stdin(
+    let out = output_with_stdin(
         wharf_cmd(&reg.data).args(["user", "add", "dev", "--password-stdin"]),
         "dev-password-1",
     );
@@ -377,24 +377,6 @@ async fn tag_details_api_pages_orders_and_guards() {
     assert_eq!(error_of(r).await, (StatusCode::FORBIDDEN, "DENIED".into()));
     let r = reg.anon.get(reg.url("/metrics")).send().await.unwrap();
     assert_eq!(error_of(r).await.0, StatusCode::UNAUTHORIZED);
-}
-
-/// Runs `cmd` with `input` on its standard input.
-fn with_stdin(cmd: &mut Command, input: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 #[tokio::test]
@@ -451,7 +433,7 @@ async fn cli_credentials_come_from_flags_then_env_then_docker_config() {
     c.env("WHARF_USERNAME", "admin")
         .env("WHARF_PASSWORD", "wrong")
         .args(["--username", "admin", "--password-stdin"]);
-    assert!(with_stdin(&mut c, ADMIN_PASSWORD).status.success());
+    assert!(output_with_stdin(&mut c, ADMIN_PASSWORD).status.success());
     let (success, err) = ok(base()
         .env("WHARF_USERNAME", "admin")
         .env("WHARF_PASSWORD", "wrong"));
@@ -493,13 +475,7 @@ fn docker_push_promote_and_pull_the_promoted_tag() {
     let d = Docker::new();
     d.login(reg.host(), "admin", ADMIN_PASSWORD);
     let ctx = tempfile::tempdir().unwrap();
-    let nonce = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let nonce = nonce();
     busybox_context(ctx.path(), &format!("release {nonce}"));
     let staging = format!("{}/team/api-{nonce}:staging", reg.host());
     let prod = format!("{}/team/web-{nonce}:prod", reg.host());

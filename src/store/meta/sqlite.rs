@@ -246,6 +246,26 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManifestRecord> {
     })
 }
 
+/// The columns [`event_row`] reads, from `events e`.
+pub(super) const EVENT_COLUMNS: &str =
+    "e.id, e.uuid, e.at, e.action, e.repository, e.tag, e.digest, e.media_type, e.size, e.actor";
+
+/// An event from [`EVENT_COLUMNS`] starting at column `at`.
+pub(super) fn event_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<EventRecord> {
+    Ok(EventRecord {
+        id: r.get(at)?,
+        uuid: r.get(at + 1)?,
+        at: r.get(at + 2)?,
+        action: r.get(at + 3)?,
+        repository: r.get(at + 4)?,
+        tag: r.get(at + 5)?,
+        digest: r.get(at + 6)?,
+        media_type: r.get(at + 7)?,
+        size: r.get(at + 8)?,
+        actor: r.get(at + 9)?,
+    })
+}
+
 /// An event to record in the outbox.
 struct Event<'a> {
     action: &'a str,
@@ -752,24 +772,10 @@ impl MetaStore for SqliteMeta {
 
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRecord>, MetaError> {
         self.scan(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, uuid, at, action, repository, tag, digest, media_type, size, actor
-                 FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![after, limit], |r| {
-                Ok(EventRecord {
-                    id: r.get(0)?,
-                    uuid: r.get(1)?,
-                    at: r.get(2)?,
-                    action: r.get(3)?,
-                    repository: r.get(4)?,
-                    tag: r.get(5)?,
-                    digest: r.get(6)?,
-                    media_type: r.get(7)?,
-                    size: r.get(8)?,
-                    actor: r.get(9)?,
-                })
-            })?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events e WHERE e.id > ?1 ORDER BY e.id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after, limit], |r| event_row(r, 0))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
 
 use super::events::{Attempt, DeliveryRecord, DueDelivery, EventsMeta, WebhookRecord};
-use super::sqlite::{SqliteMeta, now_ms};
+use super::sqlite::{EVENT_COLUMNS, SqliteMeta, event_row, now_ms};
 use super::{EventRecord, MetaError};
 
 const HOOK_COLUMNS: &str =
@@ -28,24 +28,6 @@ fn hook_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<WebhookRecord>
         format: r.get(at + 6)?,
         source: r.get(at + 7)?,
         created_at: r.get(at + 8)?,
-    })
-}
-
-const EVENT_COLUMNS: &str =
-    "e.id, e.uuid, e.at, e.action, e.repository, e.tag, e.digest, e.media_type, e.size, e.actor";
-
-fn event_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<EventRecord> {
-    Ok(EventRecord {
-        id: r.get(at)?,
-        uuid: r.get(at + 1)?,
-        at: r.get(at + 2)?,
-        action: r.get(at + 3)?,
-        repository: r.get(at + 4)?,
-        tag: r.get(at + 5)?,
-        digest: r.get(at + 6)?,
-        media_type: r.get(at + 7)?,
-        size: r.get(at + 8)?,
-        actor: r.get(at + 9)?,
     })
 }
 
