@@ -9,16 +9,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::*;
-use crate::docker_cli::Docker;
+use crate::docker_cli::{Docker, copy_busybox};
 use crate::webhooks::Receiver;
 
 /// A busybox httpd image answering `version` on 8080, healthy or not.
 fn build_version(d: &Docker, dir: &Path, image: &str, version: &str, healthy: bool) {
-    require_tool("busybox", "apt-get install -y busybox-static");
     let ctx = dir.join(version);
     std::fs::create_dir_all(&ctx).unwrap();
-    let busybox = run(Command::new("sh").args(["-c", "command -v busybox"]));
-    std::fs::copy(busybox.trim(), ctx.join("busybox")).unwrap();
+    copy_busybox(&ctx);
     let check = if healthy {
         r#"["/bin/wget", "-q", "-O-", "http://127.0.0.1:8080/"]"#
     } else {
@@ -309,7 +307,9 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
     let hook = format!("http://127.0.0.1:{agent_port}/hooks/registry");
     let body = serde_json::json!({"id": "evt-1", "action": "tag", "repository": "team/web", "tag": "prod", "digest": "sha256:00"}).to_string();
     let now = wharf::auth::now_secs();
-    let post = |sig: String| {
+    // Posts the event signed with `secret` at time `t`; returns the status.
+    let post = |secret: &str, t: i64| {
+        let sig = wharf::events::signature(secret, t, body.as_bytes());
         let (hook, body) = (hook.clone(), body.clone());
         async move {
             reqwest::Client::new()
@@ -323,42 +323,10 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
                 .as_u16()
         }
     };
-    assert_eq!(
-        post(wharf::events::signature(
-            "wrong-secret-0123",
-            now,
-            body.as_bytes()
-        ))
-        .await,
-        401
-    );
-    assert_eq!(
-        post(wharf::events::signature(
-            "webhook-secret-0123",
-            now - 3600,
-            body.as_bytes()
-        ))
-        .await,
-        401
-    );
-    assert_eq!(
-        post(wharf::events::signature(
-            "webhook-secret-0123",
-            now,
-            body.as_bytes()
-        ))
-        .await,
-        202
-    );
-    assert_eq!(
-        post(wharf::events::signature(
-            "webhook-secret-0123",
-            now,
-            body.as_bytes()
-        ))
-        .await,
-        409
-    );
+    assert_eq!(post("wrong-secret-0123", now).await, 401);
+    assert_eq!(post("webhook-secret-0123", now - 3600).await, 401);
+    assert_eq!(post("webhook-secret-0123", now).await, 202);
+    assert_eq!(post("webhook-secret-0123", now).await, 409);
     std::thread::sleep(Duration::from_secs(2));
     // The one accepted event found prod where it is (v3, unhealthy): it was tried and
     // rolled back to v1; the refused ones did nothing.

@@ -6,16 +6,15 @@ use std::process::Command;
 
 use crate::common::{ADMIN_PASSWORD, TestRegistry, nonce, output_with_stdin, require_tool, run};
 
-pub fn busybox_context(dir: &Path, message: &str) {
+/// Puts the machine's static busybox into a build context.
+pub fn copy_busybox(dir: &Path) {
     require_tool("busybox", "apt-get install -y busybox-static");
-    let busybox = String::from_utf8(
-        run(Command::new("sh")
-            .args(["-c", "command -v busybox"])
-            .stdout(std::process::Stdio::piped()))
-        .into_bytes(),
-    )
-    .unwrap();
+    let busybox = run(Command::new("sh").args(["-c", "command -v busybox"]));
     std::fs::copy(busybox.trim(), dir.join("busybox")).unwrap();
+}
+
+pub fn busybox_context(dir: &Path, message: &str) {
+    copy_busybox(dir);
     std::fs::write(
         dir.join("Dockerfile"),
         format!(
