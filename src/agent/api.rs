@@ -58,6 +58,7 @@ fn deploy_error(e: DeployError) -> Response {
     match e {
         DeployError::Busy(_) => error(StatusCode::CONFLICT, e.to_string()),
         DeployError::UnknownStack(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        DeployError::Invalid(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
         DeployError::Other(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
     }
 }
@@ -127,25 +128,42 @@ fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T,
     serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
-async fn run_deploy(s: &ApiState, stack: &str, trigger: &str, body: DeployBody) -> Response {
+/// Runs a deploy to its end and answers with its outcome. The deploy is its own task:
+/// a client that hangs up does not cut it off half-applied.
+async fn detached(
+    agent: &Arc<Agent>,
+    stack: &str,
+    trigger: &'static str,
+    actor: Option<String>,
+    target: Target,
+) -> Response {
+    let (agent, stack) = (Arc::clone(agent), stack.to_owned());
+    let task = tokio::spawn(async move {
+        let actor = actor.as_deref().or(Some(trigger));
+        agent.deploy(&stack, trigger, actor, target).await
+    });
+    match task.await {
+        Ok(Ok(o)) => (StatusCode::OK, axum::Json(json!(o))).into_response(),
+        Ok(Err(e)) => deploy_error(e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the deploy stopped: {e}"),
+        ),
+    }
+}
+
+async fn run_deploy(
+    s: &ApiState,
+    stack: &str,
+    trigger: &'static str,
+    body: DeployBody,
+) -> Response {
     let target = Target {
         tag: body.tag,
         services: body.services,
         pins: None,
     };
-    match s
-        .agent
-        .deploy(
-            stack,
-            trigger,
-            body.actor.as_deref().or(Some(trigger)),
-            target,
-        )
-        .await
-    {
-        Ok(o) => (StatusCode::OK, axum::Json(json!(o))).into_response(),
-        Err(e) => deploy_error(e),
-    }
+    detached(&s.agent, stack, trigger, body.actor, target).await
 }
 
 async fn deploy_hook(
@@ -263,17 +281,12 @@ async fn rollback(
         Ok(t) => t,
         Err(e) => return deploy_error(e),
     };
-    match s
-        .agent
-        .deploy(
-            &stack,
-            "rollback",
-            b.actor.as_deref().or(Some("cli")),
-            target,
-        )
-        .await
-    {
-        Ok(o) => (StatusCode::OK, axum::Json(json!(o))).into_response(),
-        Err(e) => deploy_error(e),
-    }
+    detached(
+        &s.agent,
+        &stack,
+        "rollback",
+        b.actor.or(Some("cli".into())),
+        target,
+    )
+    .await
 }

@@ -39,6 +39,10 @@ pub struct AgentConfig {
     /// Webhooks older than this are refused (replay window).
     #[serde(default = "default_window")]
     pub webhook_max_age_s: i64,
+    /// A webhook or poll waits this long before it deploys, so the several tags one
+    /// release moves (`prod`, `latest`, `main-abc1234`) give one deploy.
+    #[serde(default = "default_coalesce")]
+    pub coalesce_ms: u64,
     pub stacks: Vec<StackConfig>,
 }
 
@@ -76,6 +80,9 @@ fn default_poll() -> u64 {
 }
 fn default_window() -> i64 {
     300
+}
+fn default_coalesce() -> u64 {
+    1000
 }
 fn default_health_timeout() -> u64 {
     120
@@ -134,6 +141,20 @@ impl AgentConfig {
                 bail!("stack {} needs compose files and services", s.name);
             }
             s.images()?;
+            if let Some(p) = s.probes.keys().find(|p| !s.services.contains_key(*p)) {
+                bail!(
+                    "stack {}: probe for {p:?}, which is not one of its services",
+                    s.name
+                );
+            }
+            for (svc, url) in &s.probes {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bail!(
+                        "stack {}: the probe of {svc} must be an http(s) URL, not {url:?}",
+                        s.name
+                    );
+                }
+            }
         }
         crate::client::endpoint(&c.registry)?;
         Ok(c)

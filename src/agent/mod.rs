@@ -15,7 +15,6 @@ pub mod history;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -65,14 +64,21 @@ pub enum DeployError {
     Busy(String),
     #[error("no stack {0}")]
     UnknownStack(String),
+    /// The request names something that is not there (a service, a tag, a deploy).
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
 struct StackState {
     lock: tokio::sync::Mutex<()>,
-    /// A webhook or poll asked for a deploy while one ran: run again after it.
-    pending: AtomicBool,
+    /// Wakes the stack's worker: a webhook or poll asks for a deploy of the followed
+    /// tags. Asks while the worker is busy leave one permit, so a burst gives one more
+    /// deploy at most, never one per ask.
+    wake: tokio::sync::Notify,
+    /// What asked first since the last deploy of the followed tags (`webhook`, `poll`).
+    asked_by: std::sync::Mutex<Option<&'static str>>,
 }
 
 pub struct Agent {
@@ -112,7 +118,8 @@ impl Agent {
                 s.name.clone(),
                 StackState {
                     lock: tokio::sync::Mutex::new(()),
-                    pending: AtomicBool::new(false),
+                    wake: tokio::sync::Notify::new(),
+                    asked_by: std::sync::Mutex::new(None),
                 },
             );
         }
@@ -129,6 +136,9 @@ impl Agent {
                 .build()?,
         });
         agent.recover().await;
+        for name in agent.stacks.keys() {
+            tokio::spawn(Arc::clone(&agent).worker(name.clone()));
+        }
         Ok(agent)
     }
 
@@ -147,26 +157,37 @@ impl Agent {
     }
 
     /// Each service's digest reference for `target`.
-    async fn resolve(&self, stack: &StackConfig, target: &Target) -> anyhow::Result<Pins> {
+    async fn resolve(&self, stack: &StackConfig, target: &Target) -> Result<Pins, DeployError> {
         if let Some(p) = &target.pins {
             return Ok(p.clone());
         }
         let (_, host) = crate::client::endpoint(&self.config.registry)?;
+        let images = stack.images()?;
+        if let Some(svc) = target.services.keys().find(|s| !images.contains_key(*s)) {
+            return Err(DeployError::Invalid(format!(
+                "stack {} has no service {svc:?} (it has {})",
+                stack.name,
+                images.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
         let mut pins = Pins::new();
-        for (svc, image) in stack.images()? {
+        for (svc, image) in images {
             let tag = target
                 .services
                 .get(&svc)
                 .or(target.tag.as_ref())
                 .cloned()
                 .unwrap_or_else(|| image.tag().unwrap_or("latest").to_owned());
-            let reference = Reference::parse(&tag)
-                .map_err(|e| anyhow::anyhow!("service {svc}: tag {tag:?}: {e}"))?;
+            let reference = Reference::parse(&tag).map_err(|e| {
+                DeployError::Invalid(format!("service {svc}: {tag:?} is not a tag: {e}"))
+            })?;
             let digest = self
                 .client
                 .manifest_digest(&image.repo, &reference)
                 .await?
-                .with_context(|| format!("{}:{tag} is not in the registry", image.repo))?;
+                .ok_or_else(|| {
+                    DeployError::Invalid(format!("{}:{tag} is not in the registry", image.repo))
+                })?;
             pins.insert(svc, format!("{host}/{}@{digest}", image.repo));
         }
         Ok(pins)
@@ -341,21 +362,33 @@ impl Agent {
                             Some(logs),
                         ));
                     }
-                    let ok = if let Some(url) = stack.probes.get(svc) {
-                        st.status == "running" && self.probe(url).await
-                    } else if let Some(h) = &st.health {
-                        h == "healthy"
-                    } else {
-                        // No healthcheck: running, and still running a little later.
-                        let since = *running_since.entry(id.clone()).or_insert_with(Instant::now);
-                        st.status == "running" && since.elapsed() >= Duration::from_secs(3)
+                    // The image's healthcheck and the stack's probe must both pass where
+                    // both exist; with neither, running and still running a little later.
+                    let probe = stack.probes.get(svc);
+                    let health_ok = st.status == "running"
+                        && match &st.health {
+                            Some(h) => h == "healthy",
+                            None if probe.is_some() => true,
+                            None => {
+                                let since =
+                                    *running_since.entry(id.clone()).or_insert_with(Instant::now);
+                                since.elapsed() >= Duration::from_secs(3)
+                            }
+                        };
+                    let probe_failed = match probe {
+                        Some(url) if health_ok && !self.probe(url).await => Some(url),
+                        _ => None,
                     };
+                    let ok = health_ok && probe_failed.is_none();
                     if !ok {
                         all_ok = false;
                         last_problem = format!(
-                            "service {svc}: status {}, health {}",
+                            "service {svc}: status {}, health {}{}",
                             st.status,
-                            st.health.as_deref().unwrap_or("none")
+                            st.health.as_deref().unwrap_or("none"),
+                            probe_failed
+                                .map(|u| format!(", probe {u} not answering 2xx"))
+                                .unwrap_or_default()
                         );
                     }
                 }
@@ -404,35 +437,49 @@ impl Agent {
         }
     }
 
-    /// Asks for a deploy that follows the tags; a burst of asks while one runs gives
-    /// one more deploy after it, not one per ask.
-    pub fn request(self: &Arc<Self>, stack: &str, trigger: &'static str) {
-        let Some(state) = self.stacks.get(stack) else {
+    /// Asks for a deploy of the followed tags (a webhook or a poll). It runs in the
+    /// stack's worker after `coalesce_ms`, so the tags one release moves give one deploy.
+    pub fn request(&self, stack: &str, trigger: &'static str) {
+        if let Some(state) = self.stacks.get(stack) {
+            let mut asked = state.asked_by.lock().unwrap_or_else(|e| e.into_inner());
+            asked.get_or_insert(trigger);
+            state.wake.notify_one();
+        }
+    }
+
+    /// One per stack: waits for asks, lets a burst settle, deploys the followed tags.
+    /// A deploy already running (from the CLI or the hook) is waited for, not
+    /// interleaved with.
+    async fn worker(self: Arc<Self>, stack: String) {
+        let Some(state) = self.stacks.get(&stack) else {
             return;
         };
-        state.pending.store(true, Ordering::SeqCst);
-        let agent = Arc::clone(self);
-        let stack = stack.to_owned();
-        tokio::spawn(async move {
-            let Some(state) = agent.stacks.get(&stack) else {
-                return;
-            };
-            while state.pending.swap(false, Ordering::SeqCst) {
-                match agent
+        let settle = Duration::from_millis(self.config.coalesce_ms);
+        loop {
+            state.wake.notified().await;
+            tokio::time::sleep(settle).await;
+            let trigger = state
+                .asked_by
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or("poll");
+            loop {
+                match self
                     .deploy(&stack, trigger, Some(trigger), Target::default())
                     .await
                 {
                     Ok(Outcome::Unchanged) => {}
                     Ok(o) => tracing::info!(stack = %stack, "agent: {o:?}"),
                     Err(DeployError::Busy(_)) => {
-                        // Run once more after the deploy in progress.
-                        state.pending.store(true, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
                     }
                     Err(e) => tracing::warn!(stack = %stack, error = %e, "agent: deploy failed"),
                 }
+                break;
             }
-        });
+        }
     }
 
     /// Stacks following `repository:tag`.
@@ -464,43 +511,69 @@ impl Agent {
         }
     }
 
-    /// A deploy a restart interrupted is recorded as such, and the stack is put back on
-    /// its last healthy digests.
+    /// A deploy a restart interrupted is recorded as such at once, and the stack is put
+    /// back on its last healthy digests in the background (the API answers meanwhile; a
+    /// deploy asked for before the recovery runs first, and the recovery then finds
+    /// the stack in a known state).
     async fn recover(self: &Arc<Self>) {
         let running = match self.history.running() {
             Ok(r) => r,
             Err(e) => return tracing::warn!(error = %e, "agent: cannot read history"),
         };
+        // Each stack with an interrupted deploy, and the last of them.
+        let mut stacks = BTreeMap::new();
         for d in running {
-            let _ = self.history.finish(
+            if let Err(e) = self.history.finish(
                 d.id,
                 "interrupted",
                 Some("the agent stopped during this deploy"),
                 None,
-            );
-            let healthy = self.history.last_healthy(&d.stack).ok().flatten();
-            match healthy {
-                Some(h) => {
+            ) {
+                tracing::warn!(error = %e, "agent: cannot record deploy #{} as interrupted", d.id);
+            }
+            let last = stacks.entry(d.stack).or_insert(d.id);
+            *last = (*last).max(d.id);
+        }
+        for (stack, interrupted) in stacks {
+            let agent = Arc::clone(self);
+            tokio::spawn(async move {
+                loop {
+                    // A deploy that ran since (asked for before this task ran) left the
+                    // stack in a known state: nothing to recover.
+                    let latest = agent
+                        .history
+                        .list(&stack, 1)
+                        .ok()
+                        .and_then(|l| l.into_iter().next());
+                    if latest.is_some_and(|l| l.id > interrupted) {
+                        break;
+                    }
+                    let Some(h) = agent.history.last_healthy(&stack).ok().flatten() else {
+                        tracing::warn!(stack = %stack, "agent: deploy #{interrupted} was interrupted and there is no healthy deploy to return to");
+                        break;
+                    };
                     let target = Target {
-                        pins: Some(h.after.clone()),
+                        pins: Some(h.after),
                         ..Target::default()
                     };
-                    match self
-                        .deploy(&d.stack, "recovery", Some("agent"), target)
+                    match agent
+                        .deploy(&stack, "recovery", Some("agent"), target)
                         .await
                     {
+                        Err(DeployError::Busy(_)) => {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
                         Ok(o) => {
-                            tracing::info!(stack = %d.stack, "agent: recovered an interrupted deploy: {o:?}")
+                            tracing::info!(stack = %stack, "agent: recovered from an interrupted deploy: {o:?}")
                         }
                         Err(e) => {
-                            tracing::warn!(stack = %d.stack, error = %e, "agent: recovery failed")
+                            tracing::warn!(stack = %stack, error = %e, "agent: recovery failed")
                         }
                     }
+                    break;
                 }
-                None => {
-                    tracing::warn!(stack = %d.stack, "agent: deploy #{} was interrupted and there is no healthy deploy to return to", d.id)
-                }
-            }
+            });
         }
     }
 
@@ -512,66 +585,84 @@ impl Agent {
         tag: Option<String>,
         digest: Option<String>,
     ) -> Result<Target, DeployError> {
+        let pinned = |pins: Pins| Target {
+            pins: Some(pins),
+            ..Target::default()
+        };
         let (config, _) = self.stack(stack)?;
         if let Some(id) = to {
             let d: Deploy = self
                 .history
                 .get(id)?
                 .filter(|d| d.stack == stack)
-                .with_context(|| format!("no deploy {id} of {stack}"))?;
-            return Ok(Target {
-                pins: Some(d.after),
-                ..Target::default()
-            });
+                .ok_or_else(|| DeployError::Invalid(format!("{stack} has no deploy {id}")))?;
+            return Ok(pinned(d.after));
         }
         if let Some(tag) = tag {
-            let pins = self
-                .resolve(
-                    config,
-                    &Target {
-                        tag: Some(tag),
-                        ..Target::default()
-                    },
-                )
-                .await?;
-            return Ok(Target {
-                pins: Some(pins),
+            let target = Target {
+                tag: Some(tag),
                 ..Target::default()
-            });
+            };
+            return Ok(pinned(self.resolve(config, &target).await?));
         }
         if let Some(digest) = digest {
-            let d: crate::oci::Digest = digest
-                .parse()
-                .map_err(|e| anyhow::anyhow!("invalid digest {digest:?}: {e}"))?;
-            let (_, host) = crate::client::endpoint(&self.config.registry)?;
-            let images = config.images()?;
-            if images.len() != 1 {
-                return Err(anyhow::anyhow!(
-                    "--digest names one image; {stack} has {} services (use --to or --tag)",
-                    images.len()
-                )
-                .into());
-            }
-            let pins = images
-                .into_iter()
-                .map(|(svc, i)| (svc, format!("{host}/{}@{d}", i.repo)))
-                .collect();
-            return Ok(Target {
-                pins: Some(pins),
-                ..Target::default()
-            });
+            return Ok(pinned(self.digest_pins(config, &digest).await?));
         }
         // No target: the healthy deploy before the current one.
         let list = self.history.list(stack, 1000)?;
         let mut healthy = list.iter().filter(|d| d.state == "success");
-        let current = healthy.next().context("no healthy deploy yet")?;
-        let previous = healthy
-            .find(|d| d.after != current.after)
-            .context("no earlier healthy deploy to roll back to")?;
-        Ok(Target {
-            pins: Some(previous.after.clone()),
-            ..Target::default()
-        })
+        let current = healthy
+            .next()
+            .ok_or_else(|| DeployError::Invalid(format!("{stack} has no healthy deploy yet")))?;
+        let previous = healthy.find(|d| d.after != current.after).ok_or_else(|| {
+            DeployError::Invalid(format!(
+                "{stack} has no earlier healthy deploy to go back to"
+            ))
+        })?;
+        Ok(pinned(previous.after.clone()))
+    }
+
+    /// A rollback to one image digest: the services whose repository holds it (at the
+    /// registry, or on this server when the registry cannot be reached) take it; the
+    /// others stay on what they run.
+    async fn digest_pins(&self, stack: &StackConfig, digest: &str) -> Result<Pins, DeployError> {
+        let d: crate::oci::Digest = digest
+            .parse()
+            .map_err(|e| DeployError::Invalid(format!("{digest:?} is not a digest: {e}")))?;
+        let (_, host) = crate::client::endpoint(&self.config.registry)?;
+        let mut pins = self
+            .history
+            .last_healthy(&stack.name)?
+            .map(|h| h.after)
+            .unwrap_or_default();
+        let mut matched = 0;
+        for (svc, image) in stack.images()? {
+            let pin = format!("{host}/{}@{d}", image.repo);
+            let here = match self
+                .client
+                .manifest_digest(&image.repo, &Reference::Digest(d.clone()))
+                .await
+            {
+                Ok(found) => found.is_some(),
+                Err(_) => compose::present_locally(&[&pin]).await,
+            };
+            if here {
+                pins.insert(svc, pin);
+                matched += 1;
+            }
+        }
+        if matched == 0 {
+            return Err(DeployError::Invalid(format!(
+                "no repository of {} holds {d}",
+                stack.name
+            )));
+        }
+        if let Some(svc) = stack.services.keys().find(|s| !pins.contains_key(*s)) {
+            return Err(DeployError::Invalid(format!(
+                "service {svc} has never been deployed and {d} is not its image; use --tag"
+            )));
+        }
+        Ok(pins)
     }
 }
 

@@ -12,15 +12,35 @@ use crate::common::*;
 use crate::docker_cli::{Docker, copy_busybox};
 use crate::webhooks::Receiver;
 
-/// A busybox httpd image answering `version` on 8080, healthy or not.
-fn build_version(d: &Docker, dir: &Path, image: &str, version: &str, healthy: bool) {
+/// How a test image behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// Healthy, and serves `/ready`.
+    Healthy,
+    /// Its healthcheck fails.
+    Failing,
+    /// Healthy by its healthcheck, but has no `/ready`.
+    NotReady,
+    /// Its healthcheck stays `starting` for minutes: a deploy of it waits.
+    Starting,
+}
+
+/// A busybox httpd image answering `version` on 8080.
+fn build_version(d: &Docker, dir: &Path, image: &str, version: &str, kind: Kind) {
     let ctx = dir.join(version);
     std::fs::create_dir_all(&ctx).unwrap();
     copy_busybox(&ctx);
-    let check = if healthy {
-        r#"["/bin/wget", "-q", "-O-", "http://127.0.0.1:8080/"]"#
+    let check = match kind {
+        Kind::Healthy | Kind::NotReady => {
+            r#"--interval=1s --timeout=1s --retries=2 CMD ["/bin/wget", "-q", "-O-", "http://127.0.0.1:8080/"]"#
+        }
+        Kind::Failing => r#"--interval=1s --timeout=1s --retries=2 CMD ["/bin/false"]"#,
+        Kind::Starting => r#"--interval=1s --start-period=600s CMD ["/bin/false"]"#,
+    };
+    let ready = if kind == Kind::Healthy {
+        " && echo ready > /www/ready"
     } else {
-        r#"["/bin/false"]"#
+        ""
     };
     std::fs::write(
         ctx.join("Dockerfile"),
@@ -28,8 +48,8 @@ fn build_version(d: &Docker, dir: &Path, image: &str, version: &str, healthy: bo
             "FROM scratch\n\
              COPY busybox /bin/busybox\n\
              RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
-             RUN [\"/bin/sh\", \"-c\", \"mkdir /www && echo {version} > /www/index.html\"]\n\
-             HEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD {check}\n\
+             RUN [\"/bin/sh\", \"-c\", \"mkdir /www && echo {version} > /www/index.html{ready}\"]\n\
+             HEALTHCHECK {check}\n\
              CMD [\"/bin/httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n"
         ),
     )
@@ -83,26 +103,42 @@ struct Stack {
     project: String,
 }
 
+/// Runs `wharf agent --config cfg`, its output appended to `agent.log` beside `cfg`,
+/// and waits until it listens on `port`.
+fn spawn_agent(cfg: &Path, port: u16) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.with_file_name("agent.log"))
+        .unwrap();
+    let agent = wharf(&["agent", "--config"])
+        .arg(cfg)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the agent did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent
+}
+
 impl Stack {
-    /// Runs `wharf agent --config cfg` and waits until it listens on `port`.
     fn start(cfg: &Path, port: u16, dir: &Path, project: &str) -> Stack {
-        let agent = wharf(&["agent", "--config"])
-            .arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stack = Stack {
-            agent,
+        Stack {
+            agent: spawn_agent(cfg, port),
             dir: dir.to_owned(),
             project: project.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the agent did not start");
-            std::thread::sleep(Duration::from_millis(50));
         }
-        stack
+    }
+
+    /// SIGKILLs the agent wherever it is, then starts it again.
+    fn kill_and_restart(&mut self, cfg: &Path, port: u16) {
+        self.agent.kill().unwrap();
+        self.agent.wait().unwrap();
+        self.agent = spawn_agent(cfg, port);
     }
 }
 
@@ -174,9 +210,9 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
     let dir = tempfile::tempdir().unwrap();
     let nonce = nonce();
     let image = |v: &str| format!("{}/team/web:{v}", reg.host());
-    build_version(&d, dir.path(), &image("v1"), "v1", true);
-    build_version(&d, dir.path(), &image("v2"), "v2", true);
-    build_version(&d, dir.path(), &image("v3"), "v3", false);
+    build_version(&d, dir.path(), &image("v1"), "v1", Kind::Healthy);
+    build_version(&d, dir.path(), &image("v2"), "v2", Kind::Healthy);
+    build_version(&d, dir.path(), &image("v3"), "v3", Kind::Failing);
 
     // The stack, as a team writes it: the image by registry, repository and tag.
     let app_port = free_port();
@@ -399,7 +435,7 @@ async fn polling_deploys_when_the_webhook_receiver_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let nonce = nonce();
     let image = format!("{}/team/poll:v1", reg.host());
-    build_version(&d, dir.path(), &image, "v1", true);
+    build_version(&d, dir.path(), &image, "v1", Kind::Healthy);
     // The registry's webhook points where nothing listens: every delivery fails.
     let dead = free_port();
     let out = run(wharf_cmd(&reg.data).args([
@@ -452,4 +488,359 @@ async fn polling_deploys_when_the_webhook_receiver_is_down() {
     assert!(log[0]["attempts"].as_i64().unwrap() >= 1, "{log}");
     assert!(log[0]["last_error"].is_string());
     let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+}
+
+/// Every file under `dir`, read as text where it can be.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else if let Ok(bytes) = std::fs::read(&p) {
+            out.push((p, String::from_utf8_lossy(&bytes).into_owned()));
+        }
+    }
+    out
+}
+
+/// The command lines of every process on the machine.
+fn process_list() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .collect()
+}
+
+/// A manifest as docker pushed it: digest, media type, bytes.
+async fn manifest_of(reg: &TestRegistry, tag: &str) -> (String, String, Vec<u8>) {
+    let r = reg
+        .client
+        .get(reg.url(&format!("/v2/team/svc/manifests/{tag}")))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let media_type = header(&r, "content-type").unwrap().to_owned();
+    let manifest = r.bytes().await.unwrap().to_vec();
+    (sha256(&manifest), media_type, manifest)
+}
+
+/// Waits until the registry has delivered `n` events to webhook `hook`.
+fn wait_delivered(reg: &TestRegistry, hook: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log: Value = serde_json::from_str(&run(wharf_cmd(&reg.data).args([
+            "webhook",
+            "deliveries",
+            hook,
+            "--json",
+        ])))
+        .unwrap();
+        let delivered = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["status"] == "delivered")
+            .count();
+        if delivered >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A `wharf deploy ...` that must fail; returns its stderr.
+fn deploy_fails(cfg: &Path, args: &[&str]) -> String {
+    let out = wharf(&["deploy"])
+        .args(args)
+        .arg("--agent-config")
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_finishes_it() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    require_tool("curl", "apt-get install -y curl");
+    let reg = TestRegistry::start();
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = nonce();
+    let image = |v: &str| format!("{}/team/svc:{v}", reg.host());
+    for (v, kind) in [
+        ("v1", Kind::Healthy),
+        ("v2", Kind::Healthy),
+        ("noready", Kind::NotReady),
+        ("slow", Kind::Starting),
+    ] {
+        build_version(&d, dir.path(), &image(v), v, kind);
+    }
+    // The server pulls with a read-only token, made as an admin would make it.
+    let token = run(wharf_cmd(&reg.data).args([
+        "token",
+        "create",
+        "--user",
+        "admin",
+        "--scope",
+        "repository:team/*:pull",
+        "--name",
+        "prod-server",
+    ]))
+    .trim()
+    .to_owned();
+    assert!(token.len() >= 20, "{token}");
+    std::fs::write(dir.path().join("token"), &token).unwrap();
+
+    // Two services on one repository: `api` follows prod (with a readiness probe),
+    // `worker` follows latest.
+    let (app_port, agent_port) = (free_port(), free_port());
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    std::fs::write(
+        stack_dir.join("compose.yml"),
+        format!(
+            "services:\n  api:\n    image: {r}/team/svc:prod\n    ports: [\"127.0.0.1:{app_port}:8080\"]\n\
+             \x20 worker:\n    image: {r}/team/svc:latest\n",
+            r = reg.host()
+        ),
+    )
+    .unwrap();
+    let project = format!("wharf-burst-{nonce}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\ndata = \"agent-data\"\nregistry = \"{}\"\nusername = \"admin\"\n\
+             token_file = \"token\"\nwebhook_secret = \"webhook-secret-0123\"\ndeploy_token = \"deploy-token-0123\"\n\
+             poll_interval_s = 0\ncoalesce_ms = 2000\n\n\
+             [[stacks]]\nname = \"web\"\nproject = \"{project}\"\nworkdir = \"stack\"\nfiles = [\"compose.yml\"]\n\
+             health_timeout_s = 15\n[stacks.services]\napi = \"team/svc:prod\"\nworker = \"team/svc:latest\"\n\
+             [stacks.probes]\napi = \"http://127.0.0.1:{app_port}/ready\"\n",
+            reg.host(),
+        ),
+    )
+    .unwrap();
+    let mut stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+    let hook = run(wharf_cmd(&reg.data).args([
+        "webhook",
+        "add",
+        &format!("http://127.0.0.1:{agent_port}/hooks/registry"),
+        "--secret",
+        "webhook-secret-0123",
+    ]));
+    let hook = hook.lines().next().unwrap().to_owned();
+
+    // 1. One push moves prod, latest and main-abc1234 to v1: three events, one deploy.
+    let (v1, media_type, manifest) = manifest_of(&reg, "v1").await;
+    let r = reg
+        .put_manifest(
+            "team/svc",
+            &format!("{v1}?tag=prod&tag=latest&tag=main-abc1234"),
+            &media_type,
+            &manifest,
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    wait_serving(app_port, "v1");
+    wait_delivered(&reg, &hook, 3);
+    let h = settled(&cfg);
+    assert_eq!(h.len(), 1, "one deploy for the burst: {h:#?}");
+    assert_eq!(
+        (h[0]["state"].as_str(), h[0]["trigger"].as_str()),
+        (Some("success"), Some("webhook"))
+    );
+    let pin = format!("{}/team/svc@{v1}", reg.host());
+    assert_eq!(h[0]["after"]["api"].as_str(), Some(pin.as_str()));
+    assert_eq!(h[0]["after"]["worker"].as_str(), Some(pin.as_str()));
+    let v1_pins = h[0]["after"].clone();
+
+    // The same as a client that pushes one tag at a time does it (docker, buildx with
+    // several -t): three PUTs a quarter second apart, three webhooks, still one deploy.
+    let (v2, media_type, manifest) = manifest_of(&reg, "v2").await;
+    for tag in ["prod", "latest", "main-abc1234"] {
+        let r = reg
+            .put_manifest("team/svc", tag, &media_type, &manifest)
+            .await;
+        assert_eq!(r.status(), 201);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    wait_serving(app_port, "v2");
+    wait_delivered(&reg, &hook, 6);
+    // Longer than the coalescing window: nothing more comes.
+    std::thread::sleep(Duration::from_secs(3));
+    let h = settled(&cfg);
+    assert_eq!(h.len(), 2, "one deploy for the burst: {h:#?}");
+    let pin = format!("{}/team/svc@{v2}", reg.host());
+    assert_eq!(h[0]["after"]["api"].as_str(), Some(pin.as_str()));
+    assert_eq!(h[0]["after"]["worker"].as_str(), Some(pin.as_str()));
+    assert_eq!(h[0]["before"], v1_pins);
+    let v2_pins = h[0]["after"].clone();
+
+    // 2. The probe gates a deploy: `noready` is healthy by its own healthcheck but has
+    // no /ready, so it is rolled back.
+    let out = wharf(&["deploy", "now", "web", "--tag", "noready", "--agent-config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["result"], "rolled_back", "{outcome}");
+    let error = outcome["error"].as_str().unwrap();
+    assert!(
+        error.contains("probe") && error.contains("/ready"),
+        "{error}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rolled back"),
+        "{out:?}"
+    );
+    assert_eq!(serves(app_port).as_deref(), Some("v2"));
+    let h = settled(&cfg);
+    assert_eq!(
+        (h[1]["state"].as_str(), h[1]["trigger"].as_str()),
+        (Some("failed"), Some("cli"))
+    );
+    assert_eq!(h[0]["after"], v2_pins);
+
+    // 3. One deploy at a time: while `slow` waits for health, a second one is refused
+    // with a clear answer, by the CLI and by the hook.
+    let mut slow = wharf(&["deploy", "now", "web", "--tag", "slow", "--agent-config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let slow_id = loop {
+        let h = history(&cfg);
+        if h[0]["state"] == "running" {
+            break h[0]["id"].as_i64().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow deploy never ran: {h:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Up, so the stack is half-way.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serves(app_port).as_deref() != Some("slow") {
+        assert!(Instant::now() < deadline, "slow never came up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let err = deploy_fails(&cfg, &["now", "web"]);
+    assert!(
+        err.contains("409") && err.contains("a deploy of web is running"),
+        "{err}"
+    );
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{agent_port}/hooks/deploy/web"))
+        .bearer_auth("deploy-token-0123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+
+    // The agent dies mid-deploy. At its restart the deploy is recorded as interrupted
+    // and the stack goes back to v2, the last healthy deploy.
+    stack.kill_and_restart(&cfg, agent_port);
+    let _ = slow.wait();
+    wait_serving(app_port, "v2");
+    let h = settled(&cfg);
+    let interrupted = h.iter().find(|d| d["id"] == slow_id).unwrap();
+    assert_eq!(interrupted["state"], "interrupted", "{h:#?}");
+    assert_eq!(
+        (
+            h[0]["kind"].as_str(),
+            h[0]["trigger"].as_str(),
+            h[0]["state"].as_str()
+        ),
+        (Some("rollback"), Some("recovery"), Some("success")),
+        "{h:#?}"
+    );
+    assert_eq!(h[0]["after"], v2_pins);
+
+    // 4. The seeds' rollback options: to a tag, and to a digest.
+    let out = run(wharf(&["deploy", "rollback", "web", "--tag", "v1", "--agent-config"]).arg(&cfg));
+    assert!(out.contains("deployed"), "{out}");
+    assert_eq!(serves(app_port).as_deref(), Some("v1"));
+    assert_eq!(settled(&cfg)[0]["after"], v1_pins);
+    let out = run(wharf(&[
+        "deploy",
+        "rollback",
+        "web",
+        "--digest",
+        &v2,
+        "--agent-config",
+    ])
+    .arg(&cfg));
+    assert!(out.contains("deployed"), "{out}");
+    assert_eq!(serves(app_port).as_deref(), Some("v2"));
+    assert_eq!(settled(&cfg)[0]["after"], v2_pins);
+    // `deploy now` goes to the followed tags (v2 already): nothing to do.
+    let out = run(wharf(&["deploy", "now", "web", "--agent-config"]).arg(&cfg));
+    assert!(out.contains("unchanged"), "{out}");
+
+    // Bad requests are refused with a reason and change nothing.
+    let before = history(&cfg).len();
+    for (args, says) in [
+        (
+            vec!["rollback", "web", "--digest", &sha256(b"nowhere")],
+            "no repository of web holds",
+        ),
+        (
+            vec!["rollback", "web", "--digest", "sha256:zz"],
+            "not a digest",
+        ),
+        (
+            vec!["rollback", "web", "--to", "9999"],
+            "web has no deploy 9999",
+        ),
+        (
+            vec!["now", "web", "--service", "db=v1"],
+            "has no service \"db\"",
+        ),
+        (
+            vec!["now", "web", "--tag", "nope"],
+            "team/svc:nope is not in the registry",
+        ),
+        (vec!["now", "nostack"], "no stack nostack"),
+    ] {
+        let err = deploy_fails(&cfg, &args);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(history(&cfg).len(), before);
+
+    // The token is in no process's command line, no compose or agent file, and no log.
+    assert!(!process_list().iter().any(|p| p.contains(&token)));
+    for (path, text) in files_under(&stack_dir)
+        .into_iter()
+        .chain(files_under(&dir.path().join("agent-data")))
+    {
+        assert!(!text.contains(&token), "{} holds the token", path.display());
+    }
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("recovered"), "{log}");
+    assert!(!log.contains(&token));
+    drop(stack);
+    let _ = Command::new("docker")
+        .arg("rmi")
+        .arg("-f")
+        .args(["v1", "v2", "noready", "slow"].map(image))
+        .output();
 }
