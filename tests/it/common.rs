@@ -56,8 +56,21 @@ impl TestRegistry {
         r
     }
 
+    /// A registry whose configuration `tune` changes first.
+    pub fn start_tuned(tune: impl FnOnce(&mut Config)) -> TestRegistry {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let mut r = TestRegistry::start_with(&data, tune);
+        r._dir = Some(dir);
+        r
+    }
+
     /// Starts a registry over an existing data directory (to test restarts).
     pub fn start_in(data: &Path) -> TestRegistry {
+        TestRegistry::start_with(data, |_| {})
+    }
+
+    fn start_with(data: &Path, tune: impl FnOnce(&mut Config)) -> TestRegistry {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
@@ -68,6 +81,7 @@ impl TestRegistry {
         config.webhook_delivery.poll_ms = 50;
         config.webhook_delivery.retry_initial_ms = 200;
         config.webhook_delivery.retry_max_ms = 1000;
+        tune(&mut config);
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -369,6 +369,52 @@ async fn failed_deliveries_are_retried_with_backoff_and_logged() {
     run(wharf_cmd(&reg.data).args(["webhook", "remove", &dead]));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_receiver_has_a_bounded_queue_that_drops_the_oldest() {
+    let reg = TestRegistry::start_tuned(|c| {
+        c.webhook_delivery.max_pending = 3;
+        // Slow retries: the queue fills before anything could be delivered.
+        c.webhook_delivery.retry_initial_ms = 60_000;
+    });
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (dead, _) = add_hook(&reg, &[&format!("http://127.0.0.1:{dead_port}/hook")]);
+    for i in 0..7 {
+        reg.push_image("team/api", &format!("t{i}"), &format!("seed {i}"))
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = deliveries(&reg.data, &dead);
+        if log.len() == 7 || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(log.len(), 7, "{log:#?}");
+    let by_tag = |status: &str| {
+        let mut tags: Vec<String> = log
+            .iter()
+            .filter(|d| d["status"] == status)
+            .map(|d| d["tag"].as_str().unwrap().to_owned())
+            .collect();
+        tags.sort();
+        tags
+    };
+    // Never more than three waiting; the newest are kept, the oldest dropped and said so.
+    assert_eq!(by_tag("pending"), ["t4", "t5", "t6"], "{log:#?}");
+    assert_eq!(by_tag("failed"), ["t0", "t1", "t2", "t3"], "{log:#?}");
+    for d in log.iter().filter(|d| d["status"] == "failed") {
+        assert!(
+            d["last_error"].as_str().unwrap().contains("queue full"),
+            "{d}"
+        );
+    }
+}
+
 #[test]
 fn an_event_survives_a_crash_before_it_is_delivered() {
     let dir = tempfile::tempdir().unwrap();
