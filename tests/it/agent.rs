@@ -23,6 +23,8 @@ enum Kind {
     NotReady,
     /// Its healthcheck stays `starting` for minutes: a deploy of it waits.
     Starting,
+    /// No healthcheck; exits a second after it starts (and is restarted).
+    Crashing,
 }
 
 /// A busybox httpd image answering `version` on 8080.
@@ -36,6 +38,12 @@ fn build_version(d: &Docker, dir: &Path, image: &str, version: &str, kind: Kind)
         }
         Kind::Failing => r#"--interval=1s --timeout=1s --retries=2 CMD ["/bin/false"]"#,
         Kind::Starting => r#"--interval=1s --start-period=600s CMD ["/bin/false"]"#,
+        Kind::Crashing => "NONE",
+    };
+    let cmd = if kind == Kind::Crashing {
+        r#"["/bin/sh", "-c", "sleep 1; exit 1"]"#
+    } else {
+        r#"["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]"#
     };
     let ready = if kind == Kind::Healthy {
         " && echo ready > /www/ready"
@@ -50,7 +58,7 @@ fn build_version(d: &Docker, dir: &Path, image: &str, version: &str, kind: Kind)
              RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
              RUN [\"/bin/sh\", \"-c\", \"mkdir /www && echo {version} > /www/index.html{ready}\"]\n\
              HEALTHCHECK {check}\n\
-             CMD [\"/bin/httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n"
+             CMD {cmd}\n"
         ),
     )
     .unwrap();
@@ -560,6 +568,24 @@ fn wait_delivered(reg: &TestRegistry, hook: &str, n: usize) {
     }
 }
 
+/// The id of the container running `service` in compose project `project`.
+fn container(project: &str, service: &str) -> String {
+    let out = run(Command::new("docker").args([
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+        "--filter",
+        &format!("label=com.docker.compose.service={service}"),
+    ]));
+    let id = out.trim().to_owned();
+    assert!(
+        !id.is_empty() && !id.contains('\n'),
+        "{project}/{service}: {out:?}"
+    );
+    id
+}
+
 /// A `wharf deploy ...` that must fail; returns its stderr.
 fn deploy_fails(cfg: &Path, args: &[&str]) -> String {
     let out = wharf(&["deploy"])
@@ -587,6 +613,7 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
         ("v2", Kind::Healthy),
         ("noready", Kind::NotReady),
         ("slow", Kind::Starting),
+        ("crash", Kind::Crashing),
     ] {
         build_version(&d, dir.path(), &image(v), v, kind);
     }
@@ -615,7 +642,7 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
         stack_dir.join("compose.yml"),
         format!(
             "services:\n  api:\n    image: {r}/team/svc:prod\n    ports: [\"127.0.0.1:{app_port}:8080\"]\n\
-             \x20 worker:\n    image: {r}/team/svc:latest\n",
+             \x20 worker:\n    image: {r}/team/svc:latest\n    restart: always\n",
             r = reg.host()
         ),
     )
@@ -796,6 +823,41 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
     let out = run(wharf(&["deploy", "now", "web", "--agent-config"]).arg(&cfg));
     assert!(out.contains("unchanged"), "{out}");
 
+    // One service at a tag of its own: only that service's container is replaced.
+    let api_before = container(&project, "api");
+    let out = run(wharf(&[
+        "deploy",
+        "now",
+        "web",
+        "--service",
+        "worker=v1",
+        "--agent-config",
+    ])
+    .arg(&cfg));
+    assert!(out.contains("deployed"), "{out}");
+    let h = settled(&cfg);
+    assert_eq!(h[0]["after"]["worker"], v1_pins["worker"]);
+    assert_eq!(h[0]["after"]["api"], v2_pins["api"]);
+    assert!(
+        h[0]["actor"].as_str().unwrap().starts_with("cli:"),
+        "{:?}",
+        h[0]
+    );
+    assert_eq!(
+        container(&project, "api"),
+        api_before,
+        "api was not touched"
+    );
+    // A service that keeps crashing (no healthcheck, restarted by compose) is unhealthy:
+    // rolled back.
+    let err = deploy_fails(&cfg, &["now", "web", "--service", "worker=crash"]);
+    assert!(err.contains("rolled back"), "{err}");
+    let h = settled(&cfg);
+    let error = h[1]["error"].as_str().unwrap();
+    assert!(error.contains("service worker is unhealthy"), "{error}");
+    assert_eq!(h[0]["after"]["worker"], v1_pins["worker"]);
+    assert_eq!(serves(app_port).as_deref(), Some("v2"));
+
     // Bad requests are refused with a reason and change nothing.
     let before = history(&cfg).len();
     for (args, says) in [
@@ -841,6 +903,6 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
     let _ = Command::new("docker")
         .arg("rmi")
         .arg("-f")
-        .args(["v1", "v2", "noready", "slow"].map(image))
+        .args(["v1", "v2", "noready", "slow", "crash"].map(image))
         .output();
 }
