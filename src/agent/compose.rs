@@ -30,9 +30,39 @@ async fn succeeds(program: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// docker finds CLI plugins (compose v2 among them) in `$DOCKER_CONFIG/cli-plugins` as
+/// well as the system's folders. The agent runs docker with its own config folder, so
+/// it links the user's plugins there: a compose v2 installed for the user (in
+/// `~/.docker/cli-plugins`) is found as the user would find it.
+fn link_user_plugins(docker_config: &Path) {
+    let user = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
+    let Some(user) = user else {
+        return;
+    };
+    let plugins = user.join("cli-plugins");
+    let link = docker_config.join("cli-plugins");
+    let _ = std::fs::create_dir_all(docker_config);
+    if plugins.is_dir() && plugins != link && std::fs::symlink_metadata(&link).is_err() {
+        if let Err(e) = std::os::unix::fs::symlink(&plugins, &link) {
+            tracing::warn!(error = %e, "agent: cannot link {}", plugins.display());
+        }
+    }
+}
+
 impl Compose {
     pub async fn detect(docker_config: &Path) -> anyhow::Result<Compose> {
-        let program = if succeeds("docker", &["compose", "version"]).await {
+        link_user_plugins(docker_config);
+        let v2 = Command::new("docker")
+            .args(["compose", "version"])
+            .env("DOCKER_CONFIG", docker_config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        let program = if v2 {
             vec!["docker".into(), "compose".into()]
         } else if succeeds("docker-compose", &["version"]).await {
             vec!["docker-compose".into()]

@@ -114,6 +114,10 @@ struct Stack {
 /// Runs `wharf agent --config cfg`, its output appended to `agent.log` beside `cfg`,
 /// and waits until it listens on `port`.
 fn spawn_agent(cfg: &Path, port: u16) -> Child {
+    spawn_agent_with(cfg, port, &[])
+}
+
+fn spawn_agent_with(cfg: &Path, port: u16, env: &[(&str, &Path)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -121,6 +125,8 @@ fn spawn_agent(cfg: &Path, port: u16) -> Child {
         .unwrap();
     let agent = wharf(&["agent", "--config"])
         .arg(cfg)
+        .env_remove("DOCKER_CONFIG")
+        .envs(env.iter().copied())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -478,7 +484,41 @@ async fn polling_deploys_when_the_webhook_receiver_is_down() {
         ),
     )
     .unwrap();
-    let _stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+    // The server has compose as the docker CLI plugin (`docker compose`), installed for
+    // the user in ~/.docker/cli-plugins, where the agent must find it although it runs
+    // docker with its own config folder. Debian has no compose v2, so the plugin here
+    // is a shim that forwards to docker-compose v1: it tests the plugin path and the
+    // `docker compose ...` command lines, not compose v2 itself.
+    let home = dir.path().join("home");
+    let plugins = home.join(".docker/cli-plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::write(
+        plugins.join("docker-compose"),
+        "#!/bin/sh\nif [ \"$1\" = docker-cli-plugin-metadata ]; then\n\
+         echo '{\"SchemaVersion\":\"0.1.0\",\"Vendor\":\"wharf tests\",\"Version\":\"v2-shim\"}'\n\
+         exit 0\nfi\nshift\nexec docker-compose \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        plugins.join("docker-compose"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let _stack = Stack {
+        agent: spawn_agent_with(&cfg, agent_port, &[("HOME", &home)]),
+        dir: stack_dir.clone(),
+        project: project.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+        if log.contains("compose is `docker compose`") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "compose v2 not found: {log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     promote(&reg, "team/poll", "v1");
     wait_serving(app_port, "v1");
     let h = settled(&cfg);
