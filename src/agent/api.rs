@@ -54,6 +54,12 @@ fn bearer_ok(h: &HeaderMap, token: &str) -> bool {
         })
 }
 
+/// The local API's check: its bearer token, or 401.
+fn api_denied(s: &ApiState, h: &HeaderMap) -> Option<Response> {
+    (!bearer_ok(h, &s.api_token))
+        .then(|| error(StatusCode::UNAUTHORIZED, "the agent API needs its token"))
+}
+
 fn deploy_error(e: DeployError) -> Response {
     match e {
         DeployError::Busy(_) => error(StatusCode::CONFLICT, e.to_string()),
@@ -188,8 +194,8 @@ async fn deploy_hook(
 }
 
 async fn status(State(s): State<Arc<ApiState>>, h: HeaderMap) -> Response {
-    if !bearer_ok(&h, &s.api_token) {
-        return error(StatusCode::UNAUTHORIZED, "the agent API needs its token");
+    if let Some(denied) = api_denied(&s, &h) {
+        return denied;
     }
     let mut stacks = Vec::new();
     for c in &s.agent.config.stacks {
@@ -216,8 +222,8 @@ async fn history(
     Path(stack): Path<String>,
     h: HeaderMap,
 ) -> Response {
-    if !bearer_ok(&h, &s.api_token) {
-        return error(StatusCode::UNAUTHORIZED, "the agent API needs its token");
+    if let Some(denied) = api_denied(&s, &h) {
+        return denied;
     }
     if s.agent.config.stack(&stack).is_none() {
         return error(StatusCode::NOT_FOUND, format!("no stack {stack}"));
@@ -234,8 +240,8 @@ async fn deploy_now(
     h: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !bearer_ok(&h, &s.api_token) {
-        return error(StatusCode::UNAUTHORIZED, "the agent API needs its token");
+    if let Some(denied) = api_denied(&s, &h) {
+        return denied;
     }
     match parse_body::<DeployBody>(&body) {
         Ok(b) => run_deploy(&s, &stack, "cli", b).await,
@@ -262,8 +268,8 @@ async fn rollback(
     h: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !bearer_ok(&h, &s.api_token) {
-        return error(StatusCode::UNAUTHORIZED, "the agent API needs its token");
+    if let Some(denied) = api_denied(&s, &h) {
+        return denied;
     }
     let b: RollbackBody = match parse_body(&body) {
         Ok(b) => b,

@@ -340,15 +340,7 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
     );
 
     // 4. Roll back to the v1 deploy by its id.
-    let out = run(wharf(&[
-        "deploy",
-        "rollback",
-        "web",
-        "--to",
-        &v1_deploy.to_string(),
-        "--agent-config",
-    ])
-    .arg(&cfg));
+    let out = deploy_ok(&cfg, &["rollback", "web", "--to", &v1_deploy.to_string()]);
     assert!(out.contains("deployed"), "{out}");
     assert_eq!(serves(app_port).as_deref(), Some("v1"));
 
@@ -407,28 +399,13 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["result"], "deployed");
     assert_eq!(serves(app_port).as_deref(), Some("v2"));
-    let status: Value = serde_json::from_str(&run(wharf(&[
-        "deploy",
-        "status",
-        "--json",
-        "--agent-config",
-    ])
-    .arg(&cfg)))
-    .unwrap();
+    let status: Value = serde_json::from_str(&deploy_ok(&cfg, &["status", "--json"])).unwrap();
     assert_eq!(status["stacks"][0]["stack"], "web");
 
     // With the registry gone, a rollback still works: the images stayed on the server.
     let images = [image("v1"), image("v2"), image("v3")];
     reg.stop();
-    let out = run(wharf(&[
-        "deploy",
-        "rollback",
-        "web",
-        "--to",
-        &v1_deploy.to_string(),
-        "--agent-config",
-    ])
-    .arg(&cfg));
+    let out = deploy_ok(&cfg, &["rollback", "web", "--to", &v1_deploy.to_string()]);
     assert!(out.contains("deployed"), "{out}");
     assert_eq!(serves(app_port).as_deref(), Some("v1"));
     drop(stack);
@@ -624,6 +601,11 @@ fn container(project: &str, service: &str) -> String {
         "{project}/{service}: {out:?}"
     );
     id
+}
+
+/// A `wharf deploy ...` that must succeed; returns its stdout.
+fn deploy_ok(cfg: &Path, args: &[&str]) -> String {
+    run(wharf(&["deploy"]).args(args).arg("--agent-config").arg(cfg))
 }
 
 /// A `wharf deploy ...` that must fail; returns its stderr.
@@ -843,37 +825,21 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
     assert_eq!(h[0]["after"], v2_pins);
 
     // 4. The seeds' rollback options: to a tag, and to a digest.
-    let out = run(wharf(&["deploy", "rollback", "web", "--tag", "v1", "--agent-config"]).arg(&cfg));
+    let out = deploy_ok(&cfg, &["rollback", "web", "--tag", "v1"]);
     assert!(out.contains("deployed"), "{out}");
     assert_eq!(serves(app_port).as_deref(), Some("v1"));
     assert_eq!(settled(&cfg)[0]["after"], v1_pins);
-    let out = run(wharf(&[
-        "deploy",
-        "rollback",
-        "web",
-        "--digest",
-        &v2,
-        "--agent-config",
-    ])
-    .arg(&cfg));
+    let out = deploy_ok(&cfg, &["rollback", "web", "--digest", &v2]);
     assert!(out.contains("deployed"), "{out}");
     assert_eq!(serves(app_port).as_deref(), Some("v2"));
     assert_eq!(settled(&cfg)[0]["after"], v2_pins);
     // `deploy now` goes to the followed tags (v2 already): nothing to do.
-    let out = run(wharf(&["deploy", "now", "web", "--agent-config"]).arg(&cfg));
+    let out = deploy_ok(&cfg, &["now", "web"]);
     assert!(out.contains("unchanged"), "{out}");
 
     // One service at a tag of its own: only that service's container is replaced.
     let api_before = container(&project, "api");
-    let out = run(wharf(&[
-        "deploy",
-        "now",
-        "web",
-        "--service",
-        "worker=v1",
-        "--agent-config",
-    ])
-    .arg(&cfg));
+    let out = deploy_ok(&cfg, &["now", "web", "--service", "worker=v1"]);
     assert!(out.contains("deployed"), "{out}");
     let h = settled(&cfg);
     assert_eq!(h[0]["after"]["worker"], v1_pins["worker"]);
