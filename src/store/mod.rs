@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 
 pub use blob::{BlobError, BlobStore, ByteStream, FsBlobStore};
 pub use meta::{ManifestRecord, MetaError, MetaStore, Referrer, SqliteMeta, TagOrder};
@@ -300,71 +299,25 @@ impl Store {
             _ if size == 0 => Some(Algorithm::Sha256.hasher()),
             _ => None,
         };
-        // One loop feeds the body to the blob store and, through a channel, to a hashing
-        // thread: receiving, hashing and writing run on different threads at once, and the
-        // bounded channels make the slowest of the three set the pace.
-        let (to_store, store_rx) = mpsc::channel::<io::Result<Bytes>>(8);
-        let (to_hasher, hasher_rx) = match hasher {
-            Some(h) => {
-                let (tx, rx) = mpsc::channel::<Bytes>(8);
-                (Some(tx), Some((h, rx)))
-            }
-            None => (None, None),
-        };
-        let hashing = hasher_rx.map(|(mut h, mut rx)| {
-            tokio::task::spawn_blocking(move || {
-                while let Some(chunk) = rx.blocking_recv() {
-                    h.update(&chunk);
+        // The backend hashes while it writes: see `BlobStore::upload_write`.
+        let mut count = 0u64;
+        let checked = body.map(move |chunk| {
+            chunk.and_then(|c| {
+                count += c.len() as u64;
+                if len.is_some_and(|l| count > l) {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "body is longer than its declared length",
+                    ))
+                } else {
+                    Ok(c)
                 }
-                h
             })
         });
-        let mut store_rx = store_rx;
-        let stored = self.blobs.upload_write(
-            id,
-            size,
-            Box::pin(futures_util::stream::poll_fn(move |cx| {
-                store_rx.poll_recv(cx)
-            })),
-        );
-        let feed = async move {
-            let mut body = body;
-            let mut count = 0u64;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.and_then(|c| {
-                    count += c.len() as u64;
-                    if len.is_some_and(|l| count > l) {
-                        Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "body is longer than its declared length",
-                        ))
-                    } else {
-                        Ok(c)
-                    }
-                });
-                let failed = chunk.is_err();
-                if let (Ok(c), Some(h)) = (&chunk, &to_hasher) {
-                    if h.send(c.clone()).await.is_err() {
-                        break;
-                    }
-                }
-                // The store ends the upload on an error; a closed channel means it failed.
-                if to_store.send(chunk).await.is_err() || failed {
-                    break;
-                }
-            }
-            count
-        };
-        let (written, count) = tokio::join!(stored, feed);
-        let written = written?;
-        let hasher = match hashing {
-            Some(task) => Some(
-                task.await
-                    .map_err(|e| StoreError::Internal(format!("hashing task: {e}")))?,
-            ),
-            None => None,
-        };
-        debug_assert_eq!(count, written);
+        let (written, hasher) = self
+            .blobs
+            .upload_write(id, size, Box::pin(checked), hasher)
+            .await?;
         let new_size = size + written;
         self.meta.upload_set_size(id, new_size).await?;
         state.hasher = hasher.map(|h| (new_size, h));

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::direct::UploadWriter;
 use super::{BlobError, BlobStore, ByteStream};
-use crate::oci::Digest;
+use crate::oci::{Digest, Hasher};
 
 const READ_CHUNK: usize = 256 * 1024;
 const READ_AHEAD: usize = 1;
@@ -139,40 +139,17 @@ impl BlobStore for FsBlobStore {
         id: &str,
         offset: u64,
         mut data: ByteStream,
-    ) -> Result<u64, BlobError> {
+        hasher: Option<Hasher>,
+    ) -> Result<(u64, Option<Hasher>), BlobError> {
         let path = self.upload_path(id)?;
-        // The body is read here while a blocking thread writes, so hashing (done by the
-        // caller on this stream) and disk writes overlap.
-        let (tx, mut rx) = mpsc::channel::<Bytes>(16);
-        let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let mut out = UploadWriter::open(&path, offset)?;
-            while let Some(chunk) = rx.blocking_recv() {
-                out.write(&chunk)?;
-            }
-            Ok(out.finish()? - offset)
-        });
-        let mut body_error = None;
+        let mut out = blocking(move || UploadWriter::open(&path, offset, hasher)).await?;
         while let Some(chunk) = data.next().await {
-            match chunk {
-                Ok(c) => {
-                    if tx.send(c).await.is_err() {
-                        break; // the writer failed; its error is reported below
-                    }
-                }
-                Err(e) => {
-                    body_error = Some(e);
-                    break;
-                }
-            }
+            // Each chunk is copied into the writer's buffers and dropped at once, so the
+            // HTTP layer reads the next one into the same memory.
+            out.write(&chunk.map_err(BlobError::Body)?).await?;
         }
-        drop(tx);
-        let written = writer
-            .await
-            .map_err(|e| io::Error::other(format!("writer task failed: {e}")))??;
-        match body_error {
-            Some(e) => Err(BlobError::Body(e)),
-            None => Ok(written),
-        }
+        let (end, hasher) = out.finish().await?;
+        Ok((end - offset, hasher))
     }
 
     async fn upload_read(&self, id: &str, len: u64) -> Result<ByteStream, BlobError> {
@@ -266,6 +243,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
         let s: ByteStream = Box::pin(futures_util::stream::empty());
-        assert!(store.upload_write("../x", 0, s).await.is_err());
+        assert!(store.upload_write("../x", 0, s, None).await.is_err());
     }
 }

@@ -18,7 +18,7 @@ use futures_util::Stream;
 
 pub use fs::FsBlobStore;
 
-use crate::oci::Digest;
+use crate::oci::{Digest, Hasher};
 
 /// A stream of bytes read from or written to a backend.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -40,9 +40,16 @@ pub enum BlobError {
 pub trait BlobStore: Send + Sync + 'static {
     /// Writes `data` into upload `id` at byte `offset`, discarding whatever the upload held
     /// past `offset` (left by an interrupted write). Creates the upload at offset 0.
-    /// Returns the number of bytes written; they are durable when this returns.
-    async fn upload_write(&self, id: &str, offset: u64, data: ByteStream)
-    -> Result<u64, BlobError>;
+    /// Every byte written is fed, in order, to `hasher` if one is given: the backend
+    /// overlaps hashing with its own I/O. Returns the number of bytes written, which are
+    /// durable when this returns, and the hasher.
+    async fn upload_write(
+        &self,
+        id: &str,
+        offset: u64,
+        data: ByteStream,
+        hasher: Option<Hasher>,
+    ) -> Result<(u64, Option<Hasher>), BlobError>;
 
     /// The first `len` bytes of upload `id`, to re-verify a digest.
     async fn upload_read(&self, id: &str, len: u64) -> Result<ByteStream, BlobError>;
@@ -73,6 +80,7 @@ pub(crate) mod tests {
     use futures_util::{StreamExt, stream};
 
     use super::*;
+    use crate::oci::Algorithm;
 
     fn chunks(parts: &[&[u8]]) -> ByteStream {
         let v: Vec<io::Result<Bytes>> = parts
@@ -101,21 +109,28 @@ pub(crate) mod tests {
         ));
 
         // Write in two parts, then an interrupted tail that a rewrite at offset discards.
-        assert_eq!(
-            store
-                .upload_write("u1", 0, chunks(&[b"hello"]))
-                .await
-                .unwrap(),
-            5
-        );
-        assert_eq!(
-            store
-                .upload_write("u1", 5, chunks(&[b", wh", b"arf", b"JUNK"]))
-                .await
-                .unwrap(),
-            11
-        );
-        assert_eq!(store.upload_write("u1", 12, chunks(&[])).await.unwrap(), 0);
+        // The hasher given with a write sees exactly the bytes written.
+        let (n, h) = store
+            .upload_write(
+                "u1",
+                0,
+                chunks(&[b"hello"]),
+                Some(Algorithm::Sha256.hasher()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 5);
+        let (n, h) = store
+            .upload_write("u1", 5, chunks(&[b", wh", b"arf", b"JUNK"]), h)
+            .await
+            .unwrap();
+        assert_eq!(n, 11);
+        assert_eq!(h.unwrap().finish(), Digest::sha256_of(b"hello, wharfJUNK"));
+        let (n, h) = store
+            .upload_write("u1", 12, chunks(&[]), None)
+            .await
+            .unwrap();
+        assert_eq!((n, h.is_none()), (0, true));
         assert_eq!(
             collect(store.upload_read("u1", 12).await.unwrap()).await,
             data
@@ -136,14 +151,17 @@ pub(crate) mod tests {
         ));
 
         // Committing the same content again keeps one copy and removes the upload.
-        store.upload_write("u2", 0, chunks(&[data])).await.unwrap();
+        store
+            .upload_write("u2", 0, chunks(&[data]), None)
+            .await
+            .unwrap();
         store.upload_commit("u2", 12, &digest).await.unwrap();
         assert_eq!(store.stat(&digest).await.unwrap(), Some(12));
 
         // Interrupted tail beyond the committed length is not part of the blob.
         let d2 = Digest::sha256_of(b"abc");
         store
-            .upload_write("u3", 0, chunks(&[b"abcdef"]))
+            .upload_write("u3", 0, chunks(&[b"abcdef"]), None)
             .await
             .unwrap();
         store.upload_commit("u3", 3, &d2).await.unwrap();
@@ -151,7 +169,10 @@ pub(crate) mod tests {
 
         // Empty blob.
         let empty = Digest::sha256_of(b"");
-        store.upload_write("u4", 0, chunks(&[])).await.unwrap();
+        store
+            .upload_write("u4", 0, chunks(&[]), None)
+            .await
+            .unwrap();
         store.upload_commit("u4", 0, &empty).await.unwrap();
         assert_eq!(store.stat(&empty).await.unwrap(), Some(0));
         assert!(
@@ -161,7 +182,10 @@ pub(crate) mod tests {
         );
 
         // Cancelled upload.
-        store.upload_write("u5", 0, chunks(&[b"x"])).await.unwrap();
+        store
+            .upload_write("u5", 0, chunks(&[b"x"]), None)
+            .await
+            .unwrap();
         assert!(store.upload_ids().await.unwrap().contains(&"u5".to_owned()));
         store.upload_delete("u5").await.unwrap();
         store.upload_delete("u5").await.unwrap();
@@ -177,7 +201,7 @@ pub(crate) mod tests {
             Err(io::Error::new(io::ErrorKind::ConnectionReset, "gone")),
         ]));
         assert!(matches!(
-            store.upload_write("u6", 0, failing).await,
+            store.upload_write("u6", 0, failing, None).await,
             Err(BlobError::Body(_))
         ));
 
