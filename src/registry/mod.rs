@@ -811,9 +811,15 @@ async fn catalog(
             break;
         }
     }
+    #[derive(Serialize)]
+    struct Catalog<'a> {
+        repositories: &'a [String],
+    }
     let mut r = json(
         StatusCode::OK,
-        &serde_json::json!({ "repositories": repos }),
+        &Catalog {
+            repositories: &repos,
+        },
     );
     if let (true, Some(l)) = (more, repos.last()) {
         link_next(&mut r, "/v2/_catalog", n as u32, l);
@@ -827,9 +833,17 @@ async fn tags(store: &Store, name: &RepoName, q: &Query) -> Result<Response> {
         store.tags(name, last.as_deref(), limit).await
     })
     .await?;
+    #[derive(Serialize)]
+    struct TagList<'a> {
+        name: &'a str,
+        tags: &'a [String],
+    }
     let mut r = json(
         StatusCode::OK,
-        &serde_json::json!({ "name": name.as_str(), "tags": tags }),
+        &TagList {
+            name: name.as_str(),
+            tags: &tags,
+        },
     );
     if let (true, Some(n), Some(l)) = (more, n, tags.last()) {
         link_next(&mut r, &format!("/v2/{name}/tags/list"), n, l);

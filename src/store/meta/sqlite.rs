@@ -23,6 +23,10 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0004_events.sql"),
 ];
 const READERS: usize = 8;
+/// A listing of at most this many rows (a page of tags or repositories as clients ask
+/// for them) reads in tens of microseconds, like a point read, so it runs on the calling
+/// thread; a larger one goes to the blocking pool.
+const INLINE_ROWS: u32 = 1000;
 
 pub struct SqliteMeta {
     path: std::path::PathBuf,
@@ -113,6 +117,20 @@ impl SqliteMeta {
         let result = f(&conn);
         self.return_reader(conn);
         result
+    }
+
+    /// A listing of at most `rows` rows: inline when small (see `INLINE_ROWS`), otherwise
+    /// on the blocking pool.
+    async fn listing<T, F>(&self, rows: u32, f: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
+    {
+        if rows <= INLINE_ROWS {
+            self.read(f).await
+        } else {
+            self.scan(f).await
+        }
     }
 
     /// A read whose size depends on the data (listings, scans): run on the blocking pool.
@@ -677,31 +695,38 @@ impl MetaStore for SqliteMeta {
         limit: u32,
     ) -> Result<Option<Vec<String>>, MetaError> {
         let (repo, last) = (repo.to_owned(), last.map(str::to_owned));
-        self.scan(move |c| {
+        self.listing(limit, move |c| {
             let exists = c
                 .prepare_cached("SELECT 1 FROM repositories WHERE name = ?1")?
                 .exists(params![repo])?;
             if !exists {
                 return Ok(None);
             }
+            // No `LIMIT ?`: SQLite re-prepares a statement whose LIMIT is a bound
+            // parameter at each run, which cost more than the page itself. The rows come
+            // in index order, so stepping stops after `limit` of them.
             let mut stmt = c.prepare_cached(
-                "SELECT name FROM tags WHERE repository = ?1 AND name > ?2 ORDER BY name LIMIT ?3",
+                "SELECT name FROM tags WHERE repository = ?1 AND name > ?2 ORDER BY name",
             )?;
-            let rows =
-                stmt.query_map(params![repo, last.unwrap_or_default(), limit], |r| r.get(0))?;
-            Ok(Some(rows.collect::<Result<Vec<String>, _>>()?))
+            let rows = stmt.query_map(params![repo, last.unwrap_or_default()], |r| r.get(0))?;
+            Ok(Some(
+                rows.take(limit as usize)
+                    .collect::<Result<Vec<String>, _>>()?,
+            ))
         })
         .await
     }
 
     async fn repositories(&self, last: Option<&str>, limit: u32) -> Result<Vec<String>, MetaError> {
         let last = last.map(str::to_owned);
-        self.scan(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT name FROM repositories WHERE name > ?1 ORDER BY name LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![last.unwrap_or_default(), limit], |r| r.get(0))?;
-            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        self.listing(limit, move |c| {
+            // No `LIMIT ?`: see `tags`.
+            let mut stmt =
+                c.prepare_cached("SELECT name FROM repositories WHERE name > ?1 ORDER BY name")?;
+            let rows = stmt.query_map(params![last.unwrap_or_default()], |r| r.get(0))?;
+            Ok(rows
+                .take(limit as usize)
+                .collect::<Result<Vec<String>, _>>()?)
         })
         .await
     }
