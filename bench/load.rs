@@ -4,6 +4,12 @@
 //! percentiles in wrk's words so bench/run parses both the same way.
 //!
 //! Usage: load -c CONNECTIONS -d SECONDS [-m METHOD] [-H 'Name: value']... http://HOST:PORT/PATH
+//!        load --walk KEY [-H 'Name: value']... http://HOST:PORT/PATH
+//!
+//! `--walk` follows `Link: <...>; rel="next"` from PATH on one kept-alive connection, as a
+//! client listing every tag or repository does, and prints the requests made, the entries
+//! of the JSON array KEY seen, and the time taken. It costs the client next to nothing,
+//! so the servers are measured, not the client.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -18,10 +24,12 @@ struct Args {
     headers: Vec<String>,
     host: String,
     path: String,
+    walk: Option<String>,
 }
 
 fn usage() -> ! {
     eprintln!("usage: load -c CONNECTIONS -d SECONDS [-m METHOD] [-H 'Name: value']... http://HOST:PORT/PATH");
+    eprintln!("       load --walk KEY [-H 'Name: value']... http://HOST:PORT/PATH");
     std::process::exit(2)
 }
 
@@ -33,6 +41,7 @@ fn parse_args() -> Args {
         headers: Vec::new(),
         host: String::new(),
         path: String::new(),
+        walk: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -42,6 +51,7 @@ fn parse_args() -> Args {
             "-d" => a.seconds = value().parse().unwrap_or_else(|_| usage()),
             "-m" => a.method = value(),
             "-H" => a.headers.push(value()),
+            "--walk" => a.walk = Some(value()),
             url => {
                 let rest = url.strip_prefix("http://").unwrap_or_else(|| usage());
                 let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
@@ -56,8 +66,12 @@ fn parse_args() -> Args {
     a
 }
 
-/// Reads one response; returns its status. Skips the body unless the method is HEAD.
-fn read_response(r: &mut BufReader<TcpStream>, head: bool) -> std::io::Result<u16> {
+/// One whole response: status, the `Link` header's next path, and the body (read by
+/// `Content-Length` or chunked; none after HEAD).
+fn read_response(
+    r: &mut BufReader<TcpStream>,
+    head: bool,
+) -> std::io::Result<(u16, Option<String>, Vec<u8>)> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status: u16 = line
@@ -65,7 +79,7 @@ fn read_response(r: &mut BufReader<TcpStream>, head: bool) -> std::io::Result<u1
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let mut length = 0u64;
+    let (mut length, mut chunked, mut next) = (0usize, false, None);
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
@@ -75,20 +89,94 @@ fn read_response(r: &mut BufReader<TcpStream>, head: bool) -> std::io::Result<u1
         if l.is_empty() {
             break;
         }
-        if let Some((k, v)) = l.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            length = v.trim().parse().unwrap_or(0);
+        let Some((k, v)) = l.split_once(':') else { continue };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("content-length") {
+            length = v.parse().unwrap_or(0);
+        } else if k.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = v.eq_ignore_ascii_case("chunked");
+        } else if k.eq_ignore_ascii_case("link") && v.contains("rel=\"next\"") {
+            let url = &v[v.find('<').map_or(0, |i| i + 1)..v.find('>').unwrap_or(v.len())];
+            // An absolute URL keeps only its path and query.
+            let path = match url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) {
+                Some(rest) => &rest[rest.find('/').unwrap_or(rest.len())..],
+                None => url,
+            };
+            next = Some(path.to_string());
         }
     }
-    if !head {
-        std::io::copy(&mut r.by_ref().take(length), &mut std::io::sink())?;
+    let mut body = Vec::new();
+    if head {
+        return Ok((status, next, body));
     }
-    Ok(status)
+    if chunked {
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
+            let start = body.len();
+            body.resize(start + size, 0);
+            r.read_exact(&mut body[start..])?;
+            line.clear();
+            r.read_line(&mut line)?; // the CRLF after the chunk (or the trailer's end)
+            if size == 0 {
+                break;
+            }
+        }
+    } else {
+        body.resize(length, 0);
+        r.read_exact(&mut body)?;
+    }
+    Ok((status, next, body))
+}
+
+/// The entries of the JSON array `key` in `body`: tag and repository names hold neither
+/// quotes nor escapes, so each entry is a pair of quotes.
+fn count_entries(body: &[u8], key: &str) -> usize {
+    let text = String::from_utf8_lossy(body);
+    let Some(at) = text.find(&format!("\"{key}\":")) else { return 0 };
+    let rest = &text[at..];
+    match (rest.find('['), rest.find(']')) {
+        (Some(open), Some(close)) => rest[open..close].matches('"').count() / 2,
+        _ => 0,
+    }
+}
+
+fn walk(a: &Args, key: &str) {
+    let stream = TcpStream::connect(&a.host).expect("connect");
+    stream.set_nodelay(true).ok();
+    let mut w = stream.try_clone().expect("clone socket");
+    let mut r = BufReader::with_capacity(256 * 1024, stream);
+    let start = Instant::now();
+    let (mut path, mut requests, mut entries) = (Some(a.path.clone()), 0, 0);
+    while let Some(p) = path.take() {
+        let mut req = format!("GET {p} HTTP/1.1\r\nHost: {}\r\n", a.host);
+        for h in &a.headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        w.write_all(req.as_bytes()).expect("send");
+        let (status, next, body) = read_response(&mut r, false).expect("response");
+        if status != 200 {
+            eprintln!("GET {p}: status {status}");
+            std::process::exit(1);
+        }
+        requests += 1;
+        entries += count_entries(&body, key);
+        path = next;
+    }
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    println!("walk: {requests} requests, {entries} entries, {ms:.3} ms");
 }
 
 fn main() {
     let a = parse_args();
+    if let Some(key) = a.walk.clone() {
+        walk(&a, &key);
+        return;
+    }
     let mut req = format!("{} {} HTTP/1.1\r\nHost: {}\r\n", a.method, a.path, a.host);
     for h in &a.headers {
         req.push_str(h);
@@ -124,7 +212,7 @@ fn main() {
                         break;
                     }
                     match read_response(&mut r, head) {
-                        Ok(s) if (200..400).contains(&s) => {
+                        Ok((s, _, _)) if (200..400).contains(&s) => {
                             mine.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX))
                         }
                         Ok(_) => bad += 1,
