@@ -179,15 +179,18 @@ fn env_vars_configure_serve_and_flags_win() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // The port accepts connections as soon as it is bound, a moment before the database
+    // is opened: wait for both.
+    let db = dir.path().join("envdata").join("meta.db");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "did not start");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() || !db.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not start on the --listen port with WHARF_DATA (database there: {})",
+            db.exists()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        dir.path().join("envdata").join("meta.db").exists(),
-        "WHARF_DATA not used"
-    );
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -93,8 +93,10 @@ struct Stages {
     free: mpsc::Receiver<AlignedBuf>,
     hash: Option<JoinHandle<Hasher>>,
     io: Vec<JoinHandle<io::Result<()>>>,
-    /// Set when the writer is dropped unfinished: the I/O thread writes nothing more.
-    abandoned: Arc<AtomicBool>,
+    /// Set when an I/O thread fails or the writer is dropped unfinished. The I/O threads
+    /// then write nothing more but still hand every buffer back, so the writer never
+    /// waits for a buffer that will not come; it sees the flag at its next hand-off.
+    stop: Arc<AtomicBool>,
 }
 
 impl Stages {
@@ -141,41 +143,58 @@ fn hash_jobs(mut hasher: Hasher, jobs: &Receiver<Job>, mut next: Queues) -> Hash
 }
 
 /// An I/O thread: writes each job, hands its buffer back. The jobs of one writer land
-/// on distinct blocks, so the threads never write over each other.
+/// on distinct blocks, so the threads never write over each other. After a failure (its
+/// own or another thread's, through `stop`) it only hands buffers back, and returns its
+/// error when the queue closes.
 fn write_jobs(
     plain: &File,
     mut direct: Option<Arc<File>>,
     jobs: &Receiver<Job>,
     free: &mpsc::Sender<AlignedBuf>,
-    abandoned: &AtomicBool,
+    stop: &AtomicBool,
+    fail_at: Option<u64>,
 ) -> io::Result<()> {
+    let mut result = Ok(());
     while let Ok(job) = jobs.recv() {
-        if abandoned.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let data = job.buf.window(job.len);
-        // Whole blocks at an aligned offset go direct, the rest (a head or a tail) plain.
-        let whole = match &direct {
-            Some(_) if job.at % ALIGN as u64 == 0 => job.len - job.len % ALIGN,
-            _ => 0,
-        };
-        if let (Some(d), true) = (&direct, whole > 0) {
-            match d.write_all_at(&data[..whole], job.at) {
-                Ok(()) => {}
-                // The filesystem refused the direct write (alignment): write it, and the
-                // rest of this upload, the ordinary way.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    direct = None;
-                    plain.write_all_at(&data[..whole], job.at)?;
-                }
-                Err(e) => return Err(e),
+        if result.is_ok() && !stop.load(Ordering::Acquire) {
+            result = if fail_at == Some(job.at) {
+                // Tests: a slow write that then fails, while the other thread goes on.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                Err(io::Error::other("injected write failure"))
+            } else {
+                write_job(plain, &mut direct, &job)
+            };
+            if result.is_err() {
+                stop.store(true, Ordering::Release);
             }
-        }
-        if whole < job.len {
-            plain.write_all_at(&data[whole..], job.at + whole as u64)?;
         }
         // The writer may have finished with buffers to spare: nothing to hand back to.
         let _ = free.try_send(job.buf);
+    }
+    result
+}
+
+fn write_job(plain: &File, direct: &mut Option<Arc<File>>, job: &Job) -> io::Result<()> {
+    let data = job.buf.window(job.len);
+    // Whole blocks at an aligned offset go direct, the rest (a head or a tail) plain.
+    let whole = match direct {
+        Some(_) if job.at % ALIGN as u64 == 0 => job.len - job.len % ALIGN,
+        _ => 0,
+    };
+    if let (Some(d), true) = (&direct, whole > 0) {
+        match d.write_all_at(&data[..whole], job.at) {
+            Ok(()) => {}
+            // The filesystem refused the direct write (alignment): write it, and the
+            // rest of this upload, the ordinary way.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                *direct = None;
+                plain.write_all_at(&data[..whole], job.at)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if whole < job.len {
+        plain.write_all_at(&data[whole..], job.at + whole as u64)?;
     }
     Ok(())
 }
@@ -184,6 +203,16 @@ impl UploadWriter {
     /// Opens upload file `path` to write from `offset` on, dropping anything after it.
     /// Every byte written is fed, in order, to `hasher` if given; `finish` returns it.
     pub fn open(path: &Path, offset: u64, hasher: Option<Hasher>) -> io::Result<UploadWriter> {
+        UploadWriter::open_inner(path, offset, hasher, None)
+    }
+
+    /// `open`, with the write of the buffer at file offset `fail_at` failing (tests).
+    fn open_inner(
+        path: &Path,
+        offset: u64,
+        hasher: Option<Hasher>,
+        fail_at: Option<u64>,
+    ) -> io::Result<UploadWriter> {
         let plain = OpenOptions::new()
             .create(true)
             .write(true)
@@ -198,19 +227,19 @@ impl UploadWriter {
             .ok()
             .map(Arc::new);
         let is_direct = direct.is_some();
-        let abandoned = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>(BUFFERS);
         let mut to_io = Vec::new();
         let mut io = Vec::new();
         for _ in 0..WRITERS {
             let (tx, rx) = channel::<Job>();
             let (plain, direct) = (Arc::clone(&plain), direct.clone());
-            let (free_tx, abandoned) = (free_tx.clone(), Arc::clone(&abandoned));
+            let (free_tx, stop) = (free_tx.clone(), Arc::clone(&stop));
             to_io.push(tx);
             io.push(
                 std::thread::Builder::new()
                     .name("wharf-upload-io".into())
-                    .spawn(move || write_jobs(&plain, direct, &rx, &free_tx, &abandoned))?,
+                    .spawn(move || write_jobs(&plain, direct, &rx, &free_tx, &stop, fail_at))?,
             );
         }
         let to_io = Queues {
@@ -248,7 +277,7 @@ impl UploadWriter {
                 free: free_rx,
                 hash,
                 io,
-                abandoned,
+                stop,
             }),
         })
     }
@@ -298,7 +327,7 @@ impl UploadWriter {
             at: self.buf_at,
         };
         let stages = self.stages.as_mut().expect("open writer");
-        if !stages.jobs.send(job) {
+        if stages.stop.load(Ordering::Acquire) || !stages.jobs.send(job) {
             return Err(self.stage_error().await);
         }
         self.buf_at += self.filled as u64;
@@ -334,10 +363,35 @@ impl UploadWriter {
     }
 }
 
+/// Joins the threads on the blocking pool. If the caller is dropped meanwhile (the client
+/// went away), the guard stops the threads and waits for them, as `Drop` does: the
+/// upload's lock must not be released while a write is still coming.
 async fn join_blocking(stages: Stages) -> io::Result<Option<Hasher>> {
-    tokio::task::spawn_blocking(move || stages.join())
-        .await
-        .map_err(|e| io::Error::other(format!("join task failed: {e}")))?
+    struct WaitIfDropped {
+        stop: Arc<AtomicBool>,
+        done: Option<Receiver<()>>,
+    }
+    impl Drop for WaitIfDropped {
+        fn drop(&mut self) {
+            if let Some(done) = self.done.take() {
+                self.stop.store(true, Ordering::Release);
+                let _ = done.recv(); // returns when the join below has finished
+            }
+        }
+    }
+    let (done_tx, done_rx) = channel::<()>();
+    let mut guard = WaitIfDropped {
+        stop: Arc::clone(&stages.stop),
+        done: Some(done_rx),
+    };
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = stages.join();
+        drop(done_tx);
+        r
+    })
+    .await;
+    guard.done = None;
+    joined.map_err(|e| io::Error::other(format!("join task failed: {e}")))?
 }
 
 impl Drop for UploadWriter {
@@ -347,7 +401,7 @@ impl Drop for UploadWriter {
     /// write in progress.
     fn drop(&mut self) {
         if let Some(stages) = self.stages.take() {
-            stages.abandoned.store(true, Ordering::Release);
+            stages.stop.store(true, Ordering::Release);
             let _ = stages.join();
         }
     }
@@ -415,6 +469,31 @@ mod tests {
         let got = std::fs::read(&path).unwrap();
         assert_eq!(&got[..5000], &pattern(20_000, 1)[..5000]);
         assert_eq!(&got[5000..], b"end");
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_reported_while_the_other_writer_thread_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        for hasher in [None, Some(Algorithm::Sha256.hasher())] {
+            let path = dir.path().join("u");
+            // The third buffer's write is slow and then fails: meanwhile the other I/O
+            // thread returns its buffers and the writer queues them behind the slow one.
+            let w = UploadWriter::open_inner(&path, 0, hasher, Some(2 * BUFFER as u64));
+            let mut w = w.unwrap();
+            let data = pattern(4 * BUFFERS * BUFFER, 3);
+            let outcome = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                for piece in data.chunks(100_000) {
+                    w.write(piece).await?;
+                }
+                w.finish().await
+            })
+            .await
+            .expect("the writer reports the failure instead of waiting forever");
+            let Err(err) = outcome else {
+                panic!("a failed write was acknowledged");
+            };
+            assert!(err.to_string().contains("injected"), "{err}");
+        }
     }
 
     #[tokio::test]
