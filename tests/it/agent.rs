@@ -66,14 +66,6 @@ fn build_version(d: &Docker, dir: &Path, image: &str, version: &str, kind: Kind)
     run(d.cmd().args(["push", image]));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// What the stack answers over HTTP, or None.
 fn serves(port: u16) -> Option<String> {
     let out = Command::new("curl")

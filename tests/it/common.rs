@@ -348,6 +348,15 @@ pub fn require_tool(tool: &str, install: &str) {
 }
 
 /// A command for the wharf binary's admin subcommands on `data`.
+/// A loopback port nothing listens on (free when asked; a test binds it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn wharf_cmd(data: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));
     c.env("WHARF_DATA", data).env_remove("WHARF_CONFIG");
@@ -413,11 +422,7 @@ impl Process {
     /// Starts with extra environment variables, and without those named in `remove`.
     pub fn start_with(data: &Path, env: &[(&str, &str)], remove: &[&str]) -> Process {
         // Pick a free port, then hand it to the process.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
             .arg(data)

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::common::{Process, TestRegistry, header, sha256};
+use crate::common::{Process, TestRegistry, free_port, header, sha256};
 
 #[tokio::test]
 async fn an_upload_resumes_after_a_restart_and_committed_data_survives() {
@@ -166,11 +166,7 @@ fn env_vars_configure_serve_and_flags_win() {
     std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\n").unwrap();
     // The file says port 1 (unusable), WHARF_LISTEN overrides it with an invalid value
     // that the --listen flag overrides in turn: only flag > env > file starts.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("WHARF_CONFIG", &cfg)

@@ -266,11 +266,7 @@ async fn failed_deliveries_are_retried_with_backoff_and_logged() {
     rx.answers.lock().unwrap().extend([500, 503]);
     let (flaky, _) = add_hook(&reg, &[&format!("{}/flaky", rx.url)]);
     // A receiver that is down: nothing listens on this port.
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead_port = free_port();
     let (dead, _) = add_hook(&reg, &[&format!("http://127.0.0.1:{dead_port}/hook")]);
     reg.push_image("team/api", "prod", "one").await;
 
@@ -376,11 +372,7 @@ async fn a_dead_receiver_has_a_bounded_queue_that_drops_the_oldest() {
         // Slow retries: the queue fills before anything could be delivered.
         c.webhook_delivery.retry_initial_ms = 60_000;
     });
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead_port = free_port();
     let (dead, _) = add_hook(&reg, &[&format!("http://127.0.0.1:{dead_port}/hook")]);
     for i in 0..7 {
         reg.push_image("team/api", &format!("t{i}"), &format!("seed {i}"))
@@ -419,11 +411,7 @@ async fn a_dead_receiver_has_a_bounded_queue_that_drops_the_oldest() {
 fn an_event_survives_a_crash_before_it_is_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = dir.path().join("wharf.toml");
     std::fs::write(
         &config,
