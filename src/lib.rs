@@ -12,6 +12,7 @@ pub mod config;
 pub mod events;
 pub mod oci;
 pub mod registry;
+pub mod sendfile;
 pub mod server;
 pub mod store;
 pub mod time;

@@ -16,6 +16,7 @@ use tower::ServiceExt as _;
 use crate::auth::{Auth, AuthError};
 use crate::config::{Config, TlsFiles};
 use crate::registry::{self, AppState};
+use crate::sendfile;
 use crate::store::meta::events::EventsMeta;
 use crate::store::{Store, StoreError, open_local_backends};
 
@@ -117,6 +118,7 @@ pub async fn serve(
         tls: tls.is_some(),
         metrics: registry::Metrics::default(),
     };
+    let sendfile_bytes = Arc::clone(&state.metrics.sendfile_bytes);
     let app = registry::router(Arc::new(state));
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
@@ -143,15 +145,24 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
+        // Plain connections send blob bodies with sendfile; TLS ones copy through rustls.
+        let queue = sendfile::Queue::new(Arc::clone(&sendfile_bytes));
+        let zero_copy = tls.is_none().then(|| queue.clone());
         let service = TowerToHyperService::new(app.clone().map_request(
             move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                if let Some(q) = &zero_copy {
+                    req.extensions_mut().insert(q.clone());
+                }
                 req
             },
         ));
         match &tls {
             None => {
-                let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                // hyper must keep writing vectored (never `writev(false)`), or it would
+                // copy the placeholder chunks: see `sendfile`.
+                let io = TokioIo::new(sendfile::Conn::new(tcp, queue));
+                let conn = builder.serve_connection(io, service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

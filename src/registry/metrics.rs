@@ -2,6 +2,7 @@
 //! Fixed arrays of atomics: counting costs one relaxed increment per request.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::http::{Method, StatusCode};
@@ -69,12 +70,15 @@ impl Route {
 
 pub struct Metrics {
     requests: Vec<AtomicU64>,
+    /// Blob bytes sent with `sendfile(2)`, by every plain-HTTP connection.
+    pub sendfile_bytes: Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             requests: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            sendfile_bytes: Arc::default(),
         }
     }
 }
@@ -112,6 +116,13 @@ impl Metrics {
                 }
             }
         }
+        let _ = write!(
+            out,
+            "# HELP wharf_blob_sendfile_bytes_total Blob bytes sent from the file by the kernel (sendfile), not copied through user space.\n\
+             # TYPE wharf_blob_sendfile_bytes_total counter\n\
+             wharf_blob_sendfile_bytes_total {}\n",
+            self.sendfile_bytes.load(Ordering::Relaxed)
+        );
         out
     }
 }

@@ -32,6 +32,7 @@ use route::Endpoint;
 use crate::auth::{Action, Auth, Principal};
 use crate::oci::manifest::{Descriptor, OCI_INDEX, is_manifest_type};
 use crate::oci::{Digest, Reference, RepoName};
+use crate::sendfile;
 use crate::store::{ByteStream, Store};
 
 const API_VERSION: &str = "registry/2.0";
@@ -218,7 +219,8 @@ async fn handle(
             let digest: Digest = percent_colon(digest).parse()?;
             match *m {
                 Method::GET | Method::HEAD => {
-                    blob_get(store, &name, &digest, h, m == Method::HEAD).await
+                    let zero_copy = parts.extensions.get::<sendfile::Queue>();
+                    blob_get(store, &name, &digest, h, m == Method::HEAD, zero_copy).await
                 }
                 Method::DELETE => {
                     store.blob_delete(&name, &digest).await?;
@@ -459,6 +461,7 @@ async fn blob_get(
     digest: &Digest,
     h: &HeaderMap,
     head: bool,
+    zero_copy: Option<&sendfile::Queue>,
 ) -> Result<Response> {
     let size = store.blob_size(name, digest).await?;
     let range = blob_range(h, size)?;
@@ -470,8 +473,20 @@ async fn blob_get(
     let mut r = if head {
         status.into_response()
     } else {
-        let stream = store.blob_read(digest, start..end).await?;
-        (status, Body::new(body::Sized::new(stream, len))).into_response()
+        let file = match zero_copy {
+            Some(_) => store.blob_file(digest).await?,
+            None => None,
+        };
+        let body = match (file, zero_copy) {
+            (Some(file), Some(queue)) => {
+                Body::new(sendfile::FileBody::new(file, start, len, queue.clone()))
+            }
+            _ => {
+                let stream = store.blob_read(digest, start..end).await?;
+                Body::new(body::Sized::new(stream, len))
+            }
+        };
+        (status, body).into_response()
     };
     set(&mut r, header::CONTENT_LENGTH, &len.to_string());
     set(&mut r, header::CONTENT_TYPE, "application/octet-stream");

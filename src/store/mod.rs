@@ -213,6 +213,11 @@ impl Store {
         Ok(self.blobs.read(digest, range).await?)
     }
 
+    /// The local file holding blob `digest`, when the backend keeps one.
+    pub async fn blob_file(&self, digest: &Digest) -> Result<Option<std::fs::File>, StoreError> {
+        Ok(self.blobs.open_file(digest).await?)
+    }
+
     /// Removes `repo`'s link to the blob. The bytes stay until garbage collection finds
     /// no repository links them.
     pub async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<(), StoreError> {

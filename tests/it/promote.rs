@@ -25,7 +25,10 @@ async fn counts(reg: &TestRegistry) -> std::collections::BTreeMap<String, u64> {
     assert_eq!(r.status(), StatusCode::OK);
     let text = r.text().await.unwrap();
     let mut out = std::collections::BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("wharf_http_requests_total{"))
+    {
         let route = line
             .split("route=\"")
             .nth(1)

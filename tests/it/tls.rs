@@ -91,6 +91,25 @@ fn serves_https_with_the_given_certificate() {
         .arg(&certs)
         .args(["--creds", &creds, &dest]));
     assert_eq!(raw.as_bytes(), &m[..]);
+    // A blob body over TLS passes through rustls: right bytes, none sent by sendfile.
+    let manifest: serde_json::Value = serde_json::from_slice(&m).unwrap();
+    let config = manifest["config"]["digest"].as_str().unwrap();
+    let blob = std::fs::read(layout.join("blobs/sha256").join(&config[7..])).unwrap();
+    let get = |path: &str| {
+        run(Command::new("curl")
+            .args(["-sS", "--fail", "--cacert"])
+            .arg(&cert)
+            .args(["-u", &creds, &format!("https://{host}{path}")]))
+    };
+    assert_eq!(
+        get(&format!("/v2/team/tls/blobs/{config}")).as_bytes(),
+        &blob[..]
+    );
+    let metrics = get("/metrics");
+    assert!(
+        metrics.contains("\nwharf_blob_sendfile_bytes_total 0\n"),
+        "{metrics}"
+    );
     p.kill9();
 }
 

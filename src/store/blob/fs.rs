@@ -219,6 +219,14 @@ impl BlobStore for FsBlobStore {
         open_range(self.blob_path(digest), range, BlobError::NotFound).await
     }
 
+    async fn open_file(&self, digest: &Digest) -> Result<Option<File>, BlobError> {
+        let path = self.blob_path(digest);
+        blocking(move || File::open(path))
+            .await
+            .map(Some)
+            .map_err(|e| not_found_as(e, BlobError::NotFound))
+    }
+
     async fn delete(&self, digest: &Digest) -> Result<(), BlobError> {
         match tokio::fs::remove_file(self.blob_path(digest)).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),

@@ -71,6 +71,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// The bytes `range` of blob `digest`; `range` lies within the blob.
     async fn read(&self, digest: &Digest, range: Range<u64>) -> Result<ByteStream, BlobError>;
 
+    /// The local file holding blob `digest`, when the backend keeps blobs as files, so
+    /// the server can send it with `sendfile(2)`. `None` means: use [`BlobStore::read`].
+    async fn open_file(&self, _digest: &Digest) -> Result<Option<std::fs::File>, BlobError> {
+        Ok(None)
+    }
+
     /// Removes blob `digest`; no error if it does not exist.
     async fn delete(&self, digest: &Digest) -> Result<(), BlobError>;
 }

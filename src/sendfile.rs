@@ -1,0 +1,346 @@
+//! Zero-copy blob bodies on plain-HTTP connections.
+//!
+//! hyper writes a response body from memory: each byte of a blob would be read from the
+//! page cache into a buffer and then copied again into the socket. Here a blob body
+//! yields *placeholder* chunks instead: slices of [`PLACEHOLDER`], a static block nobody
+//! writes, paired with a [`Job`] (file, offset, length) queued on the connection. The
+//! connection's I/O wrapper, [`Conn`], recognises a placeholder by its address when hyper
+//! writes it and sends the job's file range with `sendfile(2)`: the kernel moves the
+//! bytes from the page cache to the socket, and user space never touches them.
+//!
+//! Safety of the pairing rests on three facts, each checked:
+//! - hyper writes body chunks as given, never copying them, when its I/O supports
+//!   vectored writes ([`Conn::is_write_vectored`] is true, and the server never asks
+//!   hyper to flatten). A copied placeholder would lose its address and be sent as
+//!   zeros; the tests pull blobs through this path and compare every byte.
+//! - An HTTP/1 connection writes one response at a time, in order, so jobs are consumed
+//!   in the order the body queued them.
+//! - Every write of a placeholder must cover exactly what its job has left; anything
+//!   else (a missing job, a length that does not match) fails the connection rather
+//!   than send bytes that might be wrong.
+//!
+//! TLS connections keep the copying path: their bytes must pass through rustls.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The most one placeholder chunk stands for. hyper stops polling a body while more
+/// than its buffer limit (about 400 KiB) is queued, so one job is pending at a time.
+const CHUNK: usize = 1 << 20;
+
+/// Stands in for file bytes; never read, never written. Its address is what matters.
+static PLACEHOLDER: [u8; CHUNK] = [0; CHUNK];
+
+fn is_placeholder(buf: &[u8]) -> bool {
+    let start = PLACEHOLDER.as_ptr() as usize;
+    let p = buf.as_ptr() as usize;
+    !buf.is_empty() && p >= start && p < start + CHUNK
+}
+
+/// A range of a file still to send.
+struct Job {
+    file: Arc<File>,
+    offset: u64,
+    remaining: usize,
+}
+
+/// The jobs of one connection, shared by its [`Conn`] and the bodies of its responses
+/// (reached through the request's extensions).
+#[derive(Clone)]
+pub struct Queue {
+    jobs: Arc<Mutex<VecDeque<Job>>>,
+    sent: Arc<AtomicU64>,
+}
+
+impl Queue {
+    /// `sent` counts the bytes this connection sends with `sendfile`.
+    pub fn new(sent: Arc<AtomicU64>) -> Queue {
+        Queue {
+            jobs: Arc::default(),
+            sent,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A response body sending `len` bytes of `file` from `offset` through the connection's
+/// [`Queue`].
+pub struct FileBody {
+    file: Arc<File>,
+    offset: u64,
+    remaining: u64,
+    queue: Queue,
+}
+
+impl FileBody {
+    pub fn new(file: File, offset: u64, len: u64, queue: Queue) -> FileBody {
+        FileBody {
+            file: Arc::new(file),
+            offset,
+            remaining: len,
+            queue,
+        }
+    }
+}
+
+impl http_body::Body for FileBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = usize::try_from(self.remaining).map_or(CHUNK, |r| r.min(CHUNK));
+        let job = Job {
+            file: Arc::clone(&self.file),
+            offset: self.offset,
+            remaining: n,
+        };
+        self.queue.lock().push_back(job);
+        self.offset += n as u64;
+        self.remaining -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&PLACEHOLDER[..n])))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A plain TCP connection that sends placeholder chunks as file ranges.
+pub struct Conn {
+    tcp: TcpStream,
+    queue: Queue,
+}
+
+impl Conn {
+    pub fn new(tcp: TcpStream, queue: Queue) -> Conn {
+        Conn { tcp, queue }
+    }
+
+    /// Sends the front job's next bytes for a placeholder slice of `want` bytes.
+    fn poll_send_file(&self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let mut jobs = self.queue.lock();
+        let Some(job) = jobs.front_mut() else {
+            return Poll::Ready(Err(io::Error::other(
+                "zero-copy body: a placeholder chunk without a queued file range",
+            )));
+        };
+        if job.remaining != want {
+            return Poll::Ready(Err(io::Error::other(format!(
+                "zero-copy body: hyper wrote {want} placeholder bytes where {} were queued",
+                job.remaining
+            ))));
+        }
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let mut offset = job.offset;
+            let sent = self.tcp.try_io(Interest::WRITABLE, || {
+                rustix::fs::sendfile(&self.tcp, &*job.file, Some(&mut offset), job.remaining)
+                    .map_err(io::Error::from)
+            });
+            match sent {
+                // The file is shorter than its recorded size: never send a short body.
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => {
+                    self.queue.sent.fetch_add(n as u64, Ordering::Relaxed);
+                    job.offset += n as u64;
+                    job.remaining -= n;
+                    if job.remaining == 0 {
+                        jobs.pop_front();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    /// Writes the slices before the first placeholder with one `writev`, or, when the
+    /// first slice is a placeholder, sends its file range.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
+            return Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        };
+        if is_placeholder(&bufs[first]) {
+            return self.poll_send_file(cx, bufs[first].len());
+        }
+        let end = bufs
+            .iter()
+            .position(|b| is_placeholder(b))
+            .unwrap_or(bufs.len());
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..end])
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected pair: the server side wrapped in a [`Conn`], and the client side.
+    async fn pair(queue: Queue) -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Conn::new(server, queue), client)
+    }
+
+    fn temp_file(data: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(data).unwrap();
+        f
+    }
+
+    /// Writes `bufs` to the end, the way hyper flushes its queue.
+    async fn write_all_vectored(conn: &mut Conn, bufs: &[&[u8]]) -> io::Result<()> {
+        let mut bufs: Vec<&[u8]> = bufs.to_vec();
+        while !bufs.is_empty() {
+            let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+            let mut n = conn.write_vectored(&slices).await?;
+            while n > 0 {
+                let take = n.min(bufs[0].len());
+                bufs[0] = &bufs[0][take..];
+                n -= take;
+                if bufs[0].is_empty() {
+                    bufs.remove(0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_head_then_placeholders_send_the_head_then_the_file_range() {
+        let data: Vec<u8> = (0..3 * CHUNK as u32 + 77)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let sent = Arc::new(AtomicU64::new(0));
+        let queue = Queue::new(Arc::clone(&sent));
+        let (mut conn, mut client) = pair(queue.clone()).await;
+        let (offset, len) = (CHUNK as u64 - 5, 2 * CHUNK as u64 + 50);
+        let mut body = FileBody::new(temp_file(&data), offset, len, queue);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut chunks = Vec::new();
+        while let Some(frame) =
+            std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx)).await
+        {
+            chunks.push(frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks.iter().all(|c| is_placeholder(c)));
+        let mut bufs: Vec<&[u8]> = vec![b"HEAD\r\n"];
+        bufs.extend(chunks.iter().map(|c| &c[..]));
+        bufs.push(b"TAIL");
+        write_all_vectored(&mut conn, &bufs).await.unwrap();
+        drop(conn);
+        let got = reader.await.unwrap();
+        let range = &data[offset as usize..(offset + len) as usize];
+        assert_eq!(got.len(), 6 + range.len() + 4);
+        assert_eq!(&got[..6], b"HEAD\r\n");
+        assert!(got[6..6 + range.len()] == *range, "file bytes differ");
+        assert_eq!(&got[6 + range.len()..], b"TAIL");
+        assert_eq!(sent.load(Ordering::Relaxed), len);
+    }
+
+    #[tokio::test]
+    async fn a_placeholder_without_its_range_fails_instead_of_sending_zeros() {
+        let queue = Queue::new(Arc::default());
+        let (mut conn, mut client) = pair(queue.clone()).await;
+        // No job at all.
+        let err = conn.write(&PLACEHOLDER[..10]).await.unwrap_err();
+        assert!(
+            err.to_string().contains("without a queued file range"),
+            "{err}"
+        );
+        // A job whose length does not match what is written.
+        queue.lock().push_back(Job {
+            file: Arc::new(temp_file(b"0123456789")),
+            offset: 0,
+            remaining: 10,
+        });
+        let err = conn.write(&PLACEHOLDER[..4]).await.unwrap_err();
+        assert!(err.to_string().contains("where 10 were queued"), "{err}");
+        // A file shorter than its job: an error, not a short body.
+        queue.lock().clear();
+        queue.lock().push_back(Job {
+            file: Arc::new(temp_file(b"0123")),
+            offset: 4,
+            remaining: 10,
+        });
+        let err = conn.write(&PLACEHOLDER[..10]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        drop(conn);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty(), "sent {got:?}");
+    }
+}
