@@ -20,14 +20,16 @@
 //!   than send bytes that might be wrong. A placeholder dropped unwritten marks its job,
 //!   which is then skipped, so it can never pair with a later response's chunk.
 //!
-//! `sendfile` runs on the connection's runtime thread, as in nginx without thread pools:
-//! a file outside the page cache blocks that thread for the read of at most one socket
-//! buffer's worth (the kernel reads ahead on sequential sends).
+//! `sendfile` runs on the connection's runtime thread. So that it never waits for the
+//! disk there, the body checks each chunk's first and last page with a read that may not
+//! wait (`RWF_NOWAIT`) and, when either is missing, reads the chunk in on a blocking
+//! thread before yielding it.
 //!
 //! TLS connections keep the copying path: their bytes must pass through rustls.
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -110,6 +112,8 @@ pub struct FileBody {
     offset: u64,
     remaining: u64,
     queue: Queue,
+    /// Reading the next chunk into the page cache on a blocking thread.
+    warming: Option<tokio::task::JoinHandle<io::Result<()>>>,
 }
 
 impl FileBody {
@@ -119,22 +123,72 @@ impl FileBody {
             offset,
             remaining: len,
             queue,
+            warming: None,
         }
     }
+}
+
+/// Whether the page holding byte `at` of `file` is in the page cache: a one-byte read
+/// that may not wait for the disk. Where the kernel cannot tell, says yes (`sendfile`
+/// then reads the disk itself).
+fn cached(file: &File, at: u64) -> bool {
+    let mut byte = [0u8; 1];
+    let mut bufs = [io::IoSliceMut::new(&mut byte)];
+    !matches!(
+        rustix::io::preadv2(file, &mut bufs, at, rustix::io::ReadWriteFlags::NOWAIT),
+        Err(rustix::io::Errno::AGAIN)
+    )
+}
+
+/// Reads `len` bytes of `file` from `offset`, which leaves them in the page cache.
+fn warm(file: &File, offset: u64, len: usize) -> io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = vec![0u8; len.min(256 * 1024)];
+    let end = offset + len as u64;
+    let mut at = offset;
+    while at < end {
+        let n = usize::try_from(end - at).map_or(buf.len(), |l| l.min(buf.len()));
+        match file.read_at(&mut buf[..n], at)? {
+            0 => break, // a short file: `sendfile` reports it
+            read => at += read as u64,
+        }
+    }
+    Ok(())
 }
 
 impl http_body::Body for FileBody {
     type Data = Bytes;
     type Error = io::Error;
 
+    /// A chunk outside the page cache is first read in on a blocking thread, so that
+    /// `sendfile` on the runtime thread does not wait for the disk.
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
         let n = usize::try_from(self.remaining).map_or(CHUNK, |r| r.min(CHUNK));
+        match self.warming.as_mut() {
+            Some(warming) => {
+                let done = ready!(Pin::new(warming).poll(cx));
+                self.warming = None;
+                let done = done.map_err(|e| io::Error::other(format!("blob read-in: {e}")));
+                if let Err(e) = done.and_then(|r| r) {
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            None => {
+                let last = self.offset + n as u64 - 1;
+                if !cached(&self.file, self.offset) || !cached(&self.file, last) {
+                    let (file, offset) = (Arc::clone(&self.file), self.offset);
+                    let task = tokio::task::spawn_blocking(move || warm(&file, offset, n));
+                    self.warming = Some(task);
+                    return self.poll_frame(cx);
+                }
+            }
+        }
         let dropped = Arc::new(AtomicBool::new(false));
         let job = Job {
             file: Arc::clone(&self.file),
@@ -378,6 +432,28 @@ mod tests {
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"other file");
+    }
+
+    /// A chunk the disk must supply is read in before the body yields it, so `sendfile`
+    /// finds it in the page cache.
+    #[tokio::test]
+    async fn a_chunk_outside_the_page_cache_is_read_in_before_it_is_yielded() {
+        let data = vec![7u8; 3 * CHUNK];
+        let file = temp_file(&data);
+        file.sync_all().unwrap();
+        let fs = rustix::fs::fstatfs(&file).unwrap();
+        assert_ne!(
+            fs.f_type, 0x0102_1994,
+            "the temp dir is tmpfs, whose pages cannot leave memory: run with TMPDIR on a disk"
+        );
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let probe = file.try_clone().unwrap();
+        let mut body = FileBody::new(file, 0, data.len() as u64, Queue::new(Arc::default()));
+        next_chunk(&mut body).await.unwrap();
+        assert!(
+            cached(&probe, 0) && cached(&probe, CHUNK as u64 - 1),
+            "the first chunk was yielded before it was in the page cache"
+        );
     }
 
     #[tokio::test]
