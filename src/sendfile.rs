@@ -355,6 +355,16 @@ mod tests {
         f
     }
 
+    /// A queued range of a file holding `data`, as a body would queue it.
+    fn job(data: &[u8], offset: u64, remaining: usize) -> Job {
+        Job {
+            file: Arc::new(temp_file(data)),
+            offset,
+            remaining,
+            dropped: Arc::default(),
+        }
+    }
+
     /// Writes `bufs` to the end, the way hyper flushes its queue.
     async fn write_all_vectored(conn: &mut Conn, bufs: &[&[u8]]) -> io::Result<()> {
         let mut bufs: Vec<&[u8]> = bufs.to_vec();
@@ -467,22 +477,12 @@ mod tests {
             "{err}"
         );
         // A job whose length does not match what is written.
-        queue.lock().push_back(Job {
-            file: Arc::new(temp_file(b"0123456789")),
-            offset: 0,
-            remaining: 10,
-            dropped: Arc::default(),
-        });
+        queue.lock().push_back(job(b"0123456789", 0, 10));
         let err = conn.write(&PLACEHOLDER[..4]).await.unwrap_err();
         assert!(err.to_string().contains("where 10 were queued"), "{err}");
         // A file shorter than its job: an error, not a short body.
         queue.lock().clear();
-        queue.lock().push_back(Job {
-            file: Arc::new(temp_file(b"0123")),
-            offset: 4,
-            remaining: 10,
-            dropped: Arc::default(),
-        });
+        queue.lock().push_back(job(b"0123", 4, 10));
         let err = conn.write(&PLACEHOLDER[..10]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         drop(conn);

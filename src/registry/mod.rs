@@ -474,14 +474,12 @@ async fn blob_get(
         status.into_response()
     } else {
         let file = match zero_copy {
-            Some(_) => store.blob_file(digest).await?,
+            Some(queue) => store.blob_file(digest).await?.map(|f| (f, queue.clone())),
             None => None,
         };
-        let body = match (file, zero_copy) {
-            (Some(file), Some(queue)) => {
-                Body::new(sendfile::FileBody::new(file, start, len, queue.clone()))
-            }
-            _ => {
+        let body = match file {
+            Some((file, queue)) => Body::new(sendfile::FileBody::new(file, start, len, queue)),
+            None => {
                 let stream = store.blob_read(digest, start..end).await?;
                 Body::new(body::Sized::new(stream, len))
             }
