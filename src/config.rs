@@ -2,6 +2,7 @@
 //! then flags. Each later source wins.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -28,6 +29,75 @@ pub struct Config {
     pub webhooks: Vec<crate::events::WebhookConfig>,
     /// How webhook deliveries are retried (`[webhook_delivery]`).
     pub webhook_delivery: crate::events::DeliverySettings,
+    /// Bounds against hostile or runaway clients (`[limits]`).
+    pub limits: Limits,
+    /// Where the access log goes: `stderr` (the default), `off`, or a file path.
+    pub access_log: String,
+    /// `text` (the default) or `json`.
+    pub access_log_format: AccessLogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Bounds against hostile or runaway clients: `[limits]` in the config file. Each has a
+/// default that suits one server; README.md lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// A refresh token (kept by `docker login`) unused this long stops working.
+    #[serde(deserialize_with = "crate::time::deserialize_duration")]
+    pub refresh_token_idle: Duration,
+    /// A refresh token stops working this long after it was made.
+    #[serde(deserialize_with = "crate::time::deserialize_duration")]
+    pub refresh_token_lifetime: Duration,
+    /// Password checks waiting for a core, at most; past it sign-ins get 503.
+    pub password_checks_queued: usize,
+    /// A request body of an authenticated caller that delivers less than 16 KiB (and
+    /// does not end) in this long is cut off with 408.
+    #[serde(deserialize_with = "crate::time::deserialize_duration")]
+    pub body_idle_timeout: Duration,
+    /// The same for a caller not (yet) authenticated, such as `POST /token`.
+    #[serde(deserialize_with = "crate::time::deserialize_duration")]
+    pub anonymous_body_timeout: Duration,
+    /// Open connections at most; past it new ones get 503 and are closed.
+    pub max_connections: usize,
+    /// Uploads writing at once (PATCH, PUT or POST with a body); past it 503.
+    pub max_uploads: usize,
+    /// Memory for upload buffers in all, in MiB: writers wait for a buffer (the client
+    /// is slowed down, not refused) when it is all in use.
+    pub upload_memory_mib: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let auth = crate::auth::AuthSettings::default();
+        Limits {
+            refresh_token_idle: auth.refresh_idle,
+            refresh_token_lifetime: auth.refresh_lifetime,
+            password_checks_queued: auth.password_queue,
+            body_idle_timeout: Duration::from_secs(30),
+            anonymous_body_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+            max_uploads: 256,
+            upload_memory_mib: 256,
+        }
+    }
+}
+
+impl Limits {
+    pub fn auth(&self) -> crate::auth::AuthSettings {
+        crate::auth::AuthSettings {
+            refresh_idle: self.refresh_token_idle,
+            refresh_lifetime: self.refresh_token_lifetime,
+            password_queue: self.password_checks_queued,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +121,9 @@ struct FileConfig {
     #[serde(default)]
     webhooks: Vec<crate::events::WebhookConfig>,
     webhook_delivery: Option<crate::events::DeliverySettings>,
+    limits: Option<Limits>,
+    access_log: Option<String>,
+    access_log_format: Option<AccessLogFormat>,
 }
 
 /// Values given on the command line (or, through clap, by their environment variables).
@@ -63,6 +136,8 @@ pub struct Overrides {
     pub admin_password: Option<Secret>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub access_log: Option<String>,
+    pub access_log_format: Option<AccessLogFormat>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +195,9 @@ impl Config {
             tls: None,
             webhooks: Vec::new(),
             webhook_delivery: Default::default(),
+            limits: Limits::default(),
+            access_log: "stderr".to_owned(),
+            access_log_format: AccessLogFormat::Text,
         }
     }
 
@@ -171,6 +249,15 @@ impl Config {
             tls,
             webhooks: file_cfg.webhooks,
             webhook_delivery: file_cfg.webhook_delivery.unwrap_or_default(),
+            limits: file_cfg.limits.unwrap_or_default(),
+            access_log: flags
+                .access_log
+                .or(file_cfg.access_log)
+                .unwrap_or_else(|| "stderr".to_owned()),
+            access_log_format: flags
+                .access_log_format
+                .or(file_cfg.access_log_format)
+                .unwrap_or_default(),
         })
     }
 }

@@ -90,7 +90,12 @@ pub async fn serve(
     let (blobs, meta) = open_local_backends(&config.data)?;
     let store = Arc::new(Store::new(blobs, Arc::clone(&meta) as _));
     let events = Arc::clone(&meta) as Arc<dyn EventsMeta>;
-    let auth = Arc::new(Auth::open(meta, &config.data, &config.service)?);
+    let auth = Arc::new(Auth::with_settings(
+        meta,
+        &config.data,
+        &config.service,
+        config.limits.auth(),
+    )?);
     let admin_pw = config.admin_password.as_ref().map(|s| s.expose());
     if let Some(generated) = auth.ensure_admin(admin_pw).await? {
         // Shown this once: it is stored only as a hash.
@@ -100,6 +105,7 @@ pub async fn serve(
         );
     }
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store)));
+    let audit_flusher = tokio::spawn(flush_audit(Arc::clone(&auth)));
     sync_config_webhooks(events.as_ref(), &config.webhooks).await?;
     let addr = listener.local_addr()?;
     let registry_url = match &config.public_url {
@@ -113,7 +119,7 @@ pub async fn serve(
     ));
     let state = AppState {
         store,
-        auth,
+        auth: Arc::clone(&auth),
         public_url: config.public_url.clone(),
         tls: tls.is_some(),
         metrics: registry::Metrics::default(),
@@ -202,6 +208,8 @@ pub async fn serve(
         }
     }
     sweeper.abort();
+    audit_flusher.abort();
+    auth.flush_failures().await;
     dispatcher.abort();
     tracing::info!("stopped");
     Ok(())
@@ -232,6 +240,15 @@ async fn sync_config_webhooks(
         .await
         .map_err(|e| ServeError::Store(e.into()))?;
     Ok(())
+}
+
+/// Writes the audit summaries of repeated failures once their minute has ended.
+async fn flush_audit(auth: Arc<Auth>) {
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        every.tick().await;
+        auth.flush_failures().await;
+    }
 }
 
 async fn sweep_uploads(store: Arc<Store>) {

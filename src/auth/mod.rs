@@ -10,6 +10,7 @@
 //! the token's scopes with its owner's rights *at the time of use*, so a token never
 //! exceeds its owner and loses what the owner loses.
 
+pub mod audit;
 pub mod jwt;
 pub mod limiter;
 pub mod scope;
@@ -32,6 +33,23 @@ pub const DEFAULT_SERVICE: &str = "wharf";
 const KEY_FILE: &str = "auth.key";
 /// Last-used times of tokens are written at most this often.
 const TOUCH_EVERY_MS: i64 = 60_000;
+/// Callers whose current rights are kept in memory, at most.
+const CURRENT_MAX: usize = 10_000;
+
+/// The cores this process may use: how many password checks run at once.
+pub fn parallelism() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+/// The token a caller presented (as a password, or behind a JWT).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRef {
+    pub id: String,
+    /// An access token's scopes; None for a refresh token, which carries its user's
+    /// rights (it is made only by a password login).
+    pub scopes: Option<Vec<Scope>>,
+}
 
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,8 +59,8 @@ pub enum Principal {
         name: String,
         admin: bool,
         generation: i64,
-        /// Set when the caller used an access token: its id and scopes.
-        token: Option<(String, Vec<Scope>)>,
+        /// Set when the caller used a token: its id and scopes.
+        token: Option<TokenRef>,
     },
 }
 
@@ -53,6 +71,23 @@ impl Principal {
             Principal::User { name, .. } => Some(name),
         }
     }
+
+    /// The credential behind the call, for the audit and access logs: `password`, the
+    /// token's id, or None for an anonymous caller.
+    pub fn credential(&self) -> Option<&str> {
+        match self {
+            Principal::Anonymous => None,
+            Principal::User { token: None, .. } => Some("password"),
+            Principal::User { token: Some(t), .. } => Some(&t.id),
+        }
+    }
+
+    /// An administrator calling with their password or a refresh token (not a scoped
+    /// access token).
+    pub fn is_full_admin(&self) -> bool {
+        matches!(self, Principal::User { admin: true, token, .. }
+            if token.as_ref().is_none_or(|t| t.scopes.is_none()))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,12 +96,17 @@ pub enum AuthError {
     BadCredentials,
     #[error("too many failed logins; retry in {0} s")]
     RateLimited(u64),
+    /// Too many password checks are waiting for a core.
+    #[error("too many sign-ins at once; retry in {0} s")]
+    Overloaded(u64),
     #[error("invalid token: {0}")]
     BadToken(String),
     #[error("{0}")]
     Invalid(String),
     #[error("the metadata database is busy")]
     Busy,
+    #[error("the registry's storage is full")]
+    StorageFull,
     #[error("auth storage: {0}")]
     Internal(String),
 }
@@ -75,6 +115,7 @@ impl From<MetaError> for AuthError {
     fn from(e: MetaError) -> Self {
         match e {
             MetaError::Busy => AuthError::Busy,
+            MetaError::Full => AuthError::StorageFull,
             MetaError::Conflict(what) => AuthError::Invalid(format!("{what} already exists")),
             other => AuthError::Internal(other.to_string()),
         }
@@ -102,13 +143,88 @@ pub struct Issued {
     pub access: Vec<jwt::AccessEntry>,
 }
 
+/// Limits of the credentials the server hands out and checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// A refresh token (what `docker login` keeps) unused for this long stops working.
+    pub refresh_idle: Duration,
+    /// A refresh token stops working this long after it was made, used or not.
+    pub refresh_lifetime: Duration,
+    /// Password checks waiting for a core, at most; past it a sign-in is answered 503.
+    pub password_queue: usize,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            refresh_idle: Duration::from_secs(30 * 86_400),
+            refresh_lifetime: Duration::from_secs(90 * 86_400),
+            password_queue: 16,
+        }
+    }
+}
+
+/// Admission to the password hash: one check per core at a time, a bounded queue
+/// behind them, and the rest turned away at once. Waiting holds no thread.
+struct PasswordGate {
+    running: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl PasswordGate {
+    async fn enter(&self) -> Result<tokio::sync::SemaphorePermit<'_>, AuthError> {
+        use std::sync::atomic::Ordering;
+        if let Ok(p) = self.running.try_acquire() {
+            return Ok(p);
+        }
+        let queued = Waiting(&self.waiting);
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+            return Err(AuthError::Overloaded(1));
+        }
+        let permit = self
+            .running
+            .acquire()
+            .await
+            .map_err(|_| AuthError::Internal("password checks closed".into()))?;
+        drop(queued);
+        Ok(permit)
+    }
+}
+
+/// A caller as the rights cache knows it: (user or "", token id).
+type CallerKey = (String, Option<String>);
+
+/// What a caller may do now, as of the rights generation `state`.
+struct Current {
+    state: i64,
+    principal: Principal,
+    rights: Arc<Rights>,
+    /// When the token the caller used expires (unix milliseconds).
+    expires_at: Option<i64>,
+}
+
 pub struct Auth {
     meta: Arc<dyn AuthMeta>,
     key: [u8; 32],
     service: String,
+    settings: AuthSettings,
     limiter: limiter::Limiter,
+    gate: PasswordGate,
     /// Recently verified passwords: keyed hash -> when.
     verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
+    /// Callers' current rights by (user, token id); "" is the anonymous caller. Valid
+    /// while the database's rights generation is the one they were loaded at.
+    current: std::sync::Mutex<std::collections::HashMap<CallerKey, Arc<Current>>>,
+    pub(crate) failures: audit::Failures,
 }
 
 /// How long a verified password is remembered.
@@ -159,11 +275,29 @@ fn load_key(dir: &Path) -> std::io::Result<[u8; 32]> {
     }
 }
 
+fn token_scopes(t: &TokenRecord) -> Option<Vec<Scope>> {
+    (t.kind != "refresh").then(|| {
+        t.scopes
+            .iter()
+            .filter_map(|s| Scope::parse(s).ok())
+            .collect()
+    })
+}
+
 impl Auth {
     pub fn open(
         meta: Arc<dyn AuthMeta>,
         data_dir: &Path,
         service: &str,
+    ) -> Result<Auth, AuthError> {
+        Auth::with_settings(meta, data_dir, service, AuthSettings::default())
+    }
+
+    pub fn with_settings(
+        meta: Arc<dyn AuthMeta>,
+        data_dir: &Path,
+        service: &str,
+        settings: AuthSettings,
     ) -> Result<Auth, AuthError> {
         let key =
             load_key(data_dir).map_err(|e| AuthError::Internal(format!("signing key: {e}")))?;
@@ -171,8 +305,16 @@ impl Auth {
             meta,
             key,
             service: service.to_owned(),
+            gate: PasswordGate {
+                running: tokio::sync::Semaphore::new(parallelism()),
+                waiting: std::sync::atomic::AtomicUsize::new(0),
+                max_waiting: settings.password_queue,
+            },
+            settings,
             limiter: limiter::Limiter::default(),
             verified: std::sync::Mutex::default(),
+            current: std::sync::Mutex::default(),
+            failures: audit::Failures::default(),
         })
     }
 
@@ -219,10 +361,12 @@ impl Auth {
             Some("admin (first start)".into()),
             None,
         )
-        .await;
+        .await?;
         Ok(generated)
     }
 
+    /// Writes an audit entry; an error means it is not recorded, and what it records
+    /// must not happen (or be answered as done).
     pub async fn audit(
         &self,
         actor: Option<&str>,
@@ -230,39 +374,111 @@ impl Auth {
         repository: Option<&str>,
         detail: Option<String>,
         client: Option<IpAddr>,
-    ) {
-        let e = AuditEntry {
+    ) -> Result<(), AuthError> {
+        self.audit_entry(AuditEntry {
             at: now_ms(),
             actor: actor.map(str::to_owned),
             action: action.to_owned(),
             repository: repository.map(str::to_owned),
             detail,
             client: client.map(|c| c.to_string()),
-        };
-        if let Err(err) = self.meta.audit_add(e).await {
-            tracing::warn!(error = %err, action, "could not write the audit log");
+            credential: None,
+        })
+        .await
+    }
+
+    /// Writes an audit entry made by `p` (its name and credential).
+    pub async fn audit_by(
+        &self,
+        p: &Principal,
+        action: &str,
+        repository: Option<&str>,
+        detail: Option<String>,
+        client: Option<IpAddr>,
+    ) -> Result<(), AuthError> {
+        self.audit_entry(AuditEntry {
+            at: now_ms(),
+            actor: p.name().map(str::to_owned),
+            action: action.to_owned(),
+            repository: repository.map(str::to_owned),
+            detail,
+            client: client.map(|c| c.to_string()),
+            credential: p.credential().map(str::to_owned),
+        })
+        .await
+    }
+
+    async fn audit_entry(&self, e: AuditEntry) -> Result<(), AuthError> {
+        let action = e.action.clone();
+        self.meta.audit_add(e).await.map_err(|err| {
+            tracing::error!(error = %err, action, "could not write the audit log");
+            AuthError::from(err)
+        })
+    }
+
+    /// Records a refused request (a failed login, a refused token, a denial, a rate
+    /// limit) in the audit log, repeats aggregated (see `audit`). Best effort: the
+    /// request is refused whether or not the row is written.
+    pub async fn failure(
+        &self,
+        action: &str,
+        user: Option<&str>,
+        client: Option<IpAddr>,
+        detail: &str,
+    ) {
+        for e in self.failures.record(action, user, client, detail, now_ms()) {
+            if let Err(err) = self.meta.audit_add(e).await {
+                tracing::warn!(error = %err, action, "could not record a refused request in the audit log");
+            }
+        }
+    }
+
+    /// Writes the summaries of refused requests whose minute has ended.
+    pub async fn flush_failures(&self) {
+        for e in self.failures.flush(now_ms()) {
+            if let Err(err) = self.meta.audit_add(e).await {
+                tracing::warn!(error = %err, "could not write the audit log");
+            }
         }
     }
 
     /// Checks a username with a password or an access token (as Basic credentials carry
-    /// them), under the failed-login rate limit.
+    /// them). Passwords are under the failed-login limit and the password gate; access
+    /// tokens are neither (see `limiter`).
     pub async fn login(
         &self,
         user: &str,
         password: &Secret,
         client: Option<IpAddr>,
     ) -> Result<Principal, AuthError> {
-        if let Some(wait) = self.limiter.blocked(client, user) {
-            return Err(AuthError::RateLimited(wait));
+        if let Some((id, secret)) = secret::parse_token(password.expose()) {
+            let p = self.token_principal(id, secret, "access").await;
+            return match p {
+                Ok(p) if p.name() == Some(user) => Ok(p),
+                Ok(_) | Err(AuthError::BadCredentials) => {
+                    self.failure("login.failed", Some(user), client, "access token")
+                        .await;
+                    Err(AuthError::BadCredentials)
+                }
+                Err(e) => Err(e),
+            };
         }
-        match self.check(user, password).await {
+        let reservation = match self.limiter.reserve(client, user) {
+            Ok(r) => r,
+            Err(wait) => {
+                self.failure("login.rate_limited", Some(user), client, "password")
+                    .await;
+                return Err(AuthError::RateLimited(wait));
+            }
+        };
+        match self.check_password(user, password).await {
             Ok(p) => {
-                self.limiter.succeeded(client, user);
+                reservation.succeeded();
                 Ok(p)
             }
             Err(AuthError::BadCredentials) => {
-                self.limiter.failed(client, user);
-                self.audit(Some(user), "login.failed", None, None, client)
+                reservation.failed();
+                self.failure("login.failed", Some(user), client, "password")
                     .await;
                 Err(AuthError::BadCredentials)
             }
@@ -270,17 +486,10 @@ impl Auth {
         }
     }
 
-    async fn check(&self, user: &str, password: &Secret) -> Result<Principal, AuthError> {
-        if let Some((id, secret)) = secret::parse_token(password.expose()) {
-            let p = self.token_principal(id, secret, None).await?;
-            return match p.name() {
-                Some(n) if n == user => Ok(p),
-                _ => Err(AuthError::BadCredentials),
-            };
-        }
+    async fn check_password(&self, user: &str, password: &Secret) -> Result<Principal, AuthError> {
         let record = self.meta.user_get(user).await?;
         // A password verified recently for this very hash need not be hashed again:
-        // Argon2id costs tens of milliseconds and 19 MiB, and curl-style clients send
+        // Argon2id costs tens of milliseconds and 7 MiB, and curl-style clients send
         // Basic credentials on every request. The key is a keyed hash of the user, the
         // password and the stored hash, so a password change never hits the cache.
         let cache_key = record
@@ -307,9 +516,11 @@ impl Auth {
             .map_or(secret::dummy_hash(), |u| u.password_hash.as_str())
             .to_owned();
         let pw = password.clone();
+        let permit = self.gate.enter().await?;
         let ok = tokio::task::spawn_blocking(move || secret::verify_password(pw.expose(), &hash))
             .await
             .map_err(|e| AuthError::Internal(e.to_string()))?;
+        drop(permit);
         if let (true, Some(k)) = (ok, cache_key) {
             let mut cache = self.verified.lock().expect("verified cache");
             if cache.len() >= VERIFIED_MAX {
@@ -331,12 +542,22 @@ impl Auth {
         }
     }
 
-    /// The principal an access or refresh token stands for, if it is valid now.
+    /// Whether a token record is usable now: not revoked, not expired, and for a
+    /// refresh token not idle past its limit.
+    pub fn token_live(&self, t: &TokenRecord, now: i64) -> bool {
+        let idle_ms = i64::try_from(self.settings.refresh_idle.as_millis()).unwrap_or(i64::MAX);
+        t.revoked_at.is_none()
+            && t.expires_at.is_none_or(|e| e > now)
+            && (t.kind != "refresh"
+                || now.saturating_sub(t.last_used_at.unwrap_or(t.created_at)) < idle_ms)
+    }
+
+    /// The principal a token of `kind` stands for, if it is valid now.
     async fn token_principal(
         &self,
         id: &str,
         secret: &str,
-        kind: Option<&str>,
+        kind: &str,
     ) -> Result<Principal, AuthError> {
         let t = self
             .meta
@@ -345,9 +566,8 @@ impl Auth {
             .ok_or(AuthError::BadCredentials)?;
         let now = now_ms();
         let usable = secret::token_secret_matches(secret, &t.secret_hash)
-            && t.revoked_at.is_none()
-            && t.expires_at.is_none_or(|e| e > now)
-            && kind.is_none_or(|k| k == t.kind);
+            && t.kind == kind
+            && self.token_live(&t, now);
         if !usable {
             return Err(AuthError::BadCredentials);
         }
@@ -359,21 +579,12 @@ impl Auth {
         if t.last_used_at.is_none_or(|l| now - l > TOUCH_EVERY_MS) {
             self.meta.token_touch(&t.id, now).await?;
         }
-        let scopes = if t.kind == "refresh" {
-            None // a refresh token carries its user's full rights
-        } else {
-            Some(
-                t.scopes
-                    .iter()
-                    .filter_map(|s| Scope::parse(s).ok())
-                    .collect(),
-            )
-        };
+        let scopes = token_scopes(&t);
         Ok(Principal::User {
             name: u.name,
             admin: u.admin,
             generation: u.generation,
-            token: scopes.map(|s| (t.id, s)),
+            token: Some(TokenRef { id: t.id, scopes }),
         })
     }
 
@@ -383,41 +594,99 @@ impl Auth {
         token: &Secret,
         client: Option<IpAddr>,
     ) -> Result<Principal, AuthError> {
-        let Some((id, secret)) = secret::parse_token(token.expose()) else {
-            return Err(AuthError::BadCredentials);
+        let r = match secret::parse_token(token.expose()) {
+            Some((id, secret)) => self.token_principal(id, secret, "refresh").await,
+            None => Err(AuthError::BadCredentials),
         };
-        if let Some(wait) = self.limiter.blocked(client, id) {
-            return Err(AuthError::RateLimited(wait));
-        }
-        let r = self.token_principal(id, secret, Some("refresh")).await;
-        if r.is_err() {
-            self.limiter.failed(client, id);
+        if matches!(r, Err(AuthError::BadCredentials)) {
+            self.failure("login.failed", None, client, "refresh token")
+                .await;
         }
         r
     }
 
-    /// A refresh token for `user`, which `docker login` keeps in place of the password.
-    pub async fn new_refresh_token(&self, user: &str) -> Result<Secret, AuthError> {
+    /// A refresh token for `p`, which `docker login` keeps in place of the password. Made
+    /// only for a password login: a token login keeps its own token, whose scopes,
+    /// expiry and revocation a refresh token would escape. The audit log records it.
+    pub async fn new_refresh_token(
+        &self,
+        p: &Principal,
+        client: Option<IpAddr>,
+    ) -> Result<Option<Secret>, AuthError> {
+        let Principal::User {
+            name, token: None, ..
+        } = p
+        else {
+            return Ok(None);
+        };
         let (id, token, hash) = secret::new_token();
-        self.meta
-            .token_create(&TokenRecord {
-                id,
-                user_name: user.to_owned(),
-                name: "docker login".into(),
-                kind: "refresh".into(),
-                secret_hash: hash,
-                scopes: vec![],
-                created_at: now_ms(),
-                last_used_at: None,
-                expires_at: None,
-                revoked_at: None,
-            })
-            .await?;
-        Ok(token)
+        let now = now_ms();
+        let lifetime =
+            i64::try_from(self.settings.refresh_lifetime.as_millis()).unwrap_or(i64::MAX);
+        let record = TokenRecord {
+            id: id.clone(),
+            user_name: name.clone(),
+            name: "docker login".into(),
+            kind: "refresh".into(),
+            secret_hash: hash,
+            scopes: vec![],
+            created_at: now,
+            last_used_at: None,
+            expires_at: Some(now.saturating_add(lifetime)),
+            revoked_at: None,
+        };
+        self.audit_by(
+            p,
+            "token.create",
+            None,
+            Some(format!("refresh token {id} for {name} (docker login)")),
+            client,
+        )
+        .await?;
+        self.meta.token_create(&record).await?;
+        Ok(Some(token))
     }
 
-    /// Everything that decides what `p` may do, loaded once.
-    pub async fn rights(&self, p: &Principal) -> Result<Rights, AuthError> {
+    /// What `user` (with token `tid`, or "" for anonymous) may do now. Served from memory
+    /// while the database's rights generation is unchanged; any change to users, grants,
+    /// visibility or tokens moves it, so a change takes effect at the next request.
+    async fn current(&self, user: &str, tid: Option<&str>) -> Result<Arc<Current>, AuthError> {
+        let state = self.meta.auth_state().await?;
+        let key = (user.to_owned(), tid.map(str::to_owned));
+        let cached = self
+            .current
+            .lock()
+            .expect("rights cache")
+            .get(&key)
+            .filter(|c| c.state == state)
+            .cloned();
+        let c = match cached {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(self.load_current(user, tid, state).await?);
+                let mut map = self.current.lock().expect("rights cache");
+                if map.len() >= CURRENT_MAX {
+                    map.retain(|_, v| v.state == state);
+                    if map.len() >= CURRENT_MAX {
+                        map.clear();
+                    }
+                }
+                map.insert(key, Arc::clone(&c));
+                c
+            }
+        };
+        if c.expires_at.is_some_and(|e| e <= now_ms()) {
+            return Err(AuthError::BadToken("token expired".into()));
+        }
+        Ok(c)
+    }
+
+    async fn load_current(
+        &self,
+        user: &str,
+        tid: Option<&str>,
+        state: i64,
+    ) -> Result<Current, AuthError> {
         let visibility = self
             .meta
             .visibility_list()
@@ -425,28 +694,97 @@ impl Auth {
             .into_iter()
             .filter_map(|(p, public)| Pattern::parse(&p).ok().map(|p| (p, public)))
             .collect();
-        let grants = match p {
-            Principal::User {
-                name, admin: false, ..
-            } => self
-                .meta
-                .grants_of(name)
+        if user.is_empty() {
+            return Ok(Current {
+                state,
+                principal: Principal::Anonymous,
+                rights: Arc::new(Rights {
+                    principal: Principal::Anonymous,
+                    visibility,
+                    grants: Vec::new(),
+                }),
+                expires_at: None,
+            });
+        }
+        let u = self
+            .meta
+            .user_get(user)
+            .await?
+            .ok_or_else(|| AuthError::BadToken("user removed".into()))?;
+        let (token, expires_at) = match tid {
+            None => (None, None),
+            Some(id) => {
+                let t = self
+                    .meta
+                    .token_get(id)
+                    .await?
+                    .filter(|t| t.user_name == u.name)
+                    .ok_or_else(|| AuthError::BadToken("token revoked".into()))?;
+                if !self.token_live(&t, now_ms()) {
+                    return Err(AuthError::BadToken("token revoked or expired".into()));
+                }
+                let scopes = token_scopes(&t);
+                (
+                    Some(TokenRef {
+                        id: t.id.clone(),
+                        scopes,
+                    }),
+                    t.expires_at,
+                )
+            }
+        };
+        let grants = if u.admin {
+            Vec::new()
+        } else {
+            self.meta
+                .grants_of(&u.name)
                 .await?
                 .into_iter()
                 .filter_map(|g| Some((Pattern::parse(&g.pattern).ok()?, Level::parse(&g.level)?)))
-                .collect(),
-            _ => Vec::new(),
+                .collect()
         };
-        Ok(Rights {
-            principal: p.clone(),
-            visibility,
-            grants,
+        let principal = Principal::User {
+            name: u.name,
+            admin: u.admin,
+            generation: u.generation,
+            token,
+        };
+        Ok(Current {
+            state,
+            rights: Arc::new(Rights {
+                principal: principal.clone(),
+                visibility,
+                grants,
+            }),
+            principal,
+            expires_at,
         })
+    }
+
+    /// Everything that decides what `p` may do now.
+    pub async fn rights(&self, p: &Principal) -> Result<Arc<Rights>, AuthError> {
+        let (user, tid) = match p {
+            Principal::Anonymous => ("", None),
+            Principal::User { name, token, .. } => {
+                (name.as_str(), token.as_ref().map(|t| t.id.as_str()))
+            }
+        };
+        let c = self.current(user, tid).await.map_err(|e| match e {
+            // The caller was valid when it authenticated; if it is gone now, it may do
+            // nothing (the next request is refused outright).
+            AuthError::BadToken(_) => AuthError::BadCredentials,
+            other => other,
+        })?;
+        Ok(Arc::clone(&c.rights))
     }
 
     /// What `p` may do to `repo` right now.
     pub async fn allowed(&self, p: &Principal, repo: &str) -> Result<Actions, AuthError> {
-        Ok(self.rights(p).await?.allowed(repo))
+        match self.rights(p).await {
+            Ok(r) => Ok(r.allowed(repo)),
+            Err(AuthError::BadCredentials) => Ok(Actions::NONE),
+            Err(e) => Err(e),
+        }
     }
 
     /// Checks that every scope is within what `user` may do, for `wharf token create`.
@@ -488,11 +826,19 @@ impl Auth {
 
     /// Issues a registry JWT for the requested scopes, each cut down to what `p` may do.
     pub async fn issue(&self, p: &Principal, requested: &[Requested]) -> Result<Issued, AuthError> {
+        let rights = match self.rights(p).await {
+            Ok(r) => Some(r),
+            Err(AuthError::BadCredentials) => None,
+            Err(e) => return Err(e),
+        };
         let mut access = Vec::new();
         for r in requested {
             match r {
                 Requested::Repository { name, actions } => {
-                    let granted = self.allowed(p, name.as_str()).await?.intersect(*actions);
+                    let granted = rights
+                        .as_ref()
+                        .map_or(Actions::NONE, |r| r.allowed(name.as_str()))
+                        .intersect(*actions);
                     access.push(jwt::AccessEntry {
                         kind: "repository".into(),
                         name: name.to_string(),
@@ -521,7 +867,7 @@ impl Auth {
             } => (
                 name.clone(),
                 *generation,
-                token.as_ref().map(|(id, _)| id.clone()),
+                token.as_ref().map(|t| t.id.clone()),
             ),
         };
         let claims = jwt::Claims {
@@ -544,53 +890,41 @@ impl Auth {
         })
     }
 
-    /// Verifies a bearer JWT and that what it stands for still holds: the user exists
-    /// with the same generation, and the access token it came from is not revoked.
-    pub async fn verify(&self, token: &str) -> Result<(Principal, jwt::Claims), AuthError> {
-        let claims = jwt::verify(&self.key, token, &self.service, now_secs())
-            .map_err(|e| AuthError::BadToken(e.to_string()))?;
-        if claims.sub.is_empty() {
-            return Ok((Principal::Anonymous, claims));
-        }
-        let u = self
-            .meta
-            .user_get(&claims.sub)
-            .await?
-            .ok_or_else(|| AuthError::BadToken("user removed".into()))?;
-        if u.generation != claims.generation {
-            return Err(AuthError::BadToken(
-                "issued before a password change".into(),
-            ));
-        }
-        let token = match &claims.tid {
-            None => None,
-            Some(id) => {
-                let t = self
-                    .meta
-                    .token_get(id)
-                    .await?
-                    .ok_or_else(|| AuthError::BadToken("token revoked".into()))?;
-                if t.revoked_at.is_some() || t.expires_at.is_some_and(|e| e <= now_ms()) {
-                    return Err(AuthError::BadToken("token revoked or expired".into()));
-                }
-                Some((
-                    t.id,
-                    t.scopes
-                        .iter()
-                        .filter_map(|s| Scope::parse(s).ok())
-                        .collect(),
-                ))
+    /// Verifies a bearer JWT and that what it stands for still holds now: the user exists
+    /// with the same generation, and the token it came from is neither revoked nor
+    /// expired. What it may do is its grant cut down to the caller's current rights
+    /// (see `registry::authz::permits`).
+    pub async fn verify(
+        &self,
+        token: &str,
+        client: Option<IpAddr>,
+    ) -> Result<(Principal, jwt::Claims), AuthError> {
+        let claims = match jwt::verify(&self.key, token, &self.service, now_secs()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.failure("token.refused", None, client, &e.to_string())
+                    .await;
+                return Err(AuthError::BadToken(e.to_string()));
             }
         };
-        Ok((
-            Principal::User {
-                name: u.name,
-                admin: u.admin,
-                generation: u.generation,
-                token,
-            },
-            claims,
-        ))
+        let c = match self.current(&claims.sub, claims.tid.as_deref()).await {
+            Ok(c) => c,
+            Err(AuthError::BadToken(why)) => {
+                self.failure("token.refused", Some(&claims.sub), client, &why)
+                    .await;
+                return Err(AuthError::BadToken(why));
+            }
+            Err(e) => return Err(e),
+        };
+        if let Principal::User { generation, .. } = &c.principal {
+            if *generation != claims.generation {
+                let why = "issued before a password change or to a removed user";
+                self.failure("token.refused", Some(&claims.sub), client, why)
+                    .await;
+                return Err(AuthError::BadToken(why.into()));
+            }
+        }
+        Ok((c.principal.clone(), claims))
     }
 }
 
@@ -631,9 +965,9 @@ impl Rights {
             }
         }
         rights = rights.union(public);
-        match token {
+        match token.as_ref().and_then(|t| t.scopes.as_ref()) {
             // An access token gets its owner's rights cut down to its scopes.
-            Some((_, scopes)) => {
+            Some(scopes) => {
                 let scoped = scopes
                     .iter()
                     .filter(|s| s.pattern.matches(repo))

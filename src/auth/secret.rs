@@ -60,22 +60,32 @@ const ARGON2_T: u32 = 5;
 const ARGON2_P: u32 = 1;
 const HASH_LEN: usize = 32;
 
-/// Argon2's working memory, allocated once and reused by every hash and check. Hashing
-/// one password at a time keeps memory flat however many logins arrive at once (each
-/// fresh allocation of several MiB would otherwise stay in the allocator's arenas).
-static WORK_AREA: std::sync::Mutex<Vec<argon2::Block>> = std::sync::Mutex::new(Vec::new());
+/// Argon2's working memories, allocated once each and reused by every hash and check.
+/// The server runs at most one check per core at a time (see `Auth`), so at most that
+/// many exist; each fresh multi-MiB allocation would otherwise stay in the allocator's
+/// arenas and grow the resident size with every burst of logins.
+static WORK_AREAS: std::sync::Mutex<Vec<Vec<argon2::Block>>> = std::sync::Mutex::new(Vec::new());
 
 fn argon2_raw(params: argon2::Params, password: &[u8], salt: &[u8], out: &mut [u8]) -> bool {
     let ctx = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let mut area = WORK_AREA
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pool = || {
+        WORK_AREAS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let mut area = pool().pop().unwrap_or_default();
     let blocks = ctx.params().block_count();
     if area.len() < blocks {
         area.resize(blocks, argon2::Block::default());
     }
-    ctx.hash_password_into_with_memory(password, salt, out, &mut area[..blocks])
-        .is_ok()
+    let ok = ctx
+        .hash_password_into_with_memory(password, salt, out, &mut area[..blocks])
+        .is_ok();
+    let mut p = pool();
+    if p.len() < crate::auth::parallelism() {
+        p.push(area);
+    }
+    ok
 }
 
 /// A PHC string (`$argon2id$v=19$m=..,t=..,p=..$salt$hash`) for `password`.

@@ -37,7 +37,12 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
     rt.block_on(async {
         let (_, meta) = open_local_backends(&config.data)
             .with_context(|| format!("opening {}", config.data.display()))?;
-        let auth = Auth::open(Arc::clone(&meta) as _, &config.data, &config.service)?;
+        let auth = Auth::with_settings(
+            Arc::clone(&meta) as _,
+            &config.data,
+            &config.service,
+            config.limits.auth(),
+        )?;
         let actor = format!(
             "cli:{}",
             std::env::var("USER").unwrap_or_else(|_| "unknown".into())
@@ -62,10 +67,18 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
 }
 
 impl Admin {
-    async fn audit(&self, action: &str, repository: Option<&str>, detail: String) {
+    /// Records the change just made; a failure is the command's error, so an
+    /// unrecorded change never looks done.
+    async fn audit(
+        &self,
+        action: &str,
+        repository: Option<&str>,
+        detail: String,
+    ) -> anyhow::Result<()> {
         self.auth
             .audit(Some(&self.actor), action, repository, Some(detail), None)
-            .await;
+            .await
+            .with_context(|| format!("{action} was made but could not be written to the audit log"))
     }
 }
 
@@ -135,18 +148,18 @@ pub async fn user(a: Admin, cmd: UserCmd) -> anyhow::Result<()> {
                 None,
                 format!("{name}{}", if admin { " (admin)" } else { "" }),
             )
-            .await;
+            .await?;
             if generated {
-                println!("{}", pw.expose());
+                out!("{}", pw.expose());
                 eprintln!("created user {name}; the password above is shown only once");
             } else {
                 eprintln!("created user {name}");
             }
         }
         UserCmd::List => {
-            println!("{:<24} {:<6} CREATED", "NAME", "ADMIN");
+            out!("{:<24} {:<6} CREATED", "NAME", "ADMIN");
             for u in a.meta.user_list().await? {
-                println!(
+                out!(
                     "{:<24} {:<6} {}",
                     u.name,
                     if u.admin { "yes" } else { "no" },
@@ -158,7 +171,7 @@ pub async fn user(a: Admin, cmd: UserCmd) -> anyhow::Result<()> {
             if !a.meta.user_remove(&name).await? {
                 bail!("no user {name}");
             }
-            a.audit("user.remove", None, name.clone()).await;
+            a.audit("user.remove", None, name.clone()).await?;
             eprintln!("removed user {name} with their tokens and grants");
         }
         UserCmd::Passwd {
@@ -173,9 +186,9 @@ pub async fn user(a: Admin, cmd: UserCmd) -> anyhow::Result<()> {
             {
                 bail!("no user {name}");
             }
-            a.audit("user.passwd", None, name.clone()).await;
+            a.audit("user.passwd", None, name.clone()).await?;
             if generated {
-                println!("{}", pw.expose());
+                out!("{}", pw.expose());
             }
             eprintln!("password of {name} changed; earlier logins of {name} are ended");
         }
@@ -232,11 +245,13 @@ pub fn parse_lifetime(s: &str) -> anyhow::Result<Option<i64>> {
     Ok(Some(n.checked_mul(unit_ms).context("lifetime too long")?))
 }
 
-fn token_status(t: &TokenRecord, now_ms: i64) -> &'static str {
+fn token_status(auth: &Auth, t: &TokenRecord, now_ms: i64) -> &'static str {
     if t.revoked_at.is_some() {
         "revoked"
     } else if t.expires_at.is_some_and(|e| e <= now_ms) {
         "expired"
+    } else if !auth.token_live(t, now_ms) {
+        "idle"
     } else {
         "active"
     }
@@ -276,8 +291,8 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
                 None,
                 format!("{id} {name} for {user}: {}", record.scopes.join(" ")),
             )
-            .await;
-            println!("{}", token.expose());
+            .await?;
+            out!("{}", token.expose());
             eprintln!(
                 "token {id} ({name}) for {user}, {}, expires {}; shown only this once",
                 record.scopes.join(" "),
@@ -285,43 +300,52 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
             );
         }
         TokenCmd::List { user, json } => {
-            let tokens: Vec<TokenRecord> = a
-                .meta
-                .token_list(user.as_deref())
-                .await?
-                .into_iter()
-                .filter(|t| t.kind == "access")
-                .collect();
+            // Every credential: access tokens and the refresh tokens of `docker login`.
+            let tokens: Vec<TokenRecord> = a.meta.token_list(user.as_deref()).await?;
             if json {
                 let v: Vec<serde_json::Value> = tokens
                     .iter()
                     .map(|t| {
                         serde_json::json!({
-                            "id": t.id, "user": t.user_name, "name": t.name, "scopes": t.scopes,
+                            "id": t.id, "user": t.user_name, "kind": t.kind, "name": t.name,
+                            "scopes": if t.kind == "refresh" { vec!["all of the user's rights".to_owned()] } else { t.scopes.clone() },
                             "created": rfc3339(t.created_at),
                             "last_used": t.last_used_at.map(rfc3339),
                             "expires": t.expires_at.map(rfc3339),
-                            "status": token_status(t, now_ms),
+                            "status": token_status(&a.auth, t, now_ms),
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                out!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
-                    "{:<13} {:<12} {:<14} {:<8} {:<21} {:<21} {:<21} SCOPES",
-                    "ID", "USER", "NAME", "STATUS", "CREATED", "LAST USED", "EXPIRES"
+                out!(
+                    "{:<13} {:<12} {:<8} {:<14} {:<8} {:<21} {:<21} {:<21} SCOPES",
+                    "ID",
+                    "USER",
+                    "KIND",
+                    "NAME",
+                    "STATUS",
+                    "CREATED",
+                    "LAST USED",
+                    "EXPIRES"
                 );
                 for t in &tokens {
-                    println!(
-                        "{:<13} {:<12} {:<14} {:<8} {:<21} {:<21} {:<21} {}",
+                    let scopes = if t.kind == "refresh" {
+                        "(the user's rights)".to_owned()
+                    } else {
+                        t.scopes.join(" ")
+                    };
+                    out!(
+                        "{:<13} {:<12} {:<8} {:<14} {:<8} {:<21} {:<21} {:<21} {}",
                         t.id,
                         t.user_name,
+                        t.kind,
                         t.name,
-                        token_status(t, now_ms),
+                        token_status(&a.auth, t, now_ms),
                         rfc3339(t.created_at),
                         t.last_used_at.map_or("never".into(), rfc3339),
                         t.expires_at.map_or("never".into(), rfc3339),
-                        t.scopes.join(" ")
+                        scopes
                     );
                 }
             }
@@ -330,7 +354,7 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
             if !a.meta.token_revoke(&id, now_ms).await? {
                 bail!("no active token {id}");
             }
-            a.audit("token.revoke", None, id.clone()).await;
+            a.audit("token.revoke", None, id.clone()).await?;
             eprintln!("revoked token {id}");
         }
     }
@@ -362,7 +386,7 @@ pub async fn repo(a: Admin, cmd: RepoCmd) -> anyhow::Result<()> {
     a.meta.visibility_set(&p.to_string(), public).await?;
     let word = if public { "public" } else { "private" };
     a.audit("repo.visibility", Some(&p.to_string()), word.to_owned())
-        .await;
+        .await?;
     eprintln!("{p} is now {word}");
     Ok(())
 }
@@ -398,8 +422,8 @@ pub async fn policy(a: Admin, cmd: PolicyCmd) -> anyhow::Result<()> {
                 .await?;
             let what = format!("{p} tags {}", globs.join(","));
             a.audit("policy.immutable", Some(&p.to_string()), what.clone())
-                .await;
-            println!("{id}");
+                .await?;
+            out!("{id}");
             eprintln!("policy {id}: existing tags of {what} can no longer be moved or deleted");
         }
         PolicyCmd::List { json } => {
@@ -417,11 +441,11 @@ pub async fn policy(a: Admin, cmd: PolicyCmd) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<4} {:<24} {:<24} CREATED", "ID", "REPOSITORIES", "TAGS");
+                out!("{:<4} {:<24} {:<24} CREATED", "ID", "REPOSITORIES", "TAGS");
                 for p in list {
-                    println!(
+                    out!(
                         "{:<4} {:<24} {:<24} {}",
                         p.id,
                         p.repositories,
@@ -435,7 +459,7 @@ pub async fn policy(a: Admin, cmd: PolicyCmd) -> anyhow::Result<()> {
             if !a.registry.policy_remove(id).await? {
                 bail!("no policy {id}");
             }
-            a.audit("policy.remove", None, id.to_string()).await;
+            a.audit("policy.remove", None, id.to_string()).await?;
             eprintln!("policy {id} removed");
         }
     }
@@ -476,7 +500,7 @@ pub async fn grant(a: Admin, g: GrantArgs) -> anyhow::Result<()> {
         Some(&p.to_string()),
         format!("{} {}", g.user, g.level),
     )
-    .await;
+    .await?;
     eprintln!("{} now has {} on {p}", g.user, g.level);
     Ok(())
 }
@@ -486,15 +510,34 @@ pub struct AuditArgs {
     /// How many of the latest entries to show.
     #[arg(long, default_value_t = 50)]
     limit: u32,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn audit(a: Admin, args: AuditArgs) -> anyhow::Result<()> {
-    for e in a.meta.audit_list(args.limit).await? {
-        println!(
-            "{}  {:<18} {:<16} {:<24} {:<15} {}",
+    let entries = a.meta.audit_list(args.limit).await?;
+    if args.json {
+        let rows: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "at": rfc3339(e.at), "action": e.action, "actor": e.actor,
+                    "credential": e.credential, "repository": e.repository,
+                    "client": e.client, "detail": e.detail,
+                })
+            })
+            .collect();
+        out!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    for e in entries {
+        out!(
+            "{}  {:<18} {:<16} {:<13} {:<24} {:<15} {}",
             rfc3339(e.at),
             e.action,
             e.actor.unwrap_or_else(|| "-".into()),
+            e.credential.unwrap_or_else(|| "-".into()),
             e.repository.unwrap_or_else(|| "-".into()),
             e.client.unwrap_or_else(|| "-".into()),
             e.detail.unwrap_or_default()
@@ -606,10 +649,10 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
             let record = validate(format!("wh-{}", hex::encode(id)), &config, "cli")?;
             a.events.webhook_put(&record).await?;
             a.audit("webhook.add", None, format!("{} {}", record.id, record.url))
-                .await;
-            println!("{}", record.id);
+                .await?;
+            out!("{}", record.id);
             if generated {
-                println!("{secret}");
+                out!("{secret}");
                 eprintln!(
                     "webhook {} added; its signing secret is shown above, only this once",
                     record.id
@@ -631,14 +674,19 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
+                out!(
                     "{:<16} {:<8} {:<10} {:<14} {:<12} {:<12} URL",
-                    "ID", "SOURCE", "FORMAT", "REPOSITORIES", "TAGS", "ACTIONS"
+                    "ID",
+                    "SOURCE",
+                    "FORMAT",
+                    "REPOSITORIES",
+                    "TAGS",
+                    "ACTIONS"
                 );
                 for h in hooks {
-                    println!(
+                    out!(
                         "{:<16} {:<8} {:<10} {:<14} {:<12} {:<12} {}",
                         h.id,
                         h.source,
@@ -657,7 +705,7 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
                 bail!("webhook {id} comes from the config file; remove it there");
             }
             a.events.webhook_remove(&id).await?;
-            a.audit("webhook.remove", None, id.clone()).await;
+            a.audit("webhook.remove", None, id.clone()).await?;
             eprintln!("webhook {id} removed");
         }
         WebhookCmd::Test { id } => {
@@ -678,7 +726,7 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
                 .timeout(std::time::Duration::from_secs(10))
                 .build()?;
             match wharf::events::send(&http, &hook, &event, 0, &a.registry_url).await {
-                Ok(code) if (200..300).contains(&code) => println!("{} answered {code}", hook.url),
+                Ok(code) if (200..300).contains(&code) => out!("{} answered {code}", hook.url),
                 Ok(code) => bail!("{} answered {code}", hook.url),
                 Err(e) => bail!("{} did not answer: {e}", hook.url),
             }
@@ -700,11 +748,17 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
+                out!(
                     "{:<6} {:<8} {:<30} {:<10} {:>8} {:>5}  {:<20} LAST ERROR",
-                    "ID", "ACTION", "REFERENCE", "STATUS", "ATTEMPTS", "CODE", "UPDATED"
+                    "ID",
+                    "ACTION",
+                    "REFERENCE",
+                    "STATUS",
+                    "ATTEMPTS",
+                    "CODE",
+                    "UPDATED"
                 );
                 for d in list {
                     let reference = match &d.tag {
@@ -715,7 +769,7 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
                             d.digest.get(..19).unwrap_or(&d.digest)
                         ),
                     };
-                    println!(
+                    out!(
                         "{:<6} {:<8} {:<30} {:<10} {:>8} {:>5}  {:<20} {}",
                         d.id,
                         d.action,

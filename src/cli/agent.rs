@@ -194,7 +194,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
             std::env::var("USER").unwrap_or_else(|_| "unknown".into())
         );
         let print_outcome = |v: &Value| -> anyhow::Result<()> {
-            println!("{}", serde_json::to_string_pretty(v)?);
+            out!("{}", serde_json::to_string_pretty(v)?);
             match v.get("result").and_then(|r| r.as_str()) {
                 Some("failed") => bail!("the deploy failed"),
                 Some("rolled_back") => bail!("the deploy was unhealthy and was rolled back"),
@@ -205,11 +205,11 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
             DeployCmd::Status { json } => {
                 let v = call(reqwest::Method::GET, "/api/status".into(), None).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    out!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
                     for s in v["stacks"].as_array().into_iter().flatten() {
                         let last = &s["last"];
-                        println!(
+                        out!(
                             "{:<12} running {}  last #{} {} {} ({})",
                             s["stack"].as_str().unwrap_or(""),
                             short(&s["running"]),
@@ -229,18 +229,23 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                 )
                 .await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    out!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
-                    println!(
+                    out!(
                         "{:<5} {:<9} {:<12} {:<10} {:<20} {:<8} AFTER / ERROR",
-                        "ID", "KIND", "TRIGGER", "STATE", "STARTED", "SECONDS"
+                        "ID",
+                        "KIND",
+                        "TRIGGER",
+                        "STATE",
+                        "STARTED",
+                        "SECONDS"
                     );
                     for d in v.as_array().into_iter().flatten() {
                         let secs = match (d["started_at"].as_i64(), d["finished_at"].as_i64()) {
                             (Some(a), Some(b)) => format!("{:.1}", (b - a) as f64 / 1000.0),
                             _ => "-".into(),
                         };
-                        println!(
+                        out!(
                             "{:<5} {:<9} {:<12} {:<10} {:<20} {:<8} {}{}",
                             d["id"],
                             d["kind"].as_str().unwrap_or(""),

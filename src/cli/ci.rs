@@ -253,7 +253,7 @@ fn compute(a: ComputeArgs, config: Option<&std::path::Path>) -> anyhow::Result<(
     match a.format {
         Format::Text => {
             for r in &references {
-                println!("{r}");
+                out!("{r}");
             }
         }
         Format::Json => {
@@ -269,7 +269,7 @@ fn compute(a: ComputeArgs, config: Option<&std::path::Path>) -> anyhow::Result<(
                 "sha": ctx.sha,
                 "labels": labels,
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            out!("{}", serde_json::to_string_pretty(&out)?);
         }
         Format::Github => {
             let path = std::env::var_os("GITHUB_OUTPUT")
@@ -296,7 +296,7 @@ fn compute(a: ComputeArgs, config: Option<&std::path::Path>) -> anyhow::Result<(
                 .and_then(|mut f| f.write_all(text.as_bytes()))
                 .with_context(|| format!("writing {}", PathBuf::from(&path).display()))?;
             for r in &references {
-                println!("{r}");
+                out!("{r}");
             }
         }
     }
@@ -402,12 +402,15 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
             page += 1;
         }
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&all)?);
+            out!("{}", serde_json::to_string_pretty(&all)?);
             return Ok(());
         }
-        println!(
+        out!(
             "{:<24} {:<19} {:>10}  {:<28} PUSHED",
-            "TAG", "DIGEST", "SIZE", "PLATFORMS"
+            "TAG",
+            "DIGEST",
+            "SIZE",
+            "PLATFORMS"
         );
         for t in &all {
             let s = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("");
@@ -424,7 +427,7 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
                 platforms.join(",")
             };
             let size = t.get("size").and_then(|v| v.as_u64()).unwrap_or(0);
-            println!(
+            out!(
                 "{:<24} {:<19} {:>10}  {:<28} {}",
                 s("name"),
                 short,
@@ -456,7 +459,7 @@ pub fn promote_cmd(a: PromoteArgs) -> anyhow::Result<()> {
     let client = connect(&a.registry, &[&source, &target], scopes)?;
     let outcome: Outcome = runtime()?.block_on(promote(&client, &source, &target, a.dry_run))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&outcome)?);
+        out!("{}", serde_json::to_string_pretty(&outcome)?);
         return Ok(());
     }
     let verb = match (outcome.changed(), a.dry_run) {
@@ -464,17 +467,19 @@ pub fn promote_cmd(a: PromoteArgs) -> anyhow::Result<()> {
         (true, true) => "would move to",
         (true, false) => "moved to",
     };
-    println!("{} {verb} {}", outcome.target, outcome.digest);
+    out!("{} {verb} {}", outcome.target, outcome.digest);
     match &outcome.previous {
-        Some(p) if outcome.changed() => println!("  previous {p}"),
+        Some(p) if outcome.changed() => out!("  previous {p}"),
         Some(_) => {}
-        None => println!("  previous none (a new tag)"),
+        None => out!("  previous none (a new tag)"),
     }
     if outcome.mounted_blobs + outcome.copied_manifests > 0 {
         let would = if a.dry_run { "would mount" } else { "mounted" };
-        println!(
+        out!(
             "  {would} {} blob(s) and {} manifest(s) from {} (no layer bytes moved)",
-            outcome.mounted_blobs, outcome.copied_manifests, source.repo
+            outcome.mounted_blobs,
+            outcome.copied_manifests,
+            source.repo
         );
     }
     Ok(())

@@ -1,5 +1,13 @@
 //! Subcommands. Nothing else depends on this module.
 
+/// `println!` for command output: a reader that goes away (`wharf audit | head`) ends
+/// the command quietly instead of a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 mod admin;
 mod agent;
 mod ci;
@@ -98,6 +106,25 @@ struct ServeArgs {
     /// The PEM private key of --tls-cert
     #[arg(long, env = "WHARF_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Where the access log goes: stderr, off, or a file [default: stderr]
+    #[arg(long, env = "WHARF_ACCESS_LOG", value_name = "WHERE")]
+    access_log: Option<String>,
+    /// The access log's format [default: text]
+    #[arg(long, env = "WHARF_ACCESS_LOG_FORMAT", value_name = "FORMAT")]
+    access_log_format: Option<wharf::config::AccessLogFormat>,
+}
+
+/// Writes one line of output; exits 0 at once if the reader has gone (a closed pipe).
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("wharf: cannot write the output: {e}");
+        std::process::exit(1);
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -140,6 +167,8 @@ fn serve(args: ServeArgs, data: DataArgs) -> anyhow::Result<()> {
         public_url: args.public_url,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        access_log: args.access_log,
+        access_log_format: args.access_log_format,
         admin_password: std::env::var("WHARF_ADMIN_PASSWORD")
             .ok()
             .filter(|p| !p.is_empty())

@@ -57,6 +57,7 @@ pub async fn handle(
     api: Api<'_>,
     method: &Method,
     q: &Query,
+    client: Option<std::net::IpAddr>,
 ) -> Result<Response> {
     if method != Method::GET && method != Method::HEAD {
         return Err(method_not_allowed());
@@ -67,12 +68,12 @@ pub async fn handle(
                 Principal::Anonymous => {
                     return Err(site.unauthorized("authentication required", None, None));
                 }
-                Principal::User { admin: true, .. } => {}
+                p if p.is_full_admin() => {}
                 Principal::User { .. } => {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,
                         super::OciErrorCode::Denied,
-                        "metrics are for administrators",
+                        "metrics are for administrators (signed in with a password, not a scoped token)",
                     ));
                 }
             }
@@ -118,7 +119,15 @@ pub async fn handle(
         }
         Api::Tags { name } => {
             let name = repo(name)?;
-            authz::require(&state.auth, site, caller, name.as_str(), Action::Pull).await?;
+            authz::require(
+                &state.auth,
+                site,
+                caller,
+                name.as_str(),
+                Action::Pull,
+                client,
+            )
+            .await?;
             tags(state, site, &name, q).await
         }
     }

@@ -78,17 +78,7 @@ pub fn auth_error(site: &Site<'_>, e: AuthError) -> ApiError {
             None,
             Some("invalid_token"),
         ),
-        AuthError::RateLimited(secs) => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            OciErrorCode::Toomanyrequests,
-            format!("too many failed logins; retry in {secs} s"),
-        )
-        .with_header(header::RETRY_AFTER, &secs.to_string()),
-        AuthError::Invalid(m) => {
-            ApiError::new(StatusCode::BAD_REQUEST, OciErrorCode::Unsupported, m)
-        }
-        AuthError::Busy => crate::store::StoreError::Busy.into(),
-        AuthError::Internal(m) => crate::store::StoreError::Internal(m).into(),
+        other => auth_error_plain(other),
     }
 }
 
@@ -125,12 +115,12 @@ pub async fn authenticate(
     let text = value
         .to_str()
         .map_err(|_| site.unauthorized("malformed Authorization header", None, None))?;
-    if let Some(token) = text
-        .strip_prefix("Bearer ")
-        .or_else(|| text.strip_prefix("bearer "))
-    {
+    let bearer = text
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+    if let Some((_, token)) = bearer {
         let (principal, claims) = auth
-            .verify(token.trim())
+            .verify(token.trim(), client)
             .await
             .map_err(|e| auth_error(site, e))?;
         return Ok(Caller {
@@ -153,26 +143,45 @@ pub async fn authenticate(
     }
 }
 
-/// Whether the caller may do `action` on `repo`.
+/// Whether the caller may do `action` on `repo` now: what its credentials allow at
+/// this moment (grants, visibility, the token's scopes), and for a registry JWT also
+/// what the JWT grants. A right taken away is gone at the next request.
 pub async fn permits(
     auth: &Auth,
     caller: &Caller,
     repo: &str,
     action: Action,
 ) -> Result<bool, ApiError> {
-    match &caller.claims {
-        Some(claims) => Ok(granted_by(claims, repo).has(action)),
-        None => Ok(auth
-            .allowed(&caller.principal, repo)
-            .await
-            .map_err(auth_error_plain)?
-            .has(action)),
-    }
+    let now = auth
+        .allowed(&caller.principal, repo)
+        .await
+        .map_err(auth_error_plain)?;
+    Ok(match &caller.claims {
+        Some(claims) => granted_by(claims, repo).intersect(now).has(action),
+        None => now.has(action),
+    })
 }
 
+/// An error of the auth layer that is not about the caller's credentials.
 pub fn auth_error_plain(e: AuthError) -> ApiError {
     match e {
+        AuthError::Overloaded(secs) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            OciErrorCode::Toomanyrequests,
+            format!("too many sign-ins at once; retry in {secs} s (access tokens and registry tokens are not affected)"),
+        )
+        .with_header(header::RETRY_AFTER, &secs.to_string()),
+        AuthError::RateLimited(secs) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            OciErrorCode::Toomanyrequests,
+            format!("too many failed logins; retry in {secs} s"),
+        )
+        .with_header(header::RETRY_AFTER, &secs.to_string()),
+        AuthError::Invalid(m) => {
+            ApiError::new(StatusCode::BAD_REQUEST, OciErrorCode::Unsupported, m)
+        }
         AuthError::Busy => crate::store::StoreError::Busy.into(),
+        AuthError::StorageFull => crate::store::StoreError::StorageFull.into(),
         other => crate::store::StoreError::Internal(other.to_string()).into(),
     }
 }
@@ -194,6 +203,7 @@ pub async fn require(
     caller: &Caller,
     repo: &str,
     action: Action,
+    client: Option<IpAddr>,
 ) -> Result<(), ApiError> {
     if permits(auth, caller, repo, action).await? {
         return Ok(());
@@ -215,12 +225,23 @@ pub async fn require(
             Some("insufficient_scope"),
         ));
     }
+    let who = caller.principal.name().unwrap_or("anonymous");
+    auth.failure(
+        "access.denied",
+        caller.principal.name(),
+        client,
+        &format!(
+            "{} {repo} with {}",
+            action.name(),
+            caller.principal.credential().unwrap_or("-")
+        ),
+    )
+    .await;
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
         OciErrorCode::Denied,
         format!(
-            "requested access to the resource is denied: {} may not {} {repo}",
-            caller.principal.name().unwrap_or("anonymous"),
+            "requested access to the resource is denied: {who} may not {} {repo}",
             action.name()
         ),
     ))

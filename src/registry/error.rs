@@ -22,12 +22,15 @@ pub enum OciErrorCode {
     ManifestUnknown,
     NameInvalid,
     NameUnknown,
+    PaginationNumberInvalid,
+    RangeInvalid,
     SizeInvalid,
     TagInvalid,
     Unauthorized,
     Denied,
     Unsupported,
     Toomanyrequests,
+    Unknown,
 }
 
 /// An API error: what the client gets, never the internal cause.
@@ -99,7 +102,7 @@ impl ApiError {
     fn internal() -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            OciErrorCode::Unsupported,
+            OciErrorCode::Unknown,
             "internal error; the server log has the cause",
         )
     }
@@ -232,6 +235,24 @@ impl From<StoreError> for ApiError {
                     "the registry is busy; retry",
                 )
                 .with_header(header::RETRY_AFTER, "1")
+            }
+            StoreError::StorageFull => {
+                tracing::error!("storage full: a write was refused");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    C::Unknown,
+                    "the registry's storage is full: nothing was stored; free space on the registry's disk, then retry",
+                )
+            }
+            StoreError::InUse {
+                ref tag,
+                ref manifest,
+                ref policy,
+                ..
+            } => {
+                let detail =
+                    serde_json::json!({ "tag": tag, "manifest": manifest, "policy": policy });
+                ApiError::new(StatusCode::CONFLICT, C::Denied, msg).with_detail(detail)
             }
             StoreError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");

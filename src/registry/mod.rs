@@ -154,7 +154,7 @@ async fn handle(
     if let Some(api) = api::parse(path) {
         *route = Route::Api;
         let caller = authz::authenticate(auth, &site, &parts.headers, client).await?;
-        return api::handle(state, &site, &caller, api, &parts.method, &q).await;
+        return api::handle(state, &site, &caller, api, &parts.method, &q, client).await;
     }
     let rest = match path {
         "/v2" => "",
@@ -171,11 +171,15 @@ async fn handle(
         }
         Need::Repo(name, action) => {
             repo(name)?;
-            authz::require(auth, &site, &caller, name, action).await?;
+            authz::require(auth, &site, &caller, name, action, client).await?;
         }
         Need::Login | Need::Catalog => {}
     }
-    let actor = caller.principal.name();
+    let by = crate::store::Who {
+        actor: caller.principal.name().map(str::to_owned),
+        credential: caller.principal.credential().map(str::to_owned),
+        client: client.map(|c| c.to_string()),
+    };
     match endpoint {
         Endpoint::Base if m == Method::GET || m == Method::HEAD => {
             Ok(json(StatusCode::OK, &serde_json::json!({})))
@@ -188,29 +192,9 @@ async fn handle(
                 Method::GET | Method::HEAD => {
                     manifest_get(store, &name, reference, h, m == Method::HEAD).await
                 }
-                Method::PUT => {
-                    let r = manifest_put(store, &name, reference, &q, h, body, actor).await?;
-                    let digest = r
-                        .headers()
-                        .get("docker-content-digest")
-                        .and_then(|v| v.to_str().ok());
-                    let detail = format!("{reference} {}", digest.unwrap_or(""));
-                    auth.audit(actor, "push", Some(name.as_str()), Some(detail), client)
-                        .await;
-                    Ok(r)
-                }
-                Method::DELETE => {
-                    let r = manifest_delete(store, &name, reference, actor).await?;
-                    auth.audit(
-                        actor,
-                        "delete.manifest",
-                        Some(name.as_str()),
-                        Some(reference.to_owned()),
-                        client,
-                    )
-                    .await;
-                    Ok(r)
-                }
+                // The audit row is written in the transaction of the change.
+                Method::PUT => manifest_put(store, &name, reference, &q, h, body, by).await,
+                Method::DELETE => manifest_delete(store, &name, reference, &by).await,
                 _ => Err(method_not_allowed()),
             }
         }
@@ -223,15 +207,7 @@ async fn handle(
                     blob_get(store, &name, &digest, h, m == Method::HEAD, zero_copy).await
                 }
                 Method::DELETE => {
-                    store.blob_delete(&name, &digest).await?;
-                    auth.audit(
-                        actor,
-                        "delete.blob",
-                        Some(name.as_str()),
-                        Some(digest.to_string()),
-                        client,
-                    )
-                    .await;
+                    store.blob_delete(&name, &digest, &by).await?;
                     Ok(empty(StatusCode::ACCEPTED))
                 }
                 _ => Err(method_not_allowed()),
@@ -638,7 +614,7 @@ async fn manifest_put(
     q: &Query,
     h: &HeaderMap,
     body: Body,
-    actor: Option<&str>,
+    by: crate::store::Who,
 ) -> Result<Response> {
     let reference = Reference::parse(&percent_colon(reference))?;
     let extra_tags: Vec<String> = q.all("tag").map(str::to_owned).collect();
@@ -681,7 +657,7 @@ async fn manifest_put(
             extra_tags.clone(),
             content_type,
             bytes,
-            actor,
+            by,
         )
         .await?;
     let mut r = empty(StatusCode::CREATED);
@@ -733,10 +709,10 @@ async fn manifest_delete(
     store: &Store,
     name: &RepoName,
     reference: &str,
-    actor: Option<&str>,
+    by: &crate::store::Who,
 ) -> Result<Response> {
     let reference = read_reference(reference)?;
-    store.manifest_delete(name, &reference, actor).await?;
+    store.manifest_delete(name, &reference, by).await?;
     Ok(empty(StatusCode::ACCEPTED))
 }
 

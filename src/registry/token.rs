@@ -83,14 +83,10 @@ async fn get(
                 .login(&user, &secret, client)
                 .await
                 .map_err(|e| auth_error(site, e))?;
-            auth.audit(
-                Some(&user),
-                "login",
-                None,
-                Some("token endpoint".into()),
-                client,
-            )
-            .await;
+            // No token without its audit row.
+            auth.audit_by(&p, "login", None, Some("token endpoint".into()), client)
+                .await
+                .map_err(|e| auth_error(site, e))?;
             p
         }
     };
@@ -142,20 +138,16 @@ async fn post(
                 .login(user, &Secret::new(field("password")?), client)
                 .await
                 .map_err(|e| auth_error(site, e))?;
-            auth.audit(
-                Some(user),
-                "login",
-                None,
-                Some("docker login".into()),
-                client,
-            )
-            .await;
+            auth.audit_by(&p, "login", None, Some("docker login".into()), client)
+                .await
+                .map_err(|e| auth_error(site, e))?;
+            // A refresh token only for a password: a client that signed in with an
+            // access token gets none and keeps using that token, scopes and all.
             if form.get("access_type") == Some("offline") {
-                refresh_token = Some(
-                    auth.new_refresh_token(user)
-                        .await
-                        .map_err(|e| auth_error(site, e))?,
-                );
+                refresh_token = auth
+                    .new_refresh_token(&p, client)
+                    .await
+                    .map_err(|e| auth_error(site, e))?;
             }
             p
         }
@@ -163,6 +155,9 @@ async fn post(
             let token = Secret::new(field("refresh_token")?);
             let p = auth
                 .refresh(&token, client)
+                .await
+                .map_err(|e| auth_error(site, e))?;
+            auth.audit_by(&p, "login", None, Some("refresh token".into()), client)
                 .await
                 .map_err(|e| auth_error(site, e))?;
             refresh_token = Some(token);

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 pub use blob::{BlobError, BlobStore, ByteStream, FsBlobStore};
-pub use meta::{ManifestRecord, MetaError, MetaStore, Referrer, SqliteMeta, TagOrder};
+pub use meta::{ManifestRecord, MetaError, MetaStore, Referrer, SqliteMeta, TagOrder, Who};
 pub use policy::TagPolicy;
 
 use crate::oci::manifest::{self, ManifestError, Platform};
@@ -59,6 +59,17 @@ pub enum StoreError {
     Body(io::Error),
     #[error("the metadata database is busy")]
     Busy,
+    /// The disk (of the blobs or of the database) is full.
+    #[error("the registry's storage is full")]
+    StorageFull,
+    /// A delete would leave a tagged manifest incomplete.
+    #[error("{what} cannot be deleted: it is needed by tag {tag:?} (manifest {manifest}){}; delete the tag first", policy.as_ref().map(|p| format!(", which {p} protects")).unwrap_or_default())]
+    InUse {
+        what: String,
+        tag: String,
+        manifest: String,
+        policy: Option<String>,
+    },
     /// An immutability policy protects the tag.
     #[error("tag {tag:?} of {repository} is immutable: {policy} forbids moving or deleting it")]
     Immutable {
@@ -76,6 +87,7 @@ impl From<BlobError> for StoreError {
             BlobError::Body(e) => StoreError::Body(e),
             BlobError::NotFound => StoreError::BlobUnknown,
             BlobError::UploadNotFound => StoreError::UploadUnknown,
+            BlobError::Io(e) if e.kind() == io::ErrorKind::StorageFull => StoreError::StorageFull,
             BlobError::Io(e) => StoreError::Internal(e.to_string()),
         }
     }
@@ -94,6 +106,18 @@ impl From<MetaError> for StoreError {
                 "descriptor of {digest} gives size {declared} but the content is {actual} bytes"
             ))),
             MetaError::Busy => StoreError::Busy,
+            MetaError::Full => StoreError::StorageFull,
+            MetaError::InUse {
+                what,
+                tag,
+                manifest,
+                policy,
+            } => StoreError::InUse {
+                what,
+                tag,
+                manifest,
+                policy,
+            },
             MetaError::Immutable {
                 repository,
                 tag,
@@ -220,10 +244,15 @@ impl Store {
 
     /// Removes `repo`'s link to the blob. The bytes stay until garbage collection finds
     /// no repository links them.
-    pub async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<(), StoreError> {
+    pub async fn blob_delete(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        by: &Who,
+    ) -> Result<(), StoreError> {
         if self
             .meta
-            .unlink_blob(repo.as_str(), digest.as_str())
+            .unlink_blob(repo.as_str(), digest.as_str(), by)
             .await?
         {
             Ok(())
@@ -464,7 +493,7 @@ impl Store {
         extra_tags: Vec<String>,
         content_type: Option<&str>,
         body: Bytes,
-        actor: Option<&str>,
+        by: Who,
     ) -> Result<PutManifest, StoreError> {
         if body.len() > self.max_manifest {
             return Err(StoreError::ManifestTooLarge {
@@ -512,7 +541,7 @@ impl Store {
                 .map(|(d, s)| (d.to_string(), *s))
                 .collect(),
             tags,
-            actor: actor.map(str::to_owned),
+            by,
         };
         self.meta.manifest_put(repo.as_str(), record).await?;
         Ok(PutManifest {
@@ -542,13 +571,13 @@ impl Store {
         &self,
         repo: &RepoName,
         reference: &Reference,
-        actor: Option<&str>,
+        by: &Who,
     ) -> Result<(), StoreError> {
         let deleted = match reference {
-            Reference::Tag(t) => self.meta.tag_delete(repo.as_str(), t, actor).await?,
+            Reference::Tag(t) => self.meta.tag_delete(repo.as_str(), t, by).await?,
             Reference::Digest(d) => {
                 self.meta
-                    .manifest_delete(repo.as_str(), d.as_str(), actor)
+                    .manifest_delete(repo.as_str(), d.as_str(), by)
                     .await?
             }
         };

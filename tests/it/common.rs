@@ -122,6 +122,12 @@ impl TestRegistry {
         }
     }
 
+    /// The same registry, used through `client`.
+    pub fn with_client(mut self, client: Client) -> TestRegistry {
+        self.client = client;
+        self
+    }
+
     /// The `host:port` clients name the registry by.
     pub fn host(&self) -> &str {
         self.base.trim_start_matches("http://")
@@ -460,4 +466,72 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ---- access control: admin commands, tokens ----
+
+/// The (unverified) claims of a registry JWT, to see what it grants.
+pub fn claims_of(jwt: &str) -> Value {
+    use base64::Engine as _;
+    let payload = jwt.split('.').nth(1).expect("a JWT has three parts");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Runs a wharf admin command on the registry's data directory; returns stdout.
+pub fn wharf(reg: &TestRegistry, args: &[&str]) -> String {
+    run(wharf_cmd(&reg.data).args(args))
+}
+
+pub fn wharf_stdin(reg: &TestRegistry, args: &[&str], input: &str) -> String {
+    let out = output_with_stdin(wharf_cmd(&reg.data).args(args), input);
+    assert!(
+        out.status.success(),
+        "wharf {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A wharf admin command that must fail; returns its stderr.
+pub fn wharf_fails(reg: &TestRegistry, args: &[&str]) -> String {
+    let out = wharf_cmd(&reg.data)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "wharf {args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.trim().is_empty());
+    err
+}
+
+pub fn add_user(reg: &TestRegistry, name: &str, password: &str) {
+    wharf_stdin(reg, &["user", "add", name, "--password-stdin"], password);
+}
+
+pub async fn token(reg: &TestRegistry, client: &Client, scopes: &[&str]) -> reqwest::Response {
+    let mut url = reqwest::Url::parse(&reg.url("/token")).unwrap();
+    url.query_pairs_mut().append_pair("service", "wharf");
+    for s in scopes {
+        url.query_pairs_mut().append_pair("scope", s);
+    }
+    client.get(url).send().await.unwrap()
+}
+
+pub async fn bearer(reg: &TestRegistry, client: &Client, scopes: &[&str]) -> Client {
+    let r = token(reg, client, scopes).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    let t = body["token"].as_str().unwrap().to_owned();
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {t}").parse().unwrap(),
+    );
+    Client::builder().default_headers(h).build().unwrap()
 }

@@ -19,6 +19,7 @@ mod policy;
 mod promote;
 mod referrers;
 mod restart;
+mod security;
 mod skopeo;
 mod tags_cli;
 mod tls;

@@ -44,10 +44,16 @@ pub struct AuditEntry {
     pub repository: Option<String>,
     pub detail: Option<String>,
     pub client: Option<String>,
+    /// The credential used: `password`, a token's id, or None.
+    pub credential: Option<String>,
 }
 
 #[async_trait]
 pub trait AuthMeta: Send + Sync + 'static {
+    /// The rights generation: it moves with every change to users, passwords, grants,
+    /// visibility or token revocation, in the transaction that makes the change, so a
+    /// process holding rights in memory knows when to reload them.
+    async fn auth_state(&self) -> Result<i64, MetaError>;
     async fn user_count(&self) -> Result<u64, MetaError>;
     async fn user_get(&self, name: &str) -> Result<Option<UserRecord>, MetaError>;
     /// Fails with `Conflict` if the user exists.
@@ -60,7 +66,7 @@ pub trait AuthMeta: Send + Sync + 'static {
     async fn user_list(&self) -> Result<Vec<UserRecord>, MetaError>;
     /// Removes the user with their tokens and grants; false if there was none.
     async fn user_remove(&self, name: &str) -> Result<bool, MetaError>;
-    /// Sets a new password, bumps the generation (old JWTs stop working) and revokes
+    /// Sets a new password, moves the user's generation (old JWTs stop working) and revokes
     /// the refresh tokens of earlier logins; false if there is no such user.
     async fn user_set_password(&self, name: &str, password_hash: &str) -> Result<bool, MetaError>;
 
@@ -89,15 +95,19 @@ pub(crate) mod tests {
 
     pub(crate) async fn suite(m: &dyn AuthMeta) {
         assert_eq!(m.user_count().await.unwrap(), 0);
+        let state0 = m.auth_state().await.unwrap();
         m.user_create("alice", "h1", false).await.unwrap();
         assert!(matches!(
             m.user_create("alice", "h2", true).await,
             Err(MetaError::Conflict(_))
         ));
         let u = m.user_get("alice").await.unwrap().unwrap();
-        assert_eq!(
-            (u.password_hash.as_str(), u.admin, u.generation),
-            ("h1", false, 1)
+        assert_eq!((u.password_hash.as_str(), u.admin), ("h1", false));
+        let gen1 = u.generation;
+        let state1 = m.auth_state().await.unwrap();
+        assert!(
+            state1 > state0,
+            "creating a user moves the rights generation"
         );
 
         let t = TokenRecord {
@@ -120,10 +130,15 @@ pub(crate) mod tests {
             Some(50)
         );
 
-        // A password change bumps the generation and revokes refresh tokens.
+        // Creating tokens and marking their use change no one's rights.
+        assert_eq!(m.auth_state().await.unwrap(), state1);
+        // A password change moves the generation and revokes refresh tokens.
         assert!(m.user_set_password("alice", "h3").await.unwrap());
         let u = m.user_get("alice").await.unwrap().unwrap();
-        assert_eq!((u.password_hash.as_str(), u.generation), ("h3", 2));
+        assert_eq!(u.password_hash, "h3");
+        assert!(u.generation > gen1);
+        let state2 = m.auth_state().await.unwrap();
+        assert!(state2 > state1);
         assert!(
             m.token_get("tok1")
                 .await
@@ -139,13 +154,19 @@ pub(crate) mod tests {
         t2.kind = "access".into();
         m.token_create(&t2).await.unwrap();
         assert!(m.token_revoke("tok2", 60).await.unwrap());
+        let state3 = m.auth_state().await.unwrap();
+        assert!(state3 > state2, "a revocation moves the rights generation");
         assert!(!m.token_revoke("tok2", 61).await.unwrap());
         assert_eq!(m.token_list(Some("alice")).await.unwrap().len(), 2);
 
+        let before = m.auth_state().await.unwrap();
         m.grant_set("alice", "team/*", "push").await.unwrap();
         m.grant_set("alice", "team/*", "pull").await.unwrap();
         assert_eq!(m.grants_of("alice").await.unwrap()[0].level, "pull");
+        let after_grants = m.auth_state().await.unwrap();
+        assert!(after_grants > before);
         m.visibility_set("team/*", true).await.unwrap();
+        assert!(m.auth_state().await.unwrap() > after_grants);
         assert_eq!(
             m.visibility_list().await.unwrap(),
             vec![("team/*".to_owned(), true)]
@@ -162,6 +183,7 @@ pub(crate) mod tests {
         m.audit_add(AuditEntry {
             at: 2,
             action: "push".into(),
+            credential: Some("tok2".into()),
             ..Default::default()
         })
         .await
@@ -172,10 +194,20 @@ pub(crate) mod tests {
             ["login", "push"]
         );
         assert_eq!(m.audit_list(1).await.unwrap()[0].action, "push");
+        assert_eq!(
+            m.audit_list(1).await.unwrap()[0].credential.as_deref(),
+            Some("tok2")
+        );
 
+        let old_gen = m.user_get("alice").await.unwrap().unwrap().generation;
+        let before = m.auth_state().await.unwrap();
         assert!(m.user_remove("alice").await.unwrap());
+        assert!(m.auth_state().await.unwrap() > before);
         assert!(m.token_get("tok1").await.unwrap().is_none());
         assert!(m.grants_of("alice").await.unwrap().is_empty());
         assert!(!m.user_remove("alice").await.unwrap());
+        // A new user of the same name never has a generation the old one had.
+        m.user_create("alice", "h4", false).await.unwrap();
+        assert!(m.user_get("alice").await.unwrap().unwrap().generation > old_gen);
     }
 }

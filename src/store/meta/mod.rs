@@ -38,10 +38,31 @@ pub enum MetaError {
         tag: String,
         policy: String,
     },
+    /// A delete would leave a tagged manifest incomplete.
+    #[error("{what} is needed by tag {tag:?} (manifest {manifest}){}; delete the tag first", policy.as_ref().map(|p| format!(", which {p} protects")).unwrap_or_default())]
+    InUse {
+        what: String,
+        tag: String,
+        manifest: String,
+        policy: Option<String>,
+    },
     #[error("the metadata database is busy")]
     Busy,
+    /// The disk under the database is full.
+    #[error("the metadata database's disk is full")]
+    Full,
     #[error("metadata database: {0}")]
     Db(String),
+}
+
+/// Who makes a change: the actor of its event, and its audit row (written in the
+/// transaction that makes the change, so a change is never made unrecorded).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Who {
+    pub actor: Option<String>,
+    /// `password` or a token's id.
+    pub credential: Option<String>,
+    pub client: Option<String>,
 }
 
 /// A stored manifest.
@@ -66,8 +87,8 @@ pub struct NewManifest {
     /// Index entries: each must be a manifest or a blob of the repository.
     pub children: Vec<(String, i64)>,
     pub tags: Vec<String>,
-    /// Who pushed it, for the event it makes.
-    pub actor: Option<String>,
+    /// Who pushed it, for the event and the audit row it makes.
+    pub by: Who,
 }
 
 /// A manifest whose `subject` is a given digest.
@@ -137,8 +158,9 @@ pub trait MetaStore: Send + Sync + 'static {
         from: &str,
         digest: &str,
     ) -> Result<Option<u64>, MetaError>;
-    /// Removes `repo`'s link to `digest`; false if there was none.
-    async fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, MetaError>;
+    /// Removes `repo`'s link to `digest`; false if there was none. Refused with
+    /// `InUse` if a manifest reachable from a tag of `repo` references the blob.
+    async fn unlink_blob(&self, repo: &str, digest: &str, by: &Who) -> Result<bool, MetaError>;
 
     async fn upload_create(&self, id: &str, repo: &str) -> Result<(), MetaError>;
     async fn upload_get(&self, id: &str) -> Result<Option<UploadRow>, MetaError>;
@@ -169,19 +191,10 @@ pub trait MetaStore: Send + Sync + 'static {
         repo: &str,
         tag: &str,
     ) -> Result<Option<ManifestRecord>, MetaError>;
-    /// Deletes a manifest and every tag on it; false if it was not there.
-    async fn manifest_delete(
-        &self,
-        repo: &str,
-        digest: &str,
-        actor: Option<&str>,
-    ) -> Result<bool, MetaError>;
-    async fn tag_delete(
-        &self,
-        repo: &str,
-        tag: &str,
-        actor: Option<&str>,
-    ) -> Result<bool, MetaError>;
+    /// Deletes a manifest and every tag on it; false if it was not there. Refused with
+    /// `InUse` if an index reachable from another tag references it.
+    async fn manifest_delete(&self, repo: &str, digest: &str, by: &Who) -> Result<bool, MetaError>;
+    async fn tag_delete(&self, repo: &str, tag: &str, by: &Who) -> Result<bool, MetaError>;
 
     /// Up to `limit` tags after `last`, sorted; None if the repository does not exist.
     async fn tags(
@@ -236,7 +249,10 @@ pub(crate) mod tests {
             blobs,
             children: vec![],
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            actor: Some("tester".into()),
+            by: Who {
+                actor: Some("tester".into()),
+                ..Who::default()
+            },
         }
     }
 
@@ -352,24 +368,73 @@ pub(crate) mod tests {
         );
 
         // Deletes.
-        assert!(m.tag_delete("team/api", "v1", None).await.unwrap());
-        assert!(!m.tag_delete("team/api", "v1", None).await.unwrap());
+        assert!(
+            m.tag_delete("team/api", "v1", &Who::default())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !m.tag_delete("team/api", "v1", &Who::default())
+                .await
+                .unwrap()
+        );
         assert!(
             m.manifest_by_digest("team/api", &d(9))
                 .await
                 .unwrap()
                 .is_some()
         );
-        assert!(m.manifest_delete("team/api", &d(9), None).await.unwrap());
+        // Nothing a tag needs can go: d(9) is a child of the index tagged `multi`, and
+        // blob d(1) is a layer of d(9).
+        let e = m.manifest_delete("team/api", &d(9), &Who::default()).await;
+        assert!(
+            matches!(&e, Err(MetaError::InUse { tag, manifest, .. }) if tag == "multi" && *manifest == d(10)),
+            "{e:?}"
+        );
+        let e = m.unlink_blob("team/api", &d(1), &Who::default()).await;
+        assert!(
+            matches!(&e, Err(MetaError::InUse { tag, .. }) if tag == "latest"),
+            "{e:?}"
+        );
+        assert!(m.linked_blob("team/api", &d(1)).await.unwrap().is_some());
+        assert!(
+            m.tag_delete("team/api", "multi", &Who::default())
+                .await
+                .unwrap()
+        );
+        // The manifest's own tags go with it.
+        assert!(
+            m.manifest_delete("team/api", &d(9), &Who::default())
+                .await
+                .unwrap()
+        );
         assert!(
             m.manifest_by_tag("team/api", "latest")
                 .await
                 .unwrap()
                 .is_none()
         );
-        assert!(!m.manifest_delete("team/api", &d(9), None).await.unwrap());
-        assert!(m.unlink_blob("other", &d(1)).await.unwrap());
-        assert!(!m.unlink_blob("other", &d(1)).await.unwrap());
+        assert!(
+            !m.manifest_delete("team/api", &d(9), &Who::default())
+                .await
+                .unwrap()
+        );
+        // Only untagged manifests reference d(1) now.
+        assert!(
+            m.unlink_blob("team/api", &d(1), &Who::default())
+                .await
+                .unwrap()
+        );
+        assert!(
+            m.unlink_blob("other", &d(1), &Who::default())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !m.unlink_blob("other", &d(1), &Who::default())
+                .await
+                .unwrap()
+        );
         assert!(m.upload_create("up2", "x").await.is_ok());
         assert_eq!(m.uploads_idle_since(0).await.unwrap(), Vec::<String>::new());
         assert_eq!(
@@ -440,21 +505,29 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            m.tag_delete("pol/app", "1.0.0", None).await,
+            m.tag_delete("pol/app", "1.0.0", &Who::default()).await,
             Err(MetaError::Immutable { .. })
         ));
         assert!(matches!(
-            m.manifest_delete("pol/app", &d(20), None).await,
+            m.manifest_delete("pol/app", &d(20), &Who::default()).await,
             Err(MetaError::Immutable { .. })
         ));
-        assert!(m.tag_delete("pol/app", "prod", None).await.unwrap());
+        assert!(
+            m.tag_delete("pol/app", "prod", &Who::default())
+                .await
+                .unwrap()
+        );
         let listed = m.policies().await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].tags, ["v*", "[0-9]*"]);
         assert_eq!(listed[0].created_by.as_deref(), Some("admin"));
         assert!(m.policy_remove(id).await.unwrap());
         assert!(!m.policy_remove(id).await.unwrap());
-        assert!(m.tag_delete("pol/app", "1.0.0", None).await.unwrap());
+        assert!(
+            m.tag_delete("pol/app", "1.0.0", &Who::default())
+                .await
+                .unwrap()
+        );
 
         // The outbox recorded each change of pol/app, in order, and nothing for the
         // refused pushes or the re-push that changed nothing.

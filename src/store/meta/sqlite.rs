@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::{
     EventRecord, ManifestRecord, MetaError, MetaStore, NewManifest, Referrer, TagOrder, TagRow,
-    UploadRow,
+    UploadRow, Who,
 };
 use crate::store::policy::TagPolicy;
 
@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0002_auth.sql"),
     include_str!("../../../migrations/sqlite/0003_policies.sql"),
     include_str!("../../../migrations/sqlite/0004_events.sql"),
+    include_str!("../../../migrations/sqlite/0005_hardening.sql"),
 ];
 const READERS: usize = 8;
 /// A listing of at most this many rows (a page of tags or repositories as clients ask
@@ -46,6 +47,7 @@ impl From<rusqlite::Error> for MetaError {
             Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
                 MetaError::Busy
             }
+            Some(rusqlite::ErrorCode::DiskFull) => MetaError::Full,
             _ => MetaError::Db(e.to_string()),
         }
     }
@@ -315,6 +317,77 @@ fn record_event(tx: &Transaction<'_>, e: &Event<'_>) -> Result<(), MetaError> {
     Ok(())
 }
 
+/// The audit row of a change, in the change's transaction.
+fn audit_row(
+    tx: &Transaction<'_>,
+    action: &str,
+    repo: &str,
+    detail: &str,
+    by: &Who,
+    at: i64,
+) -> Result<(), MetaError> {
+    tx.prepare_cached(
+        "INSERT INTO audit_log (at, actor, action, repository, detail, client, credential)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        at,
+        by.actor,
+        action,
+        repo,
+        detail,
+        by.client,
+        by.credential
+    ])?;
+    Ok(())
+}
+
+/// A tag of `repo` that needs `digest`: one on a manifest that references it, directly
+/// or through indexes (found by walking the references upwards from `digest`). Returns
+/// the tag and the tagged manifest.
+fn needed_by(
+    conn: &Connection,
+    repo: &str,
+    digest: &str,
+) -> Result<Option<(String, String)>, MetaError> {
+    Ok(conn
+        .prepare_cached(
+            "WITH RECURSIVE up(d) AS (
+                SELECT manifest FROM manifest_references WHERE repository = ?1 AND child = ?2
+                UNION
+                SELECT r.manifest FROM manifest_references r JOIN up ON r.child = up.d
+                 WHERE r.repository = ?1
+             )
+             SELECT t.name, t.digest FROM tags t JOIN up ON t.digest = up.d
+              WHERE t.repository = ?1 ORDER BY t.name LIMIT 1",
+        )?
+        .query_row(params![repo, digest], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// Refuses a delete of `digest` (described as `what`) that would leave a tagged manifest
+/// of `repo` incomplete, naming the tag, and the policy if one protects it.
+fn check_unneeded(
+    tx: &Transaction<'_>,
+    repo: &str,
+    digest: &str,
+    what: String,
+) -> Result<(), MetaError> {
+    let Some((tag, manifest)) = needed_by(tx, repo, digest)? else {
+        return Ok(());
+    };
+    let policy = load_policies(tx)?
+        .into_iter()
+        .find(|p| p.locks(repo, &tag))
+        .map(|p| p.to_string());
+    Err(MetaError::InUse {
+        what,
+        tag,
+        manifest,
+        policy,
+    })
+}
+
 fn tag_digest(conn: &Connection, repo: &str, tag: &str) -> Result<Option<String>, MetaError> {
     Ok(conn
         .prepare_cached("SELECT digest FROM tags WHERE repository = ?1 AND name = ?2")?
@@ -393,13 +466,19 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, MetaError> {
-        let (repo, digest) = (repo.to_owned(), digest.to_owned());
+    async fn unlink_blob(&self, repo: &str, digest: &str, by: &Who) -> Result<bool, MetaError> {
+        let (repo, digest, by) = (repo.to_owned(), digest.to_owned(), by.clone());
         self.write(move |tx| {
-            Ok(tx.execute(
+            if linked_size(tx, &repo, &digest)?.is_none() {
+                return Ok(false);
+            }
+            check_unneeded(tx, &repo, &digest, format!("blob {digest}"))?;
+            tx.execute(
                 "DELETE FROM repository_blobs WHERE repository = ?1 AND digest = ?2",
                 params![repo, digest],
-            )? > 0)
+            )?;
+            audit_row(tx, "delete.blob", &repo, &digest, &by, now_ms())?;
+            Ok(true)
         })
         .await
     }
@@ -542,7 +621,7 @@ impl MetaStore for SqliteMeta {
                     digest: &m.digest,
                     media_type: Some(&m.media_type),
                     size: Some(size),
-                    actor: m.actor.as_deref(),
+                    actor: m.by.actor.as_deref(),
                     at: now,
                 })
             };
@@ -565,6 +644,12 @@ impl MetaStore for SqliteMeta {
             for t in &m.tags {
                 tag.execute(params![repo, t, m.digest, now])?;
             }
+            let detail = if m.tags.is_empty() {
+                m.digest.clone()
+            } else {
+                format!("{} {}", m.tags.join(","), m.digest)
+            };
+            audit_row(tx, "push", &repo, &detail, &m.by, now)?;
             Ok(())
         })
         .await
@@ -604,13 +689,8 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn manifest_delete(
-        &self,
-        repo: &str,
-        digest: &str,
-        actor: Option<&str>,
-    ) -> Result<bool, MetaError> {
-        let (repo, digest, actor) = (repo.to_owned(), digest.to_owned(), actor.map(str::to_owned));
+    async fn manifest_delete(&self, repo: &str, digest: &str, by: &Who) -> Result<bool, MetaError> {
+        let (repo, digest, by) = (repo.to_owned(), digest.to_owned(), by.clone());
         self.write(move |tx| {
             let policies = load_policies(tx)?;
             if !policies.is_empty() {
@@ -632,10 +712,13 @@ impl MetaStore for SqliteMeta {
             let Some((media_type, size)) = media_type else {
                 return Ok(false);
             };
+            check_unneeded(tx, &repo, &digest, format!("manifest {digest}"))?;
             tx.execute(
                 "DELETE FROM manifests WHERE repository = ?1 AND digest = ?2",
                 params![repo, digest],
             )?;
+            let now = now_ms();
+            audit_row(tx, "delete.manifest", &repo, &digest, &by, now)?;
             record_event(
                 tx,
                 &Event {
@@ -645,8 +728,8 @@ impl MetaStore for SqliteMeta {
                     digest: &digest,
                     media_type: Some(&media_type),
                     size: Some(size),
-                    actor: actor.as_deref(),
-                    at: now_ms(),
+                    actor: by.actor.as_deref(),
+                    at: now,
                 },
             )?;
             Ok(true)
@@ -654,13 +737,8 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn tag_delete(
-        &self,
-        repo: &str,
-        tag: &str,
-        actor: Option<&str>,
-    ) -> Result<bool, MetaError> {
-        let (repo, tag, actor) = (repo.to_owned(), tag.to_owned(), actor.map(str::to_owned));
+    async fn tag_delete(&self, repo: &str, tag: &str, by: &Who) -> Result<bool, MetaError> {
+        let (repo, tag, by) = (repo.to_owned(), tag.to_owned(), by.clone());
         self.write(move |tx| {
             check_mutable(tx, &load_policies(tx)?, &repo, &tag, None)?;
             let Some(digest) = tag_digest(tx, &repo, &tag)? else {
@@ -669,6 +747,15 @@ impl MetaStore for SqliteMeta {
             tx.execute(
                 "DELETE FROM tags WHERE repository = ?1 AND name = ?2",
                 params![repo, tag],
+            )?;
+            let now = now_ms();
+            audit_row(
+                tx,
+                "delete.tag",
+                &repo,
+                &format!("{tag} {digest}"),
+                &by,
+                now,
             )?;
             record_event(
                 tx,
@@ -679,8 +766,8 @@ impl MetaStore for SqliteMeta {
                     digest: &digest,
                     media_type: None,
                     size: None,
-                    actor: actor.as_deref(),
-                    at: now_ms(),
+                    actor: by.actor.as_deref(),
+                    at: now,
                 },
             )?;
             Ok(true)

@@ -17,6 +17,15 @@ fn user(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
     })
 }
 
+/// Moves the rights generation (see `AuthMeta::auth_state`); returns the new value.
+pub(super) fn bump_auth_state(tx: &rusqlite::Transaction<'_>) -> Result<i64, MetaError> {
+    Ok(tx.query_row(
+        "UPDATE auth_state SET generation = generation + 1 WHERE id = 1 RETURNING generation",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
 const TOKEN_COLUMNS: &str = "id, user_name, name, kind, secret_hash, scopes, created_at, last_used_at, expires_at, revoked_at";
 
 fn token(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
@@ -37,6 +46,16 @@ fn token(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
 
 #[async_trait]
 impl AuthMeta for SqliteMeta {
+    async fn auth_state(&self) -> Result<i64, MetaError> {
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT generation FROM auth_state WHERE id = 1")?
+                    .query_row([], |r| r.get(0))?,
+            )
+        })
+        .await
+    }
+
     async fn user_count(&self) -> Result<u64, MetaError> {
         self.read(|c| {
             Ok(c.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))? as u64)
@@ -63,10 +82,12 @@ impl AuthMeta for SqliteMeta {
         let (name, hash) = (name.to_owned(), password_hash.to_owned());
         self.write(move |tx| {
             let n = tx.execute(
-                "INSERT INTO users (name, password_hash, admin, created_at) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO users (name, password_hash, admin, created_at, generation)
+                 VALUES (?1, ?2, ?3, ?4, (SELECT generation + 1 FROM auth_state WHERE id = 1))
                  ON CONFLICT (name) DO NOTHING",
                 params![name, hash, admin, now_ms()],
             )?;
+            bump_auth_state(tx)?;
             if n == 0 {
                 return Err(MetaError::Conflict(format!("user {name}")));
             }
@@ -87,7 +108,9 @@ impl AuthMeta for SqliteMeta {
     async fn user_remove(&self, name: &str) -> Result<bool, MetaError> {
         let name = name.to_owned();
         self.write(move |tx| {
-            Ok(tx.execute("DELETE FROM users WHERE name = ?1", params![name])? > 0)
+            let n = tx.execute("DELETE FROM users WHERE name = ?1", params![name])?;
+            bump_auth_state(tx)?;
+            Ok(n > 0)
         })
         .await
     }
@@ -95,9 +118,10 @@ impl AuthMeta for SqliteMeta {
     async fn user_set_password(&self, name: &str, password_hash: &str) -> Result<bool, MetaError> {
         let (name, hash) = (name.to_owned(), password_hash.to_owned());
         self.write(move |tx| {
+            let generation = bump_auth_state(tx)?;
             let n = tx.execute(
-                "UPDATE users SET password_hash = ?2, generation = generation + 1 WHERE name = ?1",
-                params![name, hash],
+                "UPDATE users SET password_hash = ?2, generation = ?3 WHERE name = ?1",
+                params![name, hash, generation],
             )?;
             tx.execute(
                 "UPDATE access_tokens SET revoked_at = ?2 WHERE user_name = ?1 AND kind = 'refresh' AND revoked_at IS NULL",
@@ -158,10 +182,12 @@ impl AuthMeta for SqliteMeta {
     async fn token_revoke(&self, id: &str, now: i64) -> Result<bool, MetaError> {
         let id = id.to_owned();
         self.write(move |tx| {
-            Ok(tx.execute(
+            let n = tx.execute(
                 "UPDATE access_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
                 params![id, now],
-            )? > 0)
+            )?;
+            bump_auth_state(tx)?;
+            Ok(n > 0)
         })
         .await
     }
@@ -186,6 +212,7 @@ impl AuthMeta for SqliteMeta {
                  ON CONFLICT (user_name, pattern) DO UPDATE SET level = excluded.level",
                 params![user, pattern, level, now_ms()],
             )?;
+            bump_auth_state(tx)?;
             Ok(())
         })
         .await
@@ -194,10 +221,12 @@ impl AuthMeta for SqliteMeta {
     async fn grant_remove(&self, user: &str, pattern: &str) -> Result<bool, MetaError> {
         let (user, pattern) = (user.to_owned(), pattern.to_owned());
         self.write(move |tx| {
-            Ok(tx.execute(
+            let n = tx.execute(
                 "DELETE FROM grants WHERE user_name = ?1 AND pattern = ?2",
                 params![user, pattern],
-            )? > 0)
+            )?;
+            bump_auth_state(tx)?;
+            Ok(n > 0)
         })
         .await
     }
@@ -222,6 +251,7 @@ impl AuthMeta for SqliteMeta {
                  ON CONFLICT (pattern) DO UPDATE SET public = excluded.public, updated_at = excluded.updated_at",
                 params![pattern, public, now_ms()],
             )?;
+            bump_auth_state(tx)?;
             Ok(())
         })
         .await
@@ -240,8 +270,8 @@ impl AuthMeta for SqliteMeta {
     async fn audit_add(&self, e: AuditEntry) -> Result<(), MetaError> {
         self.write(move |tx| {
             tx.execute(
-                "INSERT INTO audit_log (at, actor, action, repository, detail, client) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![e.at, e.actor, e.action, e.repository, e.detail, e.client],
+                "INSERT INTO audit_log (at, actor, action, repository, detail, client, credential) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![e.at, e.actor, e.action, e.repository, e.detail, e.client, e.credential],
             )?;
             Ok(())
         })
@@ -251,7 +281,7 @@ impl AuthMeta for SqliteMeta {
     async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError> {
         self.scan(move |c| {
             let mut s = c.prepare(
-                "SELECT at, actor, action, repository, detail, client FROM
+                "SELECT at, actor, action, repository, detail, client, credential FROM
                    (SELECT * FROM audit_log ORDER BY id DESC LIMIT ?1) ORDER BY id",
             )?;
             let rows = s.query_map(params![limit], |r| {
@@ -262,6 +292,7 @@ impl AuthMeta for SqliteMeta {
                     repository: r.get(3)?,
                     detail: r.get(4)?,
                     client: r.get(5)?,
+                    credential: r.get(6)?,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)

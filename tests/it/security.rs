@@ -1,0 +1,595 @@
+//! Attacks on a running registry, each from the attacker's side: escalation of scoped
+//! credentials, reads across repositories, floods of logins, slow and huge bodies,
+//! injected headers, and what the audit log records of them.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use reqwest::{Client, StatusCode};
+use serde_json::Value;
+
+use crate::common::{TestRegistry, add_user, bearer, claims_of, client_as, header, wharf};
+
+/// A client whose connections come from `ip` (any 127.0.0.0/8 address is local).
+fn client_from(ip: &str, user: &str, password: &str) -> Client {
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Basic {basic}").parse().unwrap(),
+    );
+    Client::builder()
+        .local_address(ip.parse::<IpAddr>().unwrap())
+        .default_headers(h)
+        .build()
+        .unwrap()
+}
+
+/// `docker login`'s request: the OAuth2 password grant, asking for a refresh token.
+async fn password_grant(
+    reg: &TestRegistry,
+    user: &str,
+    password: &str,
+    scope: &str,
+) -> reqwest::Response {
+    reg.anon
+        .post(reg.url("/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", user),
+            ("password", password),
+            ("access_type", "offline"),
+            ("service", "wharf"),
+            ("client_id", "docker"),
+            ("scope", scope),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn refresh_grant(reg: &TestRegistry, refresh: &str, scope: &str) -> reqwest::Response {
+    reg.anon
+        .post(reg.url("/token"))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh),
+            ("service", "wharf"),
+            ("client_id", "docker"),
+            ("scope", scope),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+fn create_token(reg: &TestRegistry, user: &str, scope: &str, expires: &str) -> String {
+    wharf(
+        reg,
+        &[
+            "token",
+            "create",
+            "--user",
+            user,
+            "--scope",
+            scope,
+            "--name",
+            "ci",
+            "--expires",
+            expires,
+        ],
+    )
+    .trim()
+    .to_owned()
+}
+
+fn token_list(reg: &TestRegistry, user: &str) -> Vec<Value> {
+    serde_json::from_str(&wharf(reg, &["token", "list", "--user", user, "--json"])).unwrap()
+}
+
+fn bearer_client(jwt: &str) -> Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {jwt}").parse().unwrap(),
+    );
+    Client::builder().default_headers(h).build().unwrap()
+}
+
+async fn start_upload(reg: &TestRegistry, c: &Client, repo: &str) -> StatusCode {
+    c.post(reg.url(&format!("/v2/{repo}/blobs/uploads/")))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Hole 1: a scoped access token used as `docker login`'s password gets no refresh
+/// token (it keeps its scopes, expiry and revocation); a password login's refresh token
+/// is listed, revocable one by one, expires when idle, is no Basic password, and the
+/// audit log says which credential made it.
+#[tokio::test]
+async fn a_scoped_token_never_becomes_a_refresh_token_with_more_rights() {
+    let reg = TestRegistry::start_tuned(|c| {
+        c.limits.refresh_token_idle = Duration::from_secs(3);
+    });
+    add_user(&reg, "alice", "alice-password-1");
+    let pull_only = create_token(&reg, "alice", "repository:alice/*:pull", "90d");
+
+    // The escalation attempt: a pull-only token as the password, asking for offline
+    // access and push.
+    let r = password_grant(&reg, "alice", &pull_only, "repository:alice/app:pull,push").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body.get("refresh_token").is_none(),
+        "a token login must not get a refresh token: {body}"
+    );
+    let access = claims_of(body["access_token"].as_str().unwrap());
+    assert_eq!(access["access"][0]["actions"], serde_json::json!(["pull"]));
+    assert_eq!(
+        start_upload(
+            &reg,
+            &bearer_client(body["access_token"].as_str().unwrap()),
+            "alice/app"
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    // Only the access token exists: nothing new was minted.
+    let listed = token_list(&reg, "alice");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    // A password login gets a refresh token, listed with its kind.
+    let r = password_grant(
+        &reg,
+        "alice",
+        "alice-password-1",
+        "repository:alice/app:pull,push",
+    )
+    .await;
+    let body: Value = r.json().await.unwrap();
+    let refresh = body["refresh_token"]
+        .as_str()
+        .expect("refresh token")
+        .to_owned();
+    let listed = token_list(&reg, "alice");
+    let row = listed
+        .iter()
+        .find(|t| t["kind"] == "refresh")
+        .unwrap_or_else(|| panic!("refresh token not listed: {listed:?}"));
+    let refresh_id = row["id"].as_str().unwrap().to_owned();
+    assert!(refresh.contains(&refresh_id));
+    assert!(
+        row["expires"].is_string(),
+        "a refresh token has an absolute expiry: {row}"
+    );
+    // It is not a Basic password.
+    let r = client_as("alice", &refresh)
+        .get(reg.url("/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // The audit log says which credential made it, and from where.
+    let log = wharf(&reg, &["audit", "--json", "--limit", "100"]);
+    let log: Vec<Value> = serde_json::from_str(&log).unwrap();
+    assert!(
+        log.iter().any(|e| e["action"] == "token.create"
+            && e["credential"] == "password"
+            && e["detail"].as_str().unwrap().contains(&refresh_id)
+            && e["client"] == "127.0.0.1"),
+        "{log:?}"
+    );
+
+    // Exchanged for a JWT, then revoked alone: the refresh token and its JWTs stop.
+    let r = refresh_grant(&reg, &refresh, "repository:alice/app:pull,push").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let jwt = r.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        start_upload(&reg, &bearer_client(&jwt), "alice/app").await,
+        StatusCode::ACCEPTED
+    );
+    wharf(&reg, &["token", "revoke", &refresh_id]);
+    assert_eq!(
+        refresh_grant(&reg, &refresh, "repository:alice/app:pull")
+            .await
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        start_upload(&reg, &bearer_client(&jwt), "alice/app").await,
+        StatusCode::UNAUTHORIZED
+    );
+    // The access token was not touched by that.
+    assert_eq!(
+        client_as("alice", &pull_only)
+            .get(reg.url("/v2/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+
+    // An unused refresh token expires (idle limit 3 s here).
+    let r = password_grant(&reg, "alice", "alice-password-1", "").await;
+    let idle = r.json::<Value>().await.unwrap()["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        refresh_grant(&reg, &idle, "").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // An admin's scoped token is no way to admin rights either.
+    let admin_pull = create_token(&reg, "admin", "repository:team/*:pull", "1d");
+    let r = password_grant(&reg, "admin", &admin_pull, "repository:team/api:push").await;
+    let body: Value = r.json().await.unwrap();
+    assert!(body.get("refresh_token").is_none());
+    let r = client_as("admin", &admin_pull)
+        .get(reg.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+}
+
+/// Hole 9: rights taken away hold at the next request, for JWTs too (also ones made
+/// from an access token, and anonymous ones), and a removed user's JWT never works for
+/// a new user of the same name.
+#[tokio::test]
+async fn rights_taken_away_are_gone_at_the_next_request() {
+    let reg = TestRegistry::start();
+    reg.push_image("team/api", "v1", "x").await;
+    reg.push_image("pub/base", "v1", "p").await;
+    add_user(&reg, "dave", "dave-password-1");
+    wharf(&reg, &["grant", "dave", "team/*", "delete"]);
+    wharf(&reg, &["repo", "visibility", "pub/*", "public"]);
+    let dave = client_as("dave", "dave-password-1");
+    let scope = "repository:team/api:pull,push,delete";
+    let jwt = bearer(&reg, &dave, &[scope]).await;
+    let tok = create_token(&reg, "dave", "repository:team/*:pull,push,delete", "1d");
+    let tok_jwt = bearer(&reg, &client_as("dave", &tok), &[scope]).await;
+    let anon_jwt = bearer(&reg, &reg.anon, &["repository:pub/base:pull"]).await;
+    for c in [&jwt, &tok_jwt] {
+        assert_eq!(
+            start_upload(&reg, c, "team/api").await,
+            StatusCode::ACCEPTED
+        );
+    }
+    let pull = |c: Client, path: &'static str| {
+        let url = reg.url(path);
+        async move { c.get(url).send().await.unwrap().status() }
+    };
+    assert_eq!(
+        pull(anon_jwt.clone(), "/v2/pub/base/manifests/v1").await,
+        StatusCode::OK
+    );
+
+    wharf(&reg, &["grant", "dave", "team/*", "none"]);
+    for c in [&jwt, &tok_jwt] {
+        assert_eq!(
+            start_upload(&reg, c, "team/api").await,
+            StatusCode::FORBIDDEN
+        );
+        let r = c
+            .delete(reg.url("/v2/team/api/manifests/v1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::FORBIDDEN,
+            "delete after the grant was taken away"
+        );
+        assert_eq!(
+            pull(c.clone(), "/v2/team/api/manifests/v1").await,
+            StatusCode::FORBIDDEN
+        );
+    }
+    assert_eq!(
+        reg.get("/v2/team/api/manifests/v1").await.status(),
+        StatusCode::OK
+    );
+
+    wharf(&reg, &["repo", "visibility", "pub/*", "private"]);
+    assert_eq!(
+        pull(anon_jwt, "/v2/pub/base/manifests/v1").await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // A removed user's JWT does not work for a new user of the same name.
+    wharf(&reg, &["grant", "dave", "team/*", "pull"]);
+    let old = bearer(&reg, &dave, &["repository:team/api:pull"]).await;
+    assert_eq!(
+        pull(old.clone(), "/v2/team/api/manifests/v1").await,
+        StatusCode::OK
+    );
+    wharf(&reg, &["user", "remove", "dave"]);
+    add_user(&reg, "dave", "dave-password-2");
+    wharf(&reg, &["grant", "dave", "team/*", "pull"]);
+    assert_eq!(
+        pull(old, "/v2/team/api/manifests/v1").await,
+        StatusCode::UNAUTHORIZED
+    );
+    let new = bearer(
+        &reg,
+        &client_as("dave", "dave-password-2"),
+        &["repository:team/api:pull"],
+    )
+    .await;
+    assert_eq!(pull(new, "/v2/team/api/manifests/v1").await, StatusCode::OK);
+}
+
+/// Hole 3: wrong passwords sent all at once are counted as they arrive: no more get
+/// checked than the limit allows.
+#[tokio::test]
+async fn simultaneous_wrong_passwords_are_limited_like_sequential_ones() {
+    let reg = TestRegistry::start();
+    add_user(&reg, "bob", "bob-password-1");
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let c = client_as("bob", &format!("guess-{i}"));
+        let url = reg.url("/v2/");
+        tasks.push(tokio::spawn(async move {
+            c.get(url).send().await.unwrap().status()
+        }));
+    }
+    let mut checked = 0;
+    let mut limited = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::UNAUTHORIZED => checked += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        checked <= wharf::auth::limiter::PER_CLIENT_USER,
+        "{checked} guesses were checked, over the limit of {}",
+        wharf::auth::limiter::PER_CLIENT_USER
+    );
+    assert_eq!(checked + limited, 60);
+    // Even the right password now waits: the limit holds.
+    let r = client_as("bob", "bob-password-1")
+        .get(reg.url("/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(header(&r, "retry-after").is_some());
+}
+
+/// Hole 7: failures from ten other addresses do not lock the user out of their usual
+/// address, their access tokens, or `docker login` there; an unknown address waits.
+#[tokio::test]
+async fn an_attack_from_elsewhere_does_not_lock_out_the_user() {
+    let reg = TestRegistry::start();
+    add_user(&reg, "carol", "carol-password-1");
+    let tok = create_token(&reg, "carol", "repository:carol/*:pull,push", "1d");
+    let usual = client_from("127.0.0.1", "carol", "carol-password-1");
+    assert_eq!(
+        usual.get(reg.url("/v2/")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    // 10 addresses, 5 failures each: the per-user limit (50 a minute) is reached.
+    for a in 2..12 {
+        let attacker = client_from(&format!("127.0.0.{a}"), "carol", "wrong-password");
+        for _ in 0..5 {
+            let s = attacker.get(reg.url("/v2/")).send().await.unwrap().status();
+            assert!(s == StatusCode::UNAUTHORIZED || s == StatusCode::TOO_MANY_REQUESTS);
+        }
+    }
+    let stranger = client_from("127.0.0.50", "carol", "carol-password-1");
+    assert_eq!(
+        stranger.get(reg.url("/v2/")).send().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "an address carol never used is slowed down with the attack"
+    );
+    // Her usual address: password, docker login, and her CI token from anywhere.
+    assert_eq!(
+        usual.get(reg.url("/v2/")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    let r = reg
+        .anon
+        .post(reg.url("/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "carol"),
+            ("password", "carol-password-1"),
+            ("service", "wharf"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let ci = client_from("127.0.0.60", "carol", &tok);
+    for _ in 0..20 {
+        assert_eq!(
+            ci.get(reg.url("/v2/")).send().await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    // Access tokens are not subject to the password limiter at all: wrong ones are
+    // refused, never rate limited, and do not count against the password.
+    let bad_tok = client_from(
+        "127.0.0.70",
+        "carol",
+        "wharf_aaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbb",
+    );
+    for _ in 0..30 {
+        assert_eq!(
+            bad_tok.get(reg.url("/v2/")).send().await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+}
+
+/// The number of threads of this process (the registry runs in it).
+fn threads() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Hole 4: 700 simultaneous bad logins from many addresses hold no pool thread while
+/// they wait; past a short queue they are answered 503 at once; token traffic goes on.
+#[tokio::test]
+async fn a_flood_of_bad_logins_holds_no_threads_and_spares_token_traffic() {
+    let reg = TestRegistry::start();
+    let tok = create_token(&reg, "admin", "repository:team/*:pull,push", "1d");
+    let before = threads();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(threads(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut flood = Vec::new();
+    for i in 0..700 {
+        // 50 addresses, distinct users: under every failed-login limit.
+        let c = client_from(
+            &format!("127.0.1.{}", 2 + i % 50),
+            &format!("u{i}"),
+            "wrong",
+        );
+        let url = reg.url("/v2/");
+        flood.push(tokio::spawn(async move {
+            let r = c.get(url).send().await.unwrap();
+            (r.status(), r.headers().get("retry-after").is_some())
+        }));
+    }
+    // Meanwhile a push with an access token.
+    let ci = client_as("admin", &tok);
+    let digest = crate::common::sha256(b"pushed during the flood");
+    let r = ci
+        .post(reg.url(&format!("/v2/team/app/blobs/uploads/?digest={digest}")))
+        .body(&b"pushed during the flood"[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let (mut refused, mut overloaded) = (0, 0);
+    for t in flood {
+        match t.await.unwrap() {
+            (StatusCode::UNAUTHORIZED, _) => refused += 1,
+            (StatusCode::SERVICE_UNAVAILABLE, true) => overloaded += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert_eq!(refused + overloaded, 700);
+    assert!(overloaded > 0, "the queue of password checks is bounded");
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        peak <= before + 24,
+        "threads went from {before} to {peak} during the flood"
+    );
+}
+
+/// The credential behind every change is in the audit log; refused logins are there
+/// too, but a flood of them adds a bounded number of rows.
+#[tokio::test]
+async fn the_audit_log_names_credentials_and_bounds_failures() {
+    let reg = TestRegistry::start();
+    let tok = create_token(&reg, "admin", "repository:team/*:pull,push,delete", "1d");
+    let tok_id = token_list(&reg, "admin")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ci = TestRegistry::attach(&reg.base, &reg.data).with_client(client_as("admin", &tok));
+    ci.push_image("team/api", "v1", "audited").await;
+    let r = ci
+        .client
+        .delete(reg.url("/v2/team/api/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let forged = bearer_client("eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl");
+    for _ in 0..50 {
+        forged.get(reg.url("/v2/")).send().await.unwrap();
+    }
+    for i in 0..300 {
+        client_from(
+            &format!("127.0.2.{}", 2 + i % 200),
+            &format!("nobody{i}"),
+            "x",
+        )
+        .get(reg.url("/v2/"))
+        .send()
+        .await
+        .unwrap();
+    }
+    let log: Vec<Value> =
+        serde_json::from_str(&wharf(&reg, &["audit", "--json", "--limit", "10000"])).unwrap();
+    let find = |action: &'static str| log.iter().filter(move |e| e["action"] == action);
+    assert!(
+        find("push").any(|e| e["credential"] == tok_id.as_str() && e["client"] == "127.0.0.1"),
+        "{log:?}"
+    );
+    assert!(find("delete.tag").any(|e| e["credential"] == tok_id.as_str()));
+    assert!(
+        find("token.refused").count() >= 1,
+        "a forged JWT is recorded"
+    );
+    assert_eq!(
+        find("token.refused").count(),
+        1,
+        "its repeats are aggregated"
+    );
+    let failed = find("login.failed").count();
+    assert!(
+        (1..=wharf::auth::audit::ROWS_PER_MINUTE as usize).contains(&failed),
+        "{failed} rows for 300 failed logins"
+    );
+    assert!(find("audit.aggregated").count() <= 1);
+    drop(ci);
+}
+
+/// The listing commands end quietly when their reader goes away.
+#[tokio::test]
+async fn listing_commands_survive_a_closed_pipe() {
+    let reg = TestRegistry::start();
+    // Far more output than a pipe holds, so the writer meets the closed pipe.
+    {
+        let db = rusqlite::Connection::open(reg.data.join("meta.db")).unwrap();
+        db.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)
+             INSERT INTO audit_log (at, actor, action, detail) SELECT i, 'x', 'test', 'row ' || i FROM n",
+        )
+        .unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_wharf");
+    let mut child = std::process::Command::new(bin)
+        .args(["audit", "--limit", "5000"])
+        .env("WHARF_DATA", &reg.data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+}
