@@ -24,6 +24,9 @@ use crate::store::{Store, StoreError, open_local_backends};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// An upload session untouched for this long is removed, with its bytes.
 pub const UPLOAD_MAX_IDLE: Duration = Duration::from_secs(24 * 3600);
+/// A monolithic upload (`POST ?digest=`) no request has written to for this long was
+/// cut off; no client can resume one.
+pub const MONOLITHIC_MAX_IDLE: Duration = Duration::from_secs(600);
 /// How often idle uploads are looked for.
 const UPLOAD_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// How long a client may take to finish the TLS handshake.
@@ -86,6 +89,7 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let started = std::time::Instant::now();
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let (blobs, meta) = open_local_backends(&config.data)?;
     let store = Arc::new(Store::new(blobs, Arc::clone(&meta) as _));
@@ -104,7 +108,7 @@ pub async fn serve(
             generated.expose()
         );
     }
-    let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store)));
+    let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store), started));
     let audit_flusher = tokio::spawn(flush_audit(Arc::clone(&auth)));
     sync_config_webhooks(events.as_ref(), &config.webhooks).await?;
     let addr = listener.local_addr()?;
@@ -251,11 +255,21 @@ async fn flush_audit(auth: Arc<Auth>) {
     }
 }
 
-async fn sweep_uploads(store: Arc<Store>) {
+async fn sweep_uploads(store: Arc<Store>, started: std::time::Instant) {
     let mut every = tokio::time::interval(UPLOAD_SWEEP_EVERY);
+    let mut first = true;
     loop {
         every.tick().await;
-        match store.expire_uploads(UPLOAD_MAX_IDLE).await {
+        // The first sweep, at start, removes every monolithic upload last written before
+        // this server started: those were cut off by a crash or a kill.
+        let monolithic_idle = if first {
+            started.elapsed()
+        } else {
+            MONOLITHIC_MAX_IDLE
+        };
+        first = false;
+        let swept = store.expire_uploads(UPLOAD_MAX_IDLE, monolithic_idle).await;
+        match swept {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!("removed {n} upload sessions idle for over {UPLOAD_MAX_IDLE:?}")

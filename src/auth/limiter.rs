@@ -2,9 +2,12 @@
 //!
 //! Failures are counted in fixed windows per (client, user), per client and per user.
 //! An attempt *reserves* its place in every window before the password is hashed, in one
-//! step under the lock, so a burst of simultaneous guesses is counted as it arrives: the
-//! sixth of six parallel guesses is refused before any is checked. A success gives its
-//! reservation back.
+//! step under the lock: attempts in flight count against the limit like failures, so a
+//! burst of simultaneous guesses is counted as it arrives and no more of them are
+//! checked than the limit allows. An attempt that would go past the limit only because
+//! of others still in flight waits (holding no thread) until they are decided: if they
+//! were right (a client sending its correct password on many connections at once) it
+//! goes on, if they were failures it is refused.
 //!
 //! The per-user window would let an attacker anywhere lock the user out everywhere, and
 //! the per-client one would let an attacker behind the same address (a shared NAT) do
@@ -67,13 +70,24 @@ impl Key {
 
 #[derive(Default)]
 struct State {
+    /// Failures per window.
     windows: HashMap<Key, (Instant, u32)>,
+    /// Attempts in flight, not yet decided.
+    pending: HashMap<Key, u32>,
     trusted: HashMap<(ClientKey, String), Instant>,
 }
 
 #[derive(Default)]
 pub struct Limiter {
     state: Mutex<State>,
+    /// Woken whenever an attempt is decided.
+    decided: tokio::sync::Notify,
+}
+
+enum Decision {
+    Go(Vec<Key>),
+    Wait,
+    Limited(u64),
 }
 
 /// A place reserved in each window an attempt counts against. Report the outcome with
@@ -83,7 +97,7 @@ pub struct Reservation<'a> {
     limiter: &'a Limiter,
     client: Option<ClientKey>,
     user: String,
-    keys: Vec<(Key, Instant)>,
+    keys: Vec<Key>,
 }
 
 impl Limiter {
@@ -94,9 +108,34 @@ impl Limiter {
     }
 
     /// Reserves an attempt for `user` from `client`, or says how many seconds to wait.
-    pub fn reserve(&self, client: Option<IpAddr>, user: &str) -> Result<Reservation<'_>, u64> {
-        let now = Instant::now();
+    pub async fn reserve(
+        &self,
+        client: Option<IpAddr>,
+        user: &str,
+    ) -> Result<Reservation<'_>, u64> {
         let client = client.map(ClientKey::from);
+        loop {
+            // Registered before the check, so a decision in between is not missed.
+            let decided = self.decided.notified();
+            tokio::pin!(decided);
+            decided.as_mut().enable();
+            match self.decide(client, user) {
+                Decision::Go(keys) => {
+                    return Ok(Reservation {
+                        limiter: self,
+                        client,
+                        user: user.to_owned(),
+                        keys,
+                    });
+                }
+                Decision::Limited(wait) => return Err(wait),
+                Decision::Wait => decided.await,
+            }
+        }
+    }
+
+    fn decide(&self, client: Option<ClientKey>, user: &str) -> Decision {
+        let now = Instant::now();
         let mut st = self.lock();
         if st.windows.len() > SWEEP_AT {
             st.windows
@@ -120,82 +159,102 @@ impl Limiter {
             keys.push(Key::User(user.to_owned()));
         }
         let mut wait = None::<u64>;
+        let mut busy = false;
         for k in &keys {
-            if let Some((start, n)) = st.windows.get(k) {
-                if let Some(left) = WINDOW.checked_sub(now.duration_since(*start)) {
-                    if *n >= k.limit() {
-                        let secs = left.as_secs().max(1);
-                        wait = Some(wait.map_or(secs, |w| w.max(secs)));
+            let failures = match st.windows.get(k) {
+                Some((start, n)) => match WINDOW.checked_sub(now.duration_since(*start)) {
+                    Some(left) => {
+                        if *n >= k.limit() {
+                            let secs = left.as_secs().max(1);
+                            wait = Some(wait.map_or(secs, |w| w.max(secs)));
+                        }
+                        *n
                     }
-                }
-            }
+                    None => 0,
+                },
+                None => 0,
+            };
+            busy |= failures + st.pending.get(k).copied().unwrap_or(0) >= k.limit();
         }
         if let Some(w) = wait {
-            return Err(w);
+            return Decision::Limited(w);
         }
-        let mut reserved = Vec::with_capacity(keys.len());
-        for k in keys {
-            let e = st.windows.entry(k.clone()).or_insert((now, 0));
-            if now.duration_since(e.0) >= WINDOW {
-                *e = (now, 0);
-            }
-            e.1 += 1;
-            reserved.push((k, e.0));
+        if busy {
+            return Decision::Wait;
         }
-        Ok(Reservation {
-            limiter: self,
-            client,
-            user: user.to_owned(),
-            keys: reserved,
-        })
+        for k in &keys {
+            *st.pending.entry(k.clone()).or_insert(0) += 1;
+        }
+        Decision::Go(keys)
     }
 
-    /// Gives back places reserved in windows that are still the same windows.
-    fn release(&self, keys: &[(Key, Instant)]) {
-        let mut st = self.lock();
-        for (k, start) in keys {
-            if let Some(e) = st.windows.get_mut(k) {
-                if e.0 == *start {
-                    e.1 = e.1.saturating_sub(1);
+    /// Decides attempts in flight: each no longer pending, and counted as a failure if
+    /// `failed`.
+    fn decide_pending(&self, keys: &[Key], failed: bool) {
+        let now = Instant::now();
+        {
+            let mut st = self.lock();
+            for k in keys {
+                if let Some(n) = st.pending.get_mut(k) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        st.pending.remove(k);
+                    }
+                }
+                if failed {
+                    let e = st.windows.entry(k.clone()).or_insert((now, 0));
+                    if now.duration_since(e.0) >= WINDOW {
+                        *e = (now, 0);
+                    }
+                    e.1 += 1;
                 }
             }
         }
+        self.decided.notify_waiters();
     }
 }
 
 impl Reservation<'_> {
-    /// The right password: the reservation is given back, the client's failures for this
+    /// The right password: the attempt is no failure, the client's failures for this
     /// user are forgotten, and the client is trusted for the user.
     pub fn succeeded(mut self) {
         let keys = std::mem::take(&mut self.keys);
-        self.limiter.release(&keys);
-        let Some(c) = self.client else { return };
+        let Some(c) = self.client else {
+            self.limiter.decide_pending(&keys, false);
+            return;
+        };
         let now = Instant::now();
-        let mut st = self.limiter.lock();
-        st.windows.remove(&Key::ClientUser(c, self.user.clone()));
-        if st.trusted.len() >= TRUST_MAX {
-            st.trusted.retain(|_, t| now.duration_since(*t) < TRUST_FOR);
+        {
+            let mut st = self.limiter.lock();
+            st.windows.remove(&Key::ClientUser(c, self.user.clone()));
             if st.trusted.len() >= TRUST_MAX {
-                // Still full of live entries: drop the oldest tenth.
-                let mut ages: Vec<Instant> = st.trusted.values().copied().collect();
-                ages.sort_unstable();
-                let cut = ages[TRUST_MAX / 10];
-                st.trusted.retain(|_, t| *t > cut);
+                st.trusted.retain(|_, t| now.duration_since(*t) < TRUST_FOR);
+                if st.trusted.len() >= TRUST_MAX {
+                    // Still full of live entries: drop the oldest tenth.
+                    let mut ages: Vec<Instant> = st.trusted.values().copied().collect();
+                    ages.sort_unstable();
+                    let cut = ages[TRUST_MAX / 10];
+                    st.trusted.retain(|_, t| *t > cut);
+                }
             }
+            st.trusted.insert((c, std::mem::take(&mut self.user)), now);
         }
-        st.trusted.insert((c, std::mem::take(&mut self.user)), now);
+        self.limiter.decide_pending(&keys, false);
     }
 
-    /// A wrong password: the reservation stays counted.
+    /// A wrong password: counted as a failure in every window.
     pub fn failed(mut self) {
-        self.keys.clear();
+        let keys = std::mem::take(&mut self.keys);
+        self.limiter.decide_pending(&keys, true);
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
+        // Neither outcome reported (the check itself failed): no failure.
         if !self.keys.is_empty() {
-            self.limiter.release(&self.keys);
+            let keys = std::mem::take(&mut self.keys);
+            self.limiter.decide_pending(&keys, false);
         }
     }
 }
@@ -208,73 +267,99 @@ mod tests {
         Some(s.parse().unwrap())
     }
 
-    #[test]
-    fn blocks_one_client_not_the_user_elsewhere() {
+    async fn fail(l: &Limiter, client: &str, user: &str) -> Result<(), u64> {
+        l.reserve(ip(client), user).await.map(Reservation::failed)
+    }
+
+    #[tokio::test]
+    async fn blocks_one_client_not_the_user_elsewhere() {
         let l = Limiter::default();
         for _ in 0..PER_CLIENT_USER {
-            l.reserve(ip("10.0.0.1"), "alice").unwrap().failed();
+            fail(&l, "10.0.0.1", "alice").await.unwrap();
         }
         assert!(
             l.reserve(ip("10.0.0.1"), "alice")
+                .await
                 .err()
                 .is_some_and(|s| (1..=60).contains(&s))
         );
-        assert!(l.reserve(ip("10.0.0.2"), "alice").is_ok());
-        assert!(l.reserve(ip("10.0.0.1"), "bob").is_ok());
+        assert!(l.reserve(ip("10.0.0.2"), "alice").await.is_ok());
+        assert!(l.reserve(ip("10.0.0.1"), "bob").await.is_ok());
     }
 
-    #[test]
-    fn simultaneous_attempts_are_counted_before_any_is_checked() {
+    #[tokio::test]
+    async fn attempts_in_flight_count_before_any_is_decided() {
         let l = Limiter::default();
         // Reservations held at once, as parallel requests hold them while hashing.
-        let held: Vec<_> = (0..PER_CLIENT_USER)
-            .map(|_| l.reserve(ip("10.0.0.1"), "alice").unwrap())
-            .collect();
-        assert!(l.reserve(ip("10.0.0.1"), "alice").is_err());
-        drop(held); // none reported: given back
-        assert!(l.reserve(ip("10.0.0.1"), "alice").is_ok());
-    }
-
-    #[test]
-    fn a_success_gives_its_place_back() {
-        let l = Limiter::default();
-        for _ in 0..PER_CLIENT_USER * 3 {
-            l.reserve(ip("10.0.0.1"), "alice").unwrap().succeeded();
+        let mut held = Vec::new();
+        for _ in 0..PER_CLIENT_USER {
+            held.push(l.reserve(ip("10.0.0.1"), "alice").await.unwrap());
         }
-        assert!(l.reserve(ip("10.0.0.1"), "alice").is_ok());
+        let sixth = l.reserve(ip("10.0.0.1"), "alice");
+        tokio::pin!(sixth);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), sixth.as_mut())
+                .await
+                .is_err(),
+            "the sixth waits while five are in flight"
+        );
+        // All five fail: the sixth is refused without being checked.
+        for r in held.drain(..) {
+            r.failed();
+        }
+        assert!(sixth.await.is_err());
     }
 
-    #[test]
-    fn an_attack_from_elsewhere_does_not_lock_out_a_trusted_client() {
+    #[tokio::test]
+    async fn right_passwords_in_parallel_all_go_through() {
+        let l = std::sync::Arc::new(Limiter::default());
+        let mut tasks = Vec::new();
+        for _ in 0..PER_CLIENT_USER * 4 {
+            let l = std::sync::Arc::clone(&l);
+            tasks.push(tokio::spawn(async move {
+                let r = l.reserve(ip("10.0.0.1"), "alice").await.map_err(|_| ())?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                r.succeeded();
+                Ok::<_, ()>(())
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.unwrap().is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attack_from_elsewhere_does_not_lock_out_a_trusted_client() {
         let l = Limiter::default();
-        l.reserve(ip("10.0.0.9"), "alice").unwrap().succeeded();
+        l.reserve(ip("10.0.0.9"), "alice")
+            .await
+            .unwrap()
+            .succeeded();
         // 10 attacking addresses, 5 failures each: the per-user window fills up.
         for a in 0..10 {
             for _ in 0..PER_USER / 10 {
-                if let Ok(r) = l.reserve(ip(&format!("10.1.0.{a}")), "alice") {
-                    r.failed();
-                }
+                let _ = fail(&l, &format!("10.1.0.{a}"), "alice").await;
             }
         }
         assert!(
-            l.reserve(ip("10.2.0.1"), "alice").is_err(),
+            l.reserve(ip("10.2.0.1"), "alice").await.is_err(),
             "an unknown client waits"
         );
         assert!(
-            l.reserve(ip("10.0.0.9"), "alice").is_ok(),
+            l.reserve(ip("10.0.0.9"), "alice").await.is_ok(),
             "the usual one does not"
         );
     }
 
-    #[test]
-    fn ipv6_clients_count_by_their_64() {
+    #[tokio::test]
+    async fn ipv6_clients_count_by_their_64() {
         let l = Limiter::default();
         for i in 0..PER_CLIENT_USER {
-            l.reserve(ip(&format!("2001:db8::{i:x}")), "alice")
-                .unwrap()
-                .failed();
+            fail(&l, &format!("2001:db8::{i:x}"), "alice")
+                .await
+                .unwrap();
         }
-        assert!(l.reserve(ip("2001:db8::ffff"), "alice").is_err());
-        assert!(l.reserve(ip("2001:db8:0:1::1"), "alice").is_ok());
+        assert!(l.reserve(ip("2001:db8::ffff"), "alice").await.is_err());
+        assert!(l.reserve(ip("2001:db8:0:1::1"), "alice").await.is_ok());
     }
 }

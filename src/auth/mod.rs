@@ -463,7 +463,7 @@ impl Auth {
                 Err(e) => Err(e),
             };
         }
-        let reservation = match self.limiter.reserve(client, user) {
+        let reservation = match self.limiter.reserve(client, user).await {
             Ok(r) => r,
             Err(wait) => {
                 self.failure("login.rate_limited", Some(user), client, "password")

@@ -109,8 +109,150 @@ fn descriptor_digest(d: &Descriptor, what: &str) -> Result<(Digest, i64), Manife
     Ok((digest, d.size))
 }
 
+/// The deepest nesting of arrays and objects accepted in a manifest. Real manifests nest
+/// about five deep; the bound keeps a hostile one from costing stack or time anywhere
+/// that reads it later.
+pub const MAX_DEPTH: usize = 32;
+
+/// Checks that `body`'s arrays and objects nest at most [`MAX_DEPTH`] deep, in one pass
+/// over the bytes (before any parser recurses into them).
+fn check_depth(body: &[u8]) -> Result<(), ManifestError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(ManifestError::Invalid(format!(
+                        "manifest nests deeper than {MAX_DEPTH} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+const TOP_KEYS: &[&str] = &[
+    "schemaVersion",
+    "mediaType",
+    "artifactType",
+    "config",
+    "layers",
+    "manifests",
+    "subject",
+    "annotations",
+    "blobs",
+];
+const DESCRIPTOR_KEYS: &[&str] = &[
+    "mediaType",
+    "digest",
+    "size",
+    "urls",
+    "annotations",
+    "platform",
+    "artifactType",
+    "data",
+];
+const PLATFORM_KEYS: &[&str] = &[
+    "architecture",
+    "os",
+    "os.version",
+    "os.features",
+    "variant",
+    "features",
+];
+
+/// A key as Go's `encoding/json` compares it with a field name: case folded, with the
+/// two non-ASCII letters that fold to ASCII ones (U+017F long s, U+212A Kelvin sign).
+fn folded(key: &str) -> String {
+    key.chars()
+        .map(|c| match c {
+            '\u{17F}' => 's',
+            '\u{212A}' => 'k',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+/// Refuses keys of `obj` that Go clients (docker, containerd) would read as one of
+/// `known` although they are not spelled so: Go matches field names ignoring case, so a
+/// manifest with `"layers": []` and `"Layers": [...]` would mean one thing here and
+/// another there.
+fn check_keys(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    known: &[&str],
+    at: &str,
+) -> Result<(), ManifestError> {
+    for key in obj.keys() {
+        if known.contains(&key.as_str()) {
+            continue;
+        }
+        let f = folded(key);
+        if let Some(k) = known.iter().find(|k| k.to_ascii_lowercase() == f) {
+            return Err(ManifestError::Invalid(format!(
+                "{at}has a key {key:?}, which clients would read as {k:?}; spell it {k:?} exactly"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_descriptor(v: &serde_json::Value, at: &str) -> Result<(), ManifestError> {
+    let Some(obj) = v.as_object() else {
+        return Ok(()); // the typed parse reports it
+    };
+    check_keys(obj, DESCRIPTOR_KEYS, at)?;
+    if let Some(p) = obj.get("platform").and_then(|p| p.as_object()) {
+        check_keys(p, PLATFORM_KEYS, &format!("{at}platform "))?;
+    }
+    Ok(())
+}
+
+/// Checks the shape of a manifest's JSON the typed parse cannot see: nesting depth, and
+/// keys differing from known fields only in case.
+fn check_structure(body: &[u8]) -> Result<(), ManifestError> {
+    check_depth(body)?;
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ManifestError::Json(e.to_string()))?;
+    let Some(top) = v.as_object() else {
+        return Ok(());
+    };
+    check_keys(top, TOP_KEYS, "the manifest ")?;
+    for key in ["config", "subject"] {
+        if let Some(d) = top.get(key) {
+            check_descriptor(d, &format!("{key} "))?;
+        }
+    }
+    for key in ["layers", "manifests", "blobs"] {
+        for (i, d) in top
+            .get(key)
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            check_descriptor(d, &format!("{key}[{i}] "))?;
+        }
+    }
+    Ok(())
+}
+
 /// Parses `body`, sent with `content_type` (the request's Content-Type, if any).
 pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<ParsedManifest, ManifestError> {
+    check_structure(body)?;
     let raw: Raw = serde_json::from_slice(body).map_err(|e| ManifestError::Json(e.to_string()))?;
     // Content-Type may carry parameters; only the type itself counts.
     let header = content_type
@@ -129,8 +271,12 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<ParsedManifest, 
     {
         return Err(ManifestError::Schema1);
     }
+    // A Content-Type that is not a manifest type is refused, whatever the body says.
+    if let Some(h) = header.as_deref().filter(|h| !is_manifest_type(h)) {
+        return Err(ManifestError::UnsupportedMediaType(h.to_owned()));
+    }
     let media_type = match (&header, &raw.media_type) {
-        (Some(h), body_type) if is_manifest_type(h) => {
+        (Some(h), body_type) => {
             if let Some(b) = body_type {
                 if b != h {
                     return Err(ManifestError::MediaTypeMismatch {
@@ -141,12 +287,9 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<ParsedManifest, 
             }
             h.clone()
         }
-        (_, Some(b)) => b.clone(),
-        (Some(h), None) if h != "application/json" && h != "application/octet-stream" => {
-            return Err(ManifestError::UnsupportedMediaType(h.clone()));
-        }
-        (_, None) if raw.manifests.is_some() => OCI_INDEX.to_owned(),
-        (_, None) => OCI_MANIFEST.to_owned(),
+        (None, Some(b)) => b.clone(),
+        (None, None) if raw.manifests.is_some() => OCI_INDEX.to_owned(),
+        (None, None) => OCI_MANIFEST.to_owned(),
     };
     if !is_manifest_type(&media_type) {
         return Err(ManifestError::UnsupportedMediaType(media_type));
@@ -330,5 +473,146 @@ mod tests {
         let p = parse(idx.as_bytes(), None).unwrap();
         assert_eq!(p.children.len(), 1);
         assert_eq!(p.subject.unwrap().as_str(), D);
+    }
+
+    #[test]
+    fn content_types_that_are_not_manifest_types_are_refused() {
+        for ct in ["text/plain", "application/json", "application/octet-stream"] {
+            assert!(
+                matches!(
+                    parse(image(OCI_MANIFEST).as_bytes(), Some(ct)),
+                    Err(ManifestError::UnsupportedMediaType(_))
+                ),
+                "{ct}"
+            );
+        }
+        assert!(
+            parse(
+                image(OCI_MANIFEST).as_bytes(),
+                Some("application/vnd.oci.image.manifest.v1+json; charset=utf-8")
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn keys_that_go_reads_as_known_fields_are_refused() {
+        let missing = "sha256:".to_owned() + &"ab".repeat(32);
+        let two_lists = image(OCI_MANIFEST).replacen(
+            r#""layers":"#,
+            &format!(r#""Layers":[{{"mediaType":"x","digest":"{missing}","size":1}}],"layers":"#),
+            1,
+        );
+        assert!(matches!(
+            parse(two_lists.as_bytes(), None),
+            Err(ManifestError::Invalid(_))
+        ));
+        for (from, to) in [
+            (r#""digest":"#, r#""DIGEST":"#),
+            (
+                r#""mediaType":"application/vnd.oci.image.config"#,
+                r#""mediatype":"application/vnd.oci.image.config"#,
+            ),
+            (r#""layers":"#, "\"layer\u{17F}\":"),
+            (r#""schemaVersion":"#, r#""SchemaVersion":"#),
+        ] {
+            let m = image(OCI_MANIFEST).replacen(from, to, 1);
+            assert_ne!(m, image(OCI_MANIFEST));
+            assert!(parse(m.as_bytes(), None).is_err(), "{to}");
+        }
+        // Annotations are a map: any keys.
+        let annotated = image(OCI_MANIFEST).replacen(
+            "{",
+            r#"{"annotations":{"Layers":"x","MediaType":"y"},"#,
+            1,
+        );
+        assert!(parse(annotated.as_bytes(), None).is_ok());
+    }
+
+    #[test]
+    fn nesting_is_bounded_even_in_unknown_fields() {
+        let nested = |depth: usize| {
+            image(OCI_MANIFEST).replacen(
+                "{",
+                &format!(r#"{{"x":{}1{},"#, "[".repeat(depth), "]".repeat(depth)),
+                1,
+            )
+        };
+        assert!(parse(nested(MAX_DEPTH - 1).as_bytes(), None).is_ok());
+        assert!(parse(nested(MAX_DEPTH).as_bytes(), None).is_err());
+        assert!(parse(nested(100_000).as_bytes(), None).is_err());
+        // Brackets inside strings do not count.
+        let quoted =
+            image(OCI_MANIFEST).replacen("{", &format!(r#"{{"x":"{}","#, "[".repeat(1000)), 1);
+        assert!(parse(quoted.as_bytes(), None).is_ok());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A spelling of `key` that differs from it but that Go's case-insensitive
+        /// match reads as it.
+        fn variant(key: &'static str) -> impl Strategy<Value = String> {
+            proptest::collection::vec(0u8..4, key.len()).prop_filter_map(
+                "same spelling",
+                move |flips| {
+                    let v: String = key
+                        .chars()
+                        .zip(flips)
+                        .map(|(c, f)| match (c, f) {
+                            ('s', 3) => '\u{17F}',
+                            ('k', 3) | ('K', 3) => '\u{212A}',
+                            (c, 1) | (c, 3) => c.to_ascii_uppercase(),
+                            (c, 2) => c.to_ascii_lowercase(),
+                            (c, _) => c,
+                        })
+                        .collect();
+                    (v != key).then_some(v)
+                },
+            )
+        }
+
+        fn top_key() -> impl Strategy<Value = &'static str> {
+            proptest::sample::select(TOP_KEYS.to_vec())
+        }
+
+        fn descriptor_key() -> impl Strategy<Value = &'static str> {
+            proptest::sample::select(DESCRIPTOR_KEYS.to_vec())
+        }
+
+        proptest! {
+            #[test]
+            fn a_case_variant_of_a_top_level_field_is_refused(v in top_key().prop_flat_map(variant)) {
+                let m = image(OCI_MANIFEST).replacen('{', &format!("{{{}:[],", serde_json::to_string(&v).unwrap()), 1);
+                prop_assert!(parse(m.as_bytes(), None).is_err());
+            }
+
+            #[test]
+            fn a_case_variant_of_a_descriptor_field_is_refused(v in descriptor_key().prop_flat_map(variant), layer in any::<bool>()) {
+                let at = if layer { r#""layers":[{"# } else { r#""config":{"# };
+                let m = image(OCI_MANIFEST).replacen(at, &format!("{at}{}:1,", serde_json::to_string(&v).unwrap()), 1);
+                prop_assert!(parse(m.as_bytes(), None).is_err());
+            }
+
+            #[test]
+            fn a_duplicate_field_is_refused(k in proptest::sample::select(vec!["schemaVersion", "mediaType", "config", "layers"])) {
+                let m = image(OCI_MANIFEST).replacen('{', &format!("{{{}:null,", serde_json::to_string(k).unwrap()), 1);
+                prop_assert!(parse(m.as_bytes(), None).is_err());
+            }
+
+            #[test]
+            fn depth_decides_alone(depth in 0usize..80, unknown in "[a-z]{1,8}") {
+                prop_assume!(!TOP_KEYS.iter().any(|k| k.eq_ignore_ascii_case(&unknown)));
+                let m = image(OCI_MANIFEST).replacen('{', &format!(r#"{{"{unknown}":{}0{},"#, "{\"a\":".repeat(depth), "}".repeat(depth)), 1);
+                // The manifest itself is one level; `depth` objects nest inside it.
+                prop_assert_eq!(parse(m.as_bytes(), None).is_ok(), depth < MAX_DEPTH);
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse(&body, None);
+            }
+        }
     }
 }

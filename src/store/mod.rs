@@ -210,6 +210,8 @@ impl Store {
         self.max_manifest
     }
 
+    /// The lock of upload `id`, created on first use. Only for uploads known to exist:
+    /// see [`Store::lock_upload`].
     fn slot(&self, id: &str) -> UploadSlot {
         let mut map = self.uploads.lock().expect("uploads lock");
         Arc::clone(map.entry(id.to_owned()).or_default())
@@ -217,6 +219,34 @@ impl Store {
 
     fn forget(&self, id: &str) {
         self.uploads.lock().expect("uploads lock").remove(id);
+    }
+
+    /// Forgets `id`'s lock unless another request holds or waits for it.
+    fn forget_unused(&self, id: &str) {
+        let mut map = self.uploads.lock().expect("uploads lock");
+        if map.get(id).is_some_and(|s| Arc::strong_count(s) == 1) {
+            map.remove(id);
+        }
+    }
+
+    /// Locks upload `id` of `repo` and returns its row. Nothing is kept in memory for an
+    /// id that does not exist (its requests are answered 404 and leave no trace), and the
+    /// row is read again under the lock, since the upload may have ended meanwhile.
+    async fn lock_upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<UploadState>, meta::UploadRow), StoreError> {
+        self.upload_row(repo, id).await?;
+        let guard = self.slot(id).lock_owned().await;
+        match self.upload_row(repo, id).await {
+            Ok(row) => Ok((guard, row)),
+            Err(e) => {
+                drop(guard);
+                self.forget_unused(id);
+                Err(e)
+            }
+        }
     }
 
     // ---- blobs ----
@@ -278,20 +308,20 @@ impl Store {
 
     pub async fn upload_start(&self, repo: &RepoName) -> Result<String, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
-        self.meta.upload_create(&id, repo.as_str()).await?;
+        self.meta.upload_create(&id, repo.as_str(), false).await?;
         Ok(id)
     }
 
-    async fn upload_row(&self, repo: &RepoName, id: &str) -> Result<u64, StoreError> {
+    async fn upload_row(&self, repo: &RepoName, id: &str) -> Result<meta::UploadRow, StoreError> {
         match self.meta.upload_get(id).await? {
-            Some(row) if row.repository == repo.as_str() => Ok(row.size),
+            Some(row) if row.repository == repo.as_str() => Ok(row),
             _ => Err(StoreError::UploadUnknown),
         }
     }
 
     /// Bytes received so far by upload `id`.
     pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<u64, StoreError> {
-        self.upload_row(repo, id).await
+        Ok(self.upload_row(repo, id).await?.size)
     }
 
     /// Appends a chunk. `start` (from Content-Range) must equal the current size; `len`
@@ -304,10 +334,8 @@ impl Store {
         len: Option<u64>,
         body: ByteStream,
     ) -> Result<u64, StoreError> {
-        let slot = self.slot(id);
-        let mut state = slot.lock().await;
-        let size = self.upload_row(repo, id).await?;
-        self.append_locked(&mut state, id, size, start, len, body)
+        let (mut state, row) = self.lock_upload(repo, id).await?;
+        self.append_locked(&mut state, id, row.size, start, len, body)
             .await
     }
 
@@ -348,10 +376,27 @@ impl Store {
                 }
             })
         });
-        let (written, hasher) = self
+        let written = self
             .blobs
             .upload_write(id, size, Box::pin(checked), hasher)
-            .await?;
+            .await;
+        let (written, hasher) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                // Whatever the failed write left past the recorded size is cut off now,
+                // not at the next write: a body cut at 90 % of 2 GiB frees its disk.
+                if let Err(t) = self.blobs.upload_truncate(id, size).await {
+                    tracing::warn!(error = %t, upload = id, "could not cut back a failed upload");
+                }
+                let e = StoreError::from(e);
+                if size == 0 && matches!(e, StoreError::StorageFull) {
+                    // Nothing of it is stored and the client starts over: no empty row.
+                    let _ = self.meta.upload_delete(id).await;
+                    let _ = self.blobs.upload_delete(id).await;
+                }
+                return Err(e);
+            }
+        };
         let new_size = size + written;
         self.meta.upload_set_size(id, new_size).await?;
         state.hasher = hasher.map(|h| (new_size, h));
@@ -367,9 +412,8 @@ impl Store {
         digest: &Digest,
         last: Option<(Option<u64>, Option<u64>, ByteStream)>,
     ) -> Result<u64, StoreError> {
-        let slot = self.slot(id);
-        let mut state = slot.lock().await;
-        let mut size = self.upload_row(repo, id).await?;
+        let (mut state, row) = self.lock_upload(repo, id).await?;
+        let mut size = row.size;
         if let Some((start, len, body)) = last {
             size = self
                 .append_locked(&mut state, id, size, start, len, body)
@@ -392,11 +436,21 @@ impl Store {
                     }
                     Some(h.finish())
                 }
-                // The bytes were committed but the metadata was not (a crash between
-                // the two): the blob file exists only if its digest was verified.
-                Err(BlobError::UploadNotFound) if self.blobs.stat(digest).await? == Some(size) => {
+                // Never written to: the empty blob.
+                Err(BlobError::UploadNotFound) if size == 0 && row.digest.is_none() => {
+                    Some(Digest::of(digest.algorithm(), b""))
+                }
+                // The bytes were renamed into place but the metadata was not committed
+                // (a crash or a full disk between the two). Only the digest they were
+                // verified to have, recorded before the rename, may finish the upload:
+                // another blob of the same size is someone else's bytes.
+                Err(BlobError::UploadNotFound)
+                    if row.digest.as_deref() == Some(digest.as_str())
+                        && self.blobs.stat(digest).await? == Some(size) =>
+                {
                     None
                 }
+                Err(BlobError::UploadNotFound) => return Err(StoreError::UploadUnknown),
                 Err(e) => return Err(e.into()),
             },
         };
@@ -407,6 +461,7 @@ impl Store {
                     computed: computed.to_string(),
                 });
             }
+            self.meta.upload_verified(id, digest.as_str()).await?;
             self.blobs.upload_commit(id, size, digest).await?;
         }
         self.meta
@@ -418,25 +473,41 @@ impl Store {
     }
 
     pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
-        let slot = self.slot(id);
-        let _state = slot.lock().await;
-        self.upload_row(repo, id).await?;
+        let _state = self.lock_upload(repo, id).await?;
         self.meta.upload_delete(id).await?;
         self.blobs.upload_delete(id).await?;
         self.forget(id);
         Ok(())
     }
 
-    /// Removes uploads idle for longer than `max_idle`, and upload data that no open
+    /// Removes uploads idle for longer than `max_idle`, monolithic ones (which no client
+    /// can resume) idle for longer than `monolithic_idle`, and upload data that no open
     /// upload owns (left by a crash between the two deletes of a cancel). Returns how
     /// many uploads were removed.
-    pub async fn expire_uploads(&self, max_idle: std::time::Duration) -> Result<usize, StoreError> {
+    pub async fn expire_uploads(
+        &self,
+        max_idle: std::time::Duration,
+        monolithic_idle: std::time::Duration,
+    ) -> Result<usize, StoreError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let cutoff = i64::try_from(now.saturating_sub(max_idle).as_millis()).unwrap_or(i64::MAX);
+        let cutoff = |idle: std::time::Duration| {
+            i64::try_from(now.saturating_sub(idle).as_millis()).unwrap_or(i64::MAX)
+        };
+        let mut idle = self
+            .meta
+            .uploads_idle_since(cutoff(max_idle), false)
+            .await?;
+        idle.extend(
+            self.meta
+                .uploads_idle_since(cutoff(monolithic_idle), true)
+                .await?,
+        );
+        idle.sort();
+        idle.dedup();
         let mut removed = 0;
-        for id in self.meta.uploads_idle_since(cutoff).await? {
+        for id in idle {
             let slot = self.slot(&id);
             let Ok(_state) = slot.try_lock() else {
                 continue; // a request is writing to it right now
@@ -470,7 +541,8 @@ impl Store {
         len: Option<u64>,
         body: ByteStream,
     ) -> Result<u64, StoreError> {
-        let id = self.upload_start(repo).await?;
+        let id = uuid::Uuid::new_v4().to_string();
+        self.meta.upload_create(&id, repo.as_str(), true).await?;
         let result = self
             .upload_finish(repo, &id, digest, Some((None, len, body)))
             .await;

@@ -65,6 +65,11 @@ impl TestRegistry {
         r
     }
 
+    /// A registry over `data` whose configuration `tune` changes first.
+    pub fn start_tuned_in(data: &Path, tune: impl FnOnce(&mut Config)) -> TestRegistry {
+        TestRegistry::start_with(data, tune)
+    }
+
     /// Starts a registry over an existing data directory (to test restarts).
     pub fn start_in(data: &Path) -> TestRegistry {
         TestRegistry::start_with(data, |_| {})
@@ -264,6 +269,28 @@ fn wait_ready(host: &str) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// `len` bytes of a pattern that depends on `seed`.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// A body that sends `first` at once and then stalls forever, so the server is killed
+/// with the request half-received.
+pub fn stalling_body(first: Vec<u8>) -> reqwest::Body {
+    let s = futures_util::stream::unfold(Some(first), |state| async move {
+        match state {
+            Some(b) => Some((Ok::<_, std::io::Error>(b), None)),
+            None => {
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                None
+            }
+        }
+    });
+    reqwest::Body::wrap_stream(s)
 }
 
 pub fn sha256(data: &[u8]) -> String {

@@ -7,28 +7,9 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::common::{OCI_MANIFEST, Process, header, image_manifest, sha256};
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-/// A body that sends `first` at once and then stalls forever, so the server is killed
-/// with the request half-received.
-fn stalling_body(first: Vec<u8>) -> reqwest::Body {
-    let s = futures_util::stream::unfold(Some(first), |state| async move {
-        match state {
-            Some(b) => Some((Ok::<_, std::io::Error>(b), None)),
-            None => {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                None
-            }
-        }
-    });
-    reqwest::Body::wrap_stream(s)
-}
+use crate::common::{
+    OCI_MANIFEST, Process, header, image_manifest, pattern, sha256, stalling_body,
+};
 
 #[tokio::test]
 async fn kill_during_a_large_chunked_upload_then_resume() {
@@ -152,6 +133,22 @@ async fn kill_during_a_monolithic_blob_push_serves_nothing_partial() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // The cut-off upload can never be resumed (no client knows its id): the restart
+    // removes its row and its bytes.
+    let uploads = data_dir.join("uploads");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&uploads).unwrap().next().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cut-off monolithic upload was not removed at restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows: i64 = rusqlite::Connection::open(data_dir.join("meta.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM uploads", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
     // And the same push now succeeds.
     let r = client
         .post(format!(

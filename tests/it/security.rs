@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 
-use crate::common::{TestRegistry, add_user, bearer, claims_of, client_as, header, wharf};
+use crate::common::{TestRegistry, add_user, bearer, claims_of, client_as, header, token, wharf};
 
 /// A client whose connections come from `ip` (any 127.0.0.0/8 address is local).
 fn client_from(ip: &str, user: &str, password: &str) -> Client {
@@ -592,4 +592,464 @@ async fn listing_commands_survive_a_closed_pipe() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+}
+
+// ---- the store: uploads, deletes, leftovers ----
+
+/// Hole 2: an upload whose file is gone while its row remains (a failure between the
+/// rename into place and the commit) finishes only with the digest its own bytes were
+/// verified to have: never as another repository's private blob of the same size.
+#[tokio::test]
+async fn an_upload_finishes_only_as_the_blob_its_own_bytes_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let reg = TestRegistry::start_in(&data);
+    let secret = crate::common::pattern(4096, 7);
+    let victim = reg.push_blob("victim/app", &secret).await;
+    add_user(&reg, "mallory", "mallory-password");
+    let mallory = client_as("mallory", "mallory-password");
+    let r = mallory
+        .post(reg.url("/v2/mallory/x/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = header(&r, "location").unwrap().to_owned();
+    let id = loc.rsplit('/').next().unwrap().to_owned();
+    let r = mallory
+        .patch(reg.url(&loc))
+        .body(vec![0u8; secret.len()])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // The window: the upload's file is gone, its row remains; and the server has
+    // restarted (or another replica answers), so no running hash of the upload is at
+    // hand either.
+    reg.stop();
+    std::fs::remove_file(data.join("uploads").join(&id)).unwrap();
+    let reg = TestRegistry::start_in(&data);
+    let r = mallory
+        .put(reg.url(&format!("{loc}?digest={victim}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.status().is_success(), "finished as someone else's blob");
+    let r = mallory
+        .get(reg.url(&format!("/v2/mallory/x/blobs/{victim}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // The recovery this path exists for still works: bytes verified and renamed into
+    // place (the server records the digest first), then a crash before the commit.
+    let mine = crate::common::pattern(4096, 9);
+    let digest = crate::common::sha256(&mine);
+    let r = reg
+        .client
+        .post(reg.url("/v2/team/api/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = header(&r, "location").unwrap().to_owned();
+    let id = loc.rsplit('/').next().unwrap().to_owned();
+    reg.client
+        .patch(reg.url(&loc))
+        .body(mine.clone())
+        .send()
+        .await
+        .unwrap();
+    let hex = &digest["sha256:".len()..];
+    let dir = reg.data.join("blobs/sha256").join(&hex[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::rename(reg.data.join("uploads").join(&id), dir.join(hex)).unwrap();
+    reg.stop();
+    let reg = TestRegistry::start_in(&data);
+    rusqlite::Connection::open(reg.data.join("meta.db"))
+        .unwrap()
+        .execute(
+            "UPDATE uploads SET digest = ?1 WHERE id = ?2",
+            [&digest, &id],
+        )
+        .unwrap();
+    // Naming the victim's blob (same size, present) is still refused.
+    let r = reg
+        .client
+        .put(reg.url(&format!("{loc}?digest={victim}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.status().is_success());
+    let r = reg
+        .client
+        .put(reg.url(&format!("{loc}?digest={digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let got = reg
+        .get(&format!("/v2/team/api/blobs/{digest}"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &mine[..]);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Hole 5: requests for upload ids that do not exist keep nothing in memory.
+#[tokio::test]
+async fn requests_for_uploads_that_do_not_exist_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::common::Process::start(&dir.path().join("data"));
+    let client = crate::common::admin_client();
+    let base = p.base.clone();
+    let round = |n: usize| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let mut tasks = Vec::new();
+            for w in 0..16 {
+                let (client, base) = (client.clone(), base.clone());
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..n / 16 {
+                        let url =
+                            format!("{base}/v2/team/api/blobs/uploads/{}", uuid::Uuid::new_v4());
+                        let req = match (w + i) % 3 {
+                            0 => client.patch(url).body("x"),
+                            1 => {
+                                client.put(format!("{url}?digest={}", crate::common::sha256(b"x")))
+                            }
+                            _ => client.delete(url),
+                        };
+                        let r = req.send().await.unwrap();
+                        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    };
+    round(3_000).await;
+    let before = rss_kib(p.child.id());
+    round(30_000).await;
+    let after = rss_kib(p.child.id());
+    assert!(
+        after < before + 4 * 1024,
+        "RSS grew from {before} KiB to {after} KiB over 30 000 requests for nothing"
+    );
+}
+
+/// Hole 10: a delete that would leave a tagged manifest incomplete is refused, naming
+/// the tag (and the policy that protects it); tags, then manifests, then blobs still
+/// deletes everything.
+#[tokio::test]
+async fn nothing_a_tag_needs_can_be_deleted_under_it() {
+    use crate::common::{OCI_INDEX, OCI_MANIFEST, image_manifest};
+    let reg = TestRegistry::start();
+    let (m1, d1) = reg.push_image("team/app", "v1", "one").await;
+    let layer = crate::common::sha256(b"layer of one");
+    wharf(&reg, &["policy", "immutable", "team/*", "--tags", "v*"]);
+    let r = reg
+        .client
+        .delete(reg.url(&format!("/v2/team/app/blobs/{layer}")))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["errors"][0]["code"], "DENIED");
+    assert_eq!(body["errors"][0]["detail"]["tag"], "v1");
+    let msg = body["errors"][0]["message"].as_str().unwrap();
+    assert!(msg.contains("\"v1\"") && msg.contains("policy"), "{msg}");
+    assert_eq!(
+        reg.get(&format!("/v2/team/app/blobs/{layer}"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+
+    // A child of a tagged index.
+    let (child, child_digest) = reg.push_image("team/app", "tmp", "two").await;
+    reg.client
+        .delete(reg.url("/v2/team/app/manifests/tmp"))
+        .send()
+        .await
+        .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": child_digest, "size": child.len(),
+                       "platform": {"os": "linux", "architecture": "amd64"}}],
+    }))
+    .unwrap();
+    let r = reg.put_manifest("team/app", "v2", OCI_INDEX, &index).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = reg
+        .client
+        .delete(reg.url(&format!("/v2/team/app/manifests/{child_digest}")))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["errors"][0]["detail"]["tag"], "v2");
+    assert_eq!(
+        reg.get(&format!("/v2/team/app/manifests/{child_digest}"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let _ = (m1, d1, image_manifest);
+
+    // Without a policy: the error names the tag; tags, manifests, blobs deletes all.
+    let (_, d) = reg.push_image("scratch/app", "latest", "three").await;
+    let layer3 = crate::common::sha256(b"layer of three");
+    let r = reg
+        .client
+        .delete(reg.url(&format!("/v2/scratch/app/blobs/{layer3}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["detail"]["tag"], "latest");
+    assert!(body["errors"][0]["detail"]["policy"].is_null());
+    for path in [
+        "/v2/scratch/app/manifests/latest".to_owned(),
+        format!("/v2/scratch/app/manifests/{d}"),
+        format!("/v2/scratch/app/blobs/{layer3}"),
+    ] {
+        let r = reg.client.delete(reg.url(&path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "{path}");
+    }
+}
+
+/// An upload never written to finishes as the empty blob; a manifest sent as a type
+/// that is not a manifest type is refused.
+#[tokio::test]
+async fn an_empty_upload_is_the_empty_blob_and_manifests_need_their_type() {
+    let reg = TestRegistry::start();
+    let empty = crate::common::sha256(b"");
+    let r = reg
+        .client
+        .post(reg.url("/v2/team/api/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = header(&r, "location").unwrap().to_owned();
+    let r = reg
+        .client
+        .put(reg.url(&format!("{loc}?digest={empty}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = reg.head(&format!("/v2/team/api/blobs/{empty}")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "content-length"), Some("0"));
+
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let c = reg.push_blob("team/api", config).await;
+    let m = crate::common::image_manifest((&c, config.len()), &[]);
+    let r = reg.put_manifest("team/api", "v1", "text/plain", &m).await;
+    assert_eq!(
+        crate::common::error_of(r).await,
+        (StatusCode::BAD_REQUEST, "MANIFEST_INVALID".to_owned())
+    );
+    assert_eq!(
+        reg.get("/v2/team/api/manifests/v1").await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+/// A PATCH cut off part way leaves no more bytes on disk than were acknowledged.
+#[tokio::test]
+async fn a_chunk_cut_off_part_way_is_cut_back_at_once() {
+    let reg = TestRegistry::start();
+    let r = reg
+        .client
+        .post(reg.url("/v2/team/api/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = header(&r, "location").unwrap().to_owned();
+    let id = loc.rsplit('/').next().unwrap().to_owned();
+    let r = reg
+        .client
+        .patch(reg.url(&loc))
+        .body(crate::common::pattern(1 << 20, 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // 9 MiB of a declared 10, then the body fails.
+    let parts = (0..9)
+        .map(|i| Ok::<_, std::io::Error>(crate::common::pattern(1 << 20, i)))
+        .chain(std::iter::once(Err(std::io::Error::other("cut"))));
+    let r = reg
+        .client
+        .patch(reg.url(&loc))
+        .header("content-length", (10u64 << 20).to_string())
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            parts,
+        )))
+        .send()
+        .await;
+    assert!(r.is_err() || !r.unwrap().status().is_success());
+    let file = reg.data.join("uploads").join(&id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        if len == 1 << 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload file holds {len} bytes, 1 MiB was acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reg.get(&loc).await;
+    assert_eq!(header(&r, "range"), Some("0-1048575"));
+}
+
+/// A tmpfs of `mib` MiB mounted for a test, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mib: u32) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill its disk and must run as root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk { dir }
+    }
+
+    fn fill(&self) -> std::path::PathBuf {
+        let filler = self.dir.path().join("filler");
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M", "count=1000"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(std::process::Stdio::null())
+            .status();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full disk: writes answer 507 with a message a user acts on, and change nothing;
+/// a login whose audit row cannot be written is refused; all works again once there
+/// is room.
+#[tokio::test]
+async fn a_full_disk_is_said_plainly_and_fails_closed() {
+    let disk = SmallDisk::mount(48);
+    let data = disk.dir.path().join("data");
+    let reg = TestRegistry::start_tuned_in(&data, |_| {});
+    reg.push_image("team/api", "v1", "before").await;
+    let filler = disk.fill();
+
+    let blob = crate::common::pattern(4 << 20, 5);
+    let digest = crate::common::sha256(&blob);
+    let r = reg
+        .client
+        .post(reg.url(&format!("/v2/team/api/blobs/uploads/?digest={digest}")))
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    assert_eq!(body["errors"][0]["code"], "UNKNOWN");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("storage is full"),
+        "{body}"
+    );
+    // A login that cannot be audited gets no token.
+    let r = token(
+        &reg,
+        &client_as("admin", crate::common::ADMIN_PASSWORD),
+        &[],
+    )
+    .await;
+    assert!(
+        !r.status().is_success(),
+        "a login was answered without its audit row"
+    );
+    // Nothing was changed: no upload rows, no blob.
+    std::fs::remove_file(&filler).unwrap();
+    let rows: i64 = rusqlite::Connection::open(data.join("meta.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM uploads", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0, "a failed write left upload rows");
+    assert_eq!(
+        reg.head(&format!("/v2/team/api/blobs/{digest}"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    // With room again, the same push works and what was there is intact.
+    let r = reg
+        .client
+        .post(reg.url(&format!("/v2/team/api/blobs/uploads/?digest={digest}")))
+        .body(blob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        reg.get("/v2/team/api/manifests/v1").await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        token(
+            &reg,
+            &client_as("admin", crate::common::ADMIN_PASSWORD),
+            &[]
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+    drop(reg);
 }

@@ -393,7 +393,10 @@ async fn idle_uploads_expire_with_their_bytes() {
     // Not idle long enough: only the orphan goes.
     assert_eq!(
         store
-            .expire_uploads(std::time::Duration::from_secs(3600))
+            .expire_uploads(
+                std::time::Duration::from_secs(3600),
+                std::time::Duration::from_secs(3600)
+            )
             .await
             .unwrap(),
         0
@@ -407,7 +410,10 @@ async fn idle_uploads_expire_with_their_bytes() {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     assert_eq!(
         store
-            .expire_uploads(std::time::Duration::from_millis(1))
+            .expire_uploads(
+                std::time::Duration::from_millis(1),
+                std::time::Duration::from_millis(1)
+            )
             .await
             .unwrap(),
         1

@@ -166,6 +166,15 @@ impl BlobStore for FsBlobStore {
                     _ => Ok(()),
                 };
             }
+            let dir = target.parent().expect("blob path has a parent");
+            if len == 0 && !upload.exists() {
+                // An empty upload (no PATCH) has no file: the empty blob is made here.
+                std::fs::create_dir_all(dir)?;
+                let tmp = dir.join(format!(".empty.{}", std::process::id()));
+                File::create(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, &target)?;
+                return sync_dir(dir);
+            }
             // Every append ended with fdatasync, so the bytes are durable. A crash during
             // an append can leave bytes past the recorded length: cut them off first.
             let file = OpenOptions::new().write(true).open(&upload)?;
@@ -174,7 +183,6 @@ impl BlobStore for FsBlobStore {
                 file.sync_all()?;
             }
             drop(file);
-            let dir = target.parent().expect("blob path has a parent");
             std::fs::create_dir_all(dir)?;
             std::fs::rename(&upload, &target)?;
             // Syncing the blob's folder makes the rename durable. The uploads folder is
@@ -184,6 +192,18 @@ impl BlobStore for FsBlobStore {
         })
         .await
         .map_err(|e| not_found_as(e, BlobError::UploadNotFound))
+    }
+
+    async fn upload_truncate(&self, id: &str, len: u64) -> Result<(), BlobError> {
+        let path = self.upload_path(id)?;
+        blocking(move || match OpenOptions::new().write(true).open(&path) {
+            Ok(f) if f.metadata()?.len() > len => f.set_len(len),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await
+        .map_err(BlobError::Io)
     }
 
     async fn upload_delete(&self, id: &str) -> Result<(), BlobError> {

@@ -59,6 +59,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// exists the upload is simply removed.
     async fn upload_commit(&self, id: &str, len: u64, digest: &Digest) -> Result<(), BlobError>;
 
+    /// Cuts upload `id` back to its first `len` bytes (after a write that failed part way,
+    /// so its bytes do not sit on disk until the next write); no error if it does not
+    /// exist.
+    async fn upload_truncate(&self, id: &str, len: u64) -> Result<(), BlobError>;
+
     /// Removes upload `id`; no error if it does not exist.
     async fn upload_delete(&self, id: &str) -> Result<(), BlobError>;
 
@@ -186,6 +191,41 @@ pub(crate) mod tests {
                 .await
                 .is_empty()
         );
+
+        // An empty upload never written to commits as the empty blob too.
+        store.delete(&empty).await.unwrap();
+        store.upload_commit("u4b", 0, &empty).await.unwrap();
+        assert_eq!(store.stat(&empty).await.unwrap(), Some(0));
+
+        // Truncation back to a length drops what lies past it, and nothing else.
+        store
+            .upload_write("u7", 0, chunks(&[b"abcdef"]), None)
+            .await
+            .unwrap();
+        store.upload_truncate("u7", 2).await.unwrap();
+        assert_eq!(
+            collect(store.upload_read("u7", 2).await.unwrap()).await,
+            b"ab"
+        );
+        let past_the_end = store.upload_read("u7", 3).await;
+        let short = match past_the_end {
+            Err(_) => true,
+            Ok(mut s) => {
+                let mut failed = false;
+                while let Some(c) = s.next().await {
+                    failed |= c.is_err();
+                }
+                failed
+            }
+        };
+        assert!(short, "the bytes past the cut are gone");
+        store.upload_truncate("u7", 5).await.unwrap();
+        assert_eq!(
+            collect(store.upload_read("u7", 2).await.unwrap()).await,
+            b"ab"
+        );
+        store.upload_truncate("no-such-upload", 0).await.unwrap();
+        store.upload_delete("u7").await.unwrap();
 
         // Cancelled upload.
         store

@@ -145,6 +145,9 @@ pub enum TagOrder {
 pub struct UploadRow {
     pub repository: String,
     pub size: u64,
+    /// The digest its bytes were verified to have, once they were (just before they are
+    /// renamed into place).
+    pub digest: Option<String>,
 }
 
 #[async_trait]
@@ -162,12 +165,21 @@ pub trait MetaStore: Send + Sync + 'static {
     /// `InUse` if a manifest reachable from a tag of `repo` references the blob.
     async fn unlink_blob(&self, repo: &str, digest: &str, by: &Who) -> Result<bool, MetaError>;
 
-    async fn upload_create(&self, id: &str, repo: &str) -> Result<(), MetaError>;
+    /// Opens an upload; `monolithic` for a whole blob in one request, which no client can
+    /// resume.
+    async fn upload_create(&self, id: &str, repo: &str, monolithic: bool) -> Result<(), MetaError>;
     async fn upload_get(&self, id: &str) -> Result<Option<UploadRow>, MetaError>;
     async fn upload_set_size(&self, id: &str, size: u64) -> Result<(), MetaError>;
+    /// Records that the upload's bytes have `digest`, before they become that blob.
+    async fn upload_verified(&self, id: &str, digest: &str) -> Result<(), MetaError>;
     async fn upload_delete(&self, id: &str) -> Result<bool, MetaError>;
-    /// Ids of uploads last written before `before_ms` (unix milliseconds).
-    async fn uploads_idle_since(&self, before_ms: i64) -> Result<Vec<String>, MetaError>;
+    /// Ids of uploads last written before `before_ms` (unix milliseconds); only the
+    /// monolithic ones if `monolithic_only`.
+    async fn uploads_idle_since(
+        &self,
+        before_ms: i64,
+        monolithic_only: bool,
+    ) -> Result<Vec<String>, MetaError>;
     /// In one transaction: records the blob, links it into the upload's repository, and
     /// closes the upload.
     async fn upload_complete(
@@ -258,11 +270,12 @@ pub(crate) mod tests {
 
     pub(crate) async fn suite(m: &dyn MetaStore) {
         // Uploads.
-        m.upload_create("up1", "team/api").await.unwrap();
+        m.upload_create("up1", "team/api", false).await.unwrap();
         assert_eq!(
             m.upload_get("up1").await.unwrap(),
             Some(UploadRow {
                 repository: "team/api".into(),
+                digest: None,
                 size: 0
             })
         );
@@ -435,12 +448,22 @@ pub(crate) mod tests {
                 .await
                 .unwrap()
         );
-        assert!(m.upload_create("up2", "x").await.is_ok());
-        assert_eq!(m.uploads_idle_since(0).await.unwrap(), Vec::<String>::new());
+        assert!(m.upload_create("up2", "x", false).await.is_ok());
+        assert!(m.upload_create("up3", "x", true).await.is_ok());
         assert_eq!(
-            m.uploads_idle_since(i64::MAX).await.unwrap(),
-            vec!["up2".to_owned()]
+            m.uploads_idle_since(0, false).await.unwrap(),
+            Vec::<String>::new()
         );
+        let mut idle = m.uploads_idle_since(i64::MAX, false).await.unwrap();
+        idle.sort();
+        assert_eq!(idle, ["up2", "up3"]);
+        assert_eq!(m.uploads_idle_since(i64::MAX, true).await.unwrap(), ["up3"]);
+        m.upload_verified("up3", &d(3)).await.unwrap();
+        assert_eq!(
+            m.upload_get("up3").await.unwrap().unwrap().digest,
+            Some(d(3))
+        );
+        assert!(m.upload_delete("up3").await.unwrap());
         assert!(m.upload_delete("up2").await.unwrap());
         assert!(!m.upload_delete("up2").await.unwrap());
 

@@ -483,13 +483,13 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn upload_create(&self, id: &str, repo: &str) -> Result<(), MetaError> {
+    async fn upload_create(&self, id: &str, repo: &str, monolithic: bool) -> Result<(), MetaError> {
         let (id, repo) = (id.to_owned(), repo.to_owned());
         self.write(move |tx| {
             let now = now_ms();
             tx.execute(
-                "INSERT INTO uploads (id, repository, size, created_at, updated_at) VALUES (?1, ?2, 0, ?3, ?3)",
-                params![id, repo, now],
+                "INSERT INTO uploads (id, repository, size, created_at, updated_at, monolithic) VALUES (?1, ?2, 0, ?3, ?3, ?4)",
+                params![id, repo, now, monolithic],
             )?;
             Ok(())
         })
@@ -500,12 +500,13 @@ impl MetaStore for SqliteMeta {
         let id = id.to_owned();
         self.read(move |c| {
             Ok(c.query_row(
-                "SELECT repository, size FROM uploads WHERE id = ?1",
+                "SELECT repository, size, digest FROM uploads WHERE id = ?1",
                 params![id],
                 |r| {
                     Ok(UploadRow {
                         repository: r.get(0)?,
                         size: to_u64(r.get(1)?),
+                        digest: r.get(2)?,
                     })
                 },
             )
@@ -526,16 +527,34 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn upload_verified(&self, id: &str, digest: &str) -> Result<(), MetaError> {
+        let (id, digest) = (id.to_owned(), digest.to_owned());
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE uploads SET digest = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, digest, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn upload_delete(&self, id: &str) -> Result<bool, MetaError> {
         let id = id.to_owned();
         self.write(move |tx| Ok(tx.execute("DELETE FROM uploads WHERE id = ?1", params![id])? > 0))
             .await
     }
 
-    async fn uploads_idle_since(&self, before_ms: i64) -> Result<Vec<String>, MetaError> {
+    async fn uploads_idle_since(
+        &self,
+        before_ms: i64,
+        monolithic_only: bool,
+    ) -> Result<Vec<String>, MetaError> {
         self.scan(move |c| {
-            let mut stmt = c.prepare_cached("SELECT id FROM uploads WHERE updated_at < ?1")?;
-            let rows = stmt.query_map(params![before_ms], |r| r.get(0))?;
+            let mut stmt = c.prepare_cached(
+                "SELECT id FROM uploads WHERE updated_at < ?1 AND (monolithic = 1 OR NOT ?2)",
+            )?;
+            let rows = stmt.query_map(params![before_ms, monolithic_only], |r| r.get(0))?;
             Ok(rows.collect::<Result<Vec<String>, _>>()?)
         })
         .await
@@ -943,7 +962,7 @@ mod tests {
         let path = dir.path().join("meta.db");
         SqliteMeta::open(&path)
             .unwrap()
-            .upload_create("u", "r")
+            .upload_create("u", "r", false)
             .await
             .unwrap();
         let again = SqliteMeta::open(&path).unwrap();
