@@ -9,6 +9,7 @@ pub mod auth;
 pub mod ci;
 pub mod client;
 pub mod config;
+pub mod errorbody;
 pub mod events;
 pub mod oci;
 pub mod registry;

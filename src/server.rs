@@ -15,10 +15,12 @@ use tower::ServiceExt as _;
 
 use crate::auth::{Auth, AuthError};
 use crate::config::{Config, TlsFiles};
+use crate::errorbody::ErrorBodies;
 use crate::registry::{self, AppState};
 use crate::sendfile;
 use crate::store::meta::events::EventsMeta;
-use crate::store::{Store, StoreError, open_local_backends};
+use crate::store::{Store, StoreError, open_local_backends_with};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How long requests in flight may run on after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -77,7 +79,8 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, ServeErro
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| ServeError::Tls(format!("certificate and key do not fit: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/2 for clients that offer it (as the CNCF registry does), HTTP/1.1 for the rest.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -91,8 +94,20 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let started = std::time::Instant::now();
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
-    let (blobs, meta) = open_local_backends(&config.data)?;
-    let store = Arc::new(Store::new(blobs, Arc::clone(&meta) as _));
+    if let Some(files) = &config.tls {
+        if crate::store::perms::readable_by_others(&files.key).unwrap_or(false) {
+            tracing::warn!(
+                "the TLS key {} is readable by other users; make it private: chmod 600 {}",
+                files.key.display(),
+                files.key.display()
+            );
+        }
+    }
+    let limits = &config.limits;
+    let max_connections = raise_descriptor_limit(limits.max_connections);
+    let (blobs, meta) = open_local_backends_with(&config.data, limits.upload_memory_mib)?;
+    let store =
+        Arc::new(Store::new(blobs, Arc::clone(&meta) as _).with_max_uploads(limits.max_uploads));
     let events = Arc::clone(&meta) as Arc<dyn EventsMeta>;
     let auth = Arc::new(Auth::with_settings(
         meta,
@@ -110,6 +125,7 @@ pub async fn serve(
     }
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store), started));
     let audit_flusher = tokio::spawn(flush_audit(Arc::clone(&auth)));
+    let trimmer = tokio::spawn(trim_memory(Arc::clone(&store)));
     sync_config_webhooks(events.as_ref(), &config.webhooks).await?;
     let addr = listener.local_addr()?;
     let registry_url = match &config.public_url {
@@ -127,7 +143,15 @@ pub async fn serve(
         public_url: config.public_url.clone(),
         tls: tls.is_some(),
         metrics: registry::Metrics::default(),
+        limits: config.limits.clone(),
+        access_log: registry::access_log::AccessLog::start(
+            &config.access_log,
+            config.access_log_format,
+        )
+        .map_err(|e| ServeError::Config(format!("access log {}: {e}", config.access_log)))?,
     };
+    let open_connections = Arc::clone(&state.metrics.open_connections);
+    let overloaded = Arc::clone(&state.metrics.refused_connections);
     let sendfile_bytes = Arc::clone(&state.metrics.sendfile_bytes);
     let app = registry::router(Arc::new(state));
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -138,8 +162,16 @@ pub async fn serve(
 
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    // The timer enables hyper's header read timeout against slow-header clients.
+    // The timer enables hyper's header read timeout against slow-header clients; it
+    // also closes a kept-alive connection that sends no next request in that time.
     builder.timer(TokioTimer::new());
+    // TLS connections speak HTTP/2 when the client offers it (ALPN), else HTTP/1.1.
+    let mut tls_builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    tls_builder.http1().timer(TokioTimer::new());
+    tls_builder.http2().timer(TokioTimer::new());
+    let tls_builder = Arc::new(tls_builder);
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -155,6 +187,12 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            overloaded.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(refuse(tcp, tls.clone(), max_connections));
+            continue;
+        };
+        let guard = ConnectionGuard::new(permit, Arc::clone(&open_connections));
         // Plain connections send blob bodies with sendfile; TLS ones copy through rustls.
         let queue = sendfile::Queue::new(Arc::clone(&sendfile_bytes));
         let zero_copy = tls.is_none().then(|| queue.clone());
@@ -171,10 +209,11 @@ pub async fn serve(
             None => {
                 // hyper must keep writing vectored (never `writev(false)`), or it would
                 // copy the placeholder chunks: see `sendfile`.
-                let io = TokioIo::new(sendfile::Conn::new(tcp, queue));
+                let io = TokioIo::new(ErrorBodies::new(sendfile::Conn::new(tcp, queue)));
                 let conn = builder.serve_connection(io, service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
+                    let _guard = guard;
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
@@ -182,9 +221,10 @@ pub async fn serve(
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
-                let builder = builder.clone();
+                let builder = Arc::clone(&tls_builder);
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let stream =
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                             .await
@@ -195,7 +235,8 @@ pub async fn serve(
                             }
                             Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                         };
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    let io = TokioIo::new(ErrorBodies::new(stream));
+                    let conn = builder.serve_connection(io, service);
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
@@ -212,11 +253,91 @@ pub async fn serve(
         }
     }
     sweeper.abort();
+    trimmer.abort();
     audit_flusher.abort();
     auth.flush_failures().await;
     dispatcher.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the open-file limit to its hard maximum (the usual soft limit, 1024, is far
+/// too low for a server holding a connection and two files per upload) and returns the
+/// connections to allow: `wanted`, or fewer if descriptors would run out first.
+fn raise_descriptor_limit(wanted: usize) -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let before = limit.current;
+        limit.current = limit.maximum;
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => tracing::debug!(?before, now = ?limit.current, "raised the open-file limit"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not raise the open-file limit");
+                limit = getrlimit(Resource::Nofile);
+            }
+        }
+    }
+    // A connection takes one descriptor, an upload on it two more; keep some spare.
+    let fds = limit.current.map_or(u64::MAX, |c| c).min(usize::MAX as u64) as usize;
+    let fit = fds.saturating_sub(256) / 2;
+    if fit < wanted {
+        tracing::warn!(
+            "the open-file limit ({fds}) allows {fit} connections, not the {wanted} of max_connections"
+        );
+    }
+    wanted.min(fit).max(1)
+}
+
+/// Holds a connection's place among `max_connections` and counts it as open.
+struct ConnectionGuard {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    open: Arc<AtomicU64>,
+}
+
+impl ConnectionGuard {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, open: Arc<AtomicU64>) -> ConnectionGuard {
+        open.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers a connection past `max_connections` with 503 and closes it (after the TLS
+/// handshake on HTTPS), within a few seconds at most.
+async fn refuse(tcp: tokio::net::TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, max: usize) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::json!({"errors": [{"code": "TOOMANYREQUESTS", "message":
+        format!("the registry has {max} connections open, the most it takes; retry in a moment")}]})
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ndocker-distribution-api-version: registry/2.0\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async move {
+        match tls {
+            None => {
+                let mut tcp = tcp;
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            }
+            Some(acceptor) => {
+                if let Ok(mut s) = acceptor.accept(tcp).await {
+                    let _ = s.write_all(answer.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 /// Makes the database's config webhooks those of the file: added, updated, removed.
@@ -252,6 +373,15 @@ async fn flush_audit(auth: Arc<Auth>) {
     loop {
         every.tick().await;
         auth.flush_failures().await;
+    }
+}
+
+/// Gives upload memory unused for a while back to the system.
+async fn trim_memory(store: Arc<Store>) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        every.tick().await;
+        store.trim();
     }
 }
 

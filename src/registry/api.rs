@@ -77,7 +77,31 @@ pub async fn handle(
                     ));
                 }
             }
-            let mut r = (StatusCode::OK, state.metrics.render()).into_response();
+            let (writing, max_uploads) = state.store.uploads_writing();
+            let (buffers, budget) = state.store.upload_buffers();
+            let gauges = [
+                (
+                    "wharf_uploads_writing",
+                    "Upload requests writing now.",
+                    writing as u64,
+                ),
+                (
+                    "wharf_uploads_max",
+                    "Upload requests allowed to write at once.",
+                    max_uploads as u64,
+                ),
+                (
+                    "wharf_upload_buffers_in_use",
+                    "Upload buffers (1 MiB each) in use now.",
+                    buffers as u64,
+                ),
+                (
+                    "wharf_upload_buffers_max",
+                    "Upload buffers the memory budget allows.",
+                    budget as u64,
+                ),
+            ];
+            let mut r = (StatusCode::OK, state.metrics.render(&gauges)).into_response();
             set(&mut r, "content-type", "text/plain; version=0.0.4");
             Ok(r)
         }

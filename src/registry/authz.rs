@@ -22,18 +22,33 @@ pub struct Site<'a> {
     pub service: &'a str,
 }
 
+/// `s` as the content of a quoted-string (RFC 9110): `"` and `\` escaped.
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
 impl Site<'_> {
-    /// `Bearer realm=...,service=...[,scope=...][,error=...]`.
+    /// `Bearer realm=...,service=...[,scope=...][,error=...]`, every value quoted.
     pub fn challenge(&self, scope: Option<&str>, error: Option<&str>) -> String {
         let mut c = format!(
-            "Bearer realm=\"{}/token\",service=\"{}\"",
-            self.base_url, self.service
+            "Bearer realm={},service={}",
+            quoted(&format!("{}/token", self.base_url)),
+            quoted(self.service)
         );
         if let Some(s) = scope {
-            c.push_str(&format!(",scope=\"{s}\""));
+            c.push_str(&format!(",scope={}", quoted(s)));
         }
         if let Some(e) = error {
-            c.push_str(&format!(",error=\"{e}\""));
+            c.push_str(&format!(",error={}", quoted(e)));
         }
         c
     }
@@ -53,17 +68,69 @@ impl Site<'_> {
     }
 }
 
+/// Whether `host` is a `host[:port]` as a Host header may carry it: a DNS name or IPv4
+/// address (letters, digits, `-`, `.`), or an IPv6 address in brackets, then an optional
+/// port. Anything else (quotes, commas, slashes, spaces) could inject into the token
+/// challenge or the links built from it.
+pub fn valid_host(host: &str) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, after)) => {
+                if v6.parse::<std::net::Ipv6Addr>().is_err() {
+                    return false;
+                }
+                match after {
+                    "" => return true,
+                    p => match p.strip_prefix(':') {
+                        Some(port) => ("x", Some(port)),
+                        None => return false,
+                    },
+                }
+            }
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host, None),
+        },
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok());
+    name_ok && port_ok
+}
+
 /// The base URL clients use: the configured public URL, else the scheme and Host of
-/// the request.
-pub fn base_url(public_url: Option<&str>, tls: bool, headers: &HeaderMap) -> String {
+/// the request (HTTP/2's `:authority`), which must be a valid `host[:port]` (400
+/// otherwise).
+pub fn base_url(
+    public_url: Option<&str>,
+    tls: bool,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+) -> Result<String, ApiError> {
     if let Some(u) = public_url {
-        return u.trim_end_matches('/').to_owned();
+        return Ok(u.trim_end_matches('/').to_owned());
     }
-    let host = headers
+    let authority = uri.authority().map(|a| a.as_str());
+    let host = match headers
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    format!("{}://{host}", if tls { "https" } else { "http" })
+        .map(|h| h.to_str().ok())
+        .or(authority.map(Some))
+    {
+        None => "localhost",
+        Some(h) => h.filter(|h| valid_host(h)).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                OciErrorCode::Unsupported,
+                "the Host header is not a valid host[:port]",
+            )
+        })?,
+    };
+    Ok(format!("{}://{host}", if tls { "https" } else { "http" }))
 }
 
 pub fn auth_error(site: &Site<'_>, e: AuthError) -> ApiError {
@@ -245,4 +312,47 @@ pub async fn require(
             action.name()
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        for ok in [
+            "localhost",
+            "127.0.0.1:5000",
+            "registry.example.com",
+            "[::1]",
+            "[::1]:5000",
+            "a-b.c:1",
+        ] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a\"b,realm=\"http://evil",
+            "a b",
+            "a/b",
+            "x:",
+            "x:99999",
+            "x:5000:1",
+            "[::1",
+            "[zz]:1",
+            "[::1]x",
+            "a,b",
+            "évil",
+        ] {
+            assert!(!valid_host(bad), "{bad}");
+        }
+        let site = Site {
+            base_url: "http://h".into(),
+            service: "svc\"x",
+        };
+        assert_eq!(
+            site.challenge(Some("repository:a:pull"), None),
+            "Bearer realm=\"http://h/token\",service=\"svc\\\"x\",scope=\"repository:a:pull\""
+        );
+    }
 }

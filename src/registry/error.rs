@@ -219,6 +219,12 @@ impl From<StoreError> for ApiError {
             } => ApiError::new(StatusCode::FORBIDDEN, C::Denied, msg.clone()).with_detail(
                 serde_json::json!({ "repository": repository, "tag": tag, "policy": policy }),
             ),
+            StoreError::Body(e) if super::incoming::timed_out(&e) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                C::BlobUploadInvalid,
+                format!("{e}; nothing of this request was stored past what was acknowledged"),
+            )
+            .with_header(header::CONNECTION, "close"),
             StoreError::Body(e) => {
                 tracing::debug!(error = %e, "request body failed");
                 ApiError::new(
@@ -226,6 +232,10 @@ impl From<StoreError> for ApiError {
                     C::SizeInvalid,
                     format!("request body could not be read: {e}"),
                 )
+            }
+            StoreError::Overloaded(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, C::Toomanyrequests, msg)
+                    .with_header(header::RETRY_AFTER, "1")
             }
             StoreError::Busy => {
                 tracing::warn!("metadata database busy");

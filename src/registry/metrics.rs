@@ -10,7 +10,7 @@ use axum::http::{Method, StatusCode};
 use super::route::Endpoint;
 
 /// What a request addressed, as a metrics label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Route {
     Base,
     Catalog,
@@ -26,6 +26,7 @@ pub enum Route {
     Referrers,
     Token,
     Api,
+    #[default]
     Other,
 }
 
@@ -72,6 +73,10 @@ pub struct Metrics {
     requests: Vec<AtomicU64>,
     /// Blob bytes sent with `sendfile(2)`, by every plain-HTTP connection.
     pub sendfile_bytes: Arc<AtomicU64>,
+    /// Connections open now.
+    pub open_connections: Arc<AtomicU64>,
+    /// Connections refused at `max_connections`.
+    pub refused_connections: Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -79,6 +84,8 @@ impl Default for Metrics {
         Metrics {
             requests: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             sendfile_bytes: Arc::default(),
+            open_connections: Arc::default(),
+            refused_connections: Arc::default(),
         }
     }
 }
@@ -97,7 +104,8 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every non-zero counter.
-    pub fn render(&self) -> String {
+    /// The metrics as Prometheus text, with `gauges` (name, help, value) of other parts.
+    pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
         let mut out = String::from(
             "# HELP wharf_http_requests_total HTTP requests served, by route, method and status class.\n\
              # TYPE wharf_http_requests_total counter\n",
@@ -123,6 +131,27 @@ impl Metrics {
              wharf_blob_sendfile_bytes_total {}\n",
             self.sendfile_bytes.load(Ordering::Relaxed)
         );
+        for (name, kind, help, value) in [
+            (
+                "wharf_connections_open",
+                "gauge",
+                "Connections open now.",
+                self.open_connections.load(Ordering::Relaxed),
+            ),
+            (
+                "wharf_connections_refused_total",
+                "counter",
+                "Connections answered 503 at max_connections.",
+                self.refused_connections.load(Ordering::Relaxed),
+            ),
+        ]
+        .into_iter()
+        .chain(gauges.iter().map(|(n, h, v)| (*n, "gauge", *h, *v)))
+        {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
         out
     }
 }
@@ -149,7 +178,7 @@ mod tests {
             &Method::OPTIONS,
             StatusCode::INTERNAL_SERVER_ERROR,
         );
-        let text = m.render();
+        let text = m.render(&[]);
         assert!(text.contains(
             "wharf_http_requests_total{route=\"blob_mount\",method=\"POST\",status=\"2xx\"} 2\n"
         ));

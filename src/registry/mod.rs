@@ -3,10 +3,12 @@
 //! **Architecture invariant:** this is the only layer that knows HTTP; it never touches
 //! the file system or SQL, only [`Store`].
 
+pub mod access_log;
 mod api;
 mod authz;
 mod body;
 pub mod error;
+mod incoming;
 mod metrics;
 pub mod route;
 mod token;
@@ -52,6 +54,9 @@ pub struct AppState {
     pub public_url: Option<String>,
     pub tls: bool,
     pub metrics: Metrics,
+    /// Body timeouts and other bounds (`[limits]`).
+    pub limits: crate::config::Limits,
+    pub access_log: Option<access_log::AccessLog>,
 }
 
 /// Builds the router serving the registry API and the token endpoint.
@@ -59,22 +64,70 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new().fallback(dispatch).with_state(state)
 }
 
+/// What a request's handling learned for the logs: its route and who called.
+#[derive(Default)]
+struct Seen {
+    route: Route,
+    user: Option<String>,
+    credential: Option<String>,
+}
+
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let started = std::time::Instant::now();
     let client = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
     let method = req.method().clone();
-    let mut route = Route::Other;
-    let mut resp = match handle(&state, req, client, &mut route).await {
+    let expects_continue = req
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let (parts, body) = req.into_parts();
+    let (incoming, body) = incoming::Incoming::wrap(body, state.limits.anonymous_body_timeout);
+    let mut seen = Seen::default();
+    let mut resp = match handle(&state, &parts, body, client, &mut seen, incoming.deadline()).await
+    {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    state.metrics.count(route, &method, resp.status());
+    // What the handler left of the body is read now if it is little, or the client is
+    // told that this connection ends here.
+    let drain = if seen.user.is_some() {
+        incoming::DRAIN_LIMIT
+    } else {
+        incoming::DRAIN_LIMIT_ANONYMOUS
+    };
+    if !incoming.finish(expects_continue, drain).await {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    state.metrics.count(seen.route, &method, resp.status());
     resp.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static(API_VERSION),
     );
+    if let Some(log) = &state.access_log {
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path(), |p| p.as_str());
+        log.record(&access_log::Entry {
+            time: access_log::now(),
+            client: client.map(|c| c.to_string()),
+            method: method.as_str(),
+            path,
+            status: resp.status().as_u16(),
+            bytes: resp.body().size_hint().exact().or_else(|| {
+                resp.headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+            }),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            user: seen.user.as_deref(),
+            credential: seen.credential.as_deref(),
+        });
+    }
     resp
 }
 
@@ -135,25 +188,40 @@ fn need<'a>(endpoint: &Endpoint<'a>, m: &Method) -> Need<'a> {
 
 async fn handle(
     state: &AppState,
-    req: Request,
+    parts: &axum::http::request::Parts,
+    body: Body,
     client: Option<std::net::IpAddr>,
-    route: &mut Route,
+    seen: &mut Seen,
+    deadline: &incoming::Deadline,
 ) -> Result<Response> {
-    let (parts, body) = req.into_parts();
     let (store, auth) = (&*state.store, &*state.auth);
     let site = authz::Site {
-        base_url: authz::base_url(state.public_url.as_deref(), state.tls, &parts.headers),
+        base_url: authz::base_url(
+            state.public_url.as_deref(),
+            state.tls,
+            &parts.headers,
+            &parts.uri,
+        )?,
         service: auth.service(),
     };
     let path = parts.uri.path();
     let q = Query::parse(parts.uri.query());
     if path == "/token" {
-        *route = Route::Token;
+        seen.route = Route::Token;
         return token::handle(auth, &site, &parts.method, &q, &parts.headers, body, client).await;
     }
+    // Who calls: authenticated callers get the longer body timeout.
+    let authenticated = |caller: &authz::Caller, seen: &mut Seen| {
+        if caller.principal != Principal::Anonymous {
+            deadline.set(state.limits.body_idle_timeout);
+        }
+        seen.user = caller.principal.name().map(str::to_owned);
+        seen.credential = caller.principal.credential().map(str::to_owned);
+    };
     if let Some(api) = api::parse(path) {
-        *route = Route::Api;
+        seen.route = Route::Api;
         let caller = authz::authenticate(auth, &site, &parts.headers, client).await?;
+        authenticated(&caller, seen);
         return api::handle(state, &site, &caller, api, &parts.method, &q, client).await;
     }
     let rest = match path {
@@ -161,10 +229,11 @@ async fn handle(
         _ => path.strip_prefix("/v2/").ok_or_else(ApiError::not_found)?,
     };
     let endpoint = route::parse(rest).ok_or_else(ApiError::not_found)?;
-    *route = Route::of(&endpoint, q.get("mount").is_some());
+    seen.route = Route::of(&endpoint, q.get("mount").is_some());
     let m = &parts.method;
     let h = &parts.headers;
     let caller = authz::authenticate(auth, &site, h, client).await?;
+    authenticated(&caller, seen);
     match need(&endpoint, m) {
         Need::Login if caller.principal == Principal::Anonymous => {
             return Err(site.unauthorized("authentication required", None, None));
@@ -678,12 +747,9 @@ async fn manifest_put(
     Ok(r)
 }
 
-/// How much of an oversize body is read and dropped so the client gets the error answer
-/// rather than a reset connection; past this the connection is simply closed.
-const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
-
 /// Reads a body of at most `limit` bytes. Over the limit: `Err(Some(bytes seen))`, after
-/// draining up to [`DRAIN_LIMIT`]; a failed body: `Err(None)`.
+/// reading on up to [`incoming::DRAIN_LIMIT`] to tell how large; a failed body:
+/// `Err(None)`.
 async fn read_limited(body: Body, limit: usize) -> std::result::Result<Bytes, Option<usize>> {
     use futures_util::StreamExt;
     let mut stream = body.into_data_stream();
@@ -694,7 +760,7 @@ async fn read_limited(body: Body, limit: usize) -> std::result::Result<Bytes, Op
         seen += chunk.len();
         if seen <= limit {
             buf.extend_from_slice(&chunk);
-        } else if seen > DRAIN_LIMIT {
+        } else if seen as u64 > incoming::DRAIN_LIMIT {
             break;
         }
     }

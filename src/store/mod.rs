@@ -9,6 +9,7 @@
 
 pub mod blob;
 pub mod meta;
+pub mod perms;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -59,6 +60,9 @@ pub enum StoreError {
     Body(io::Error),
     #[error("the metadata database is busy")]
     Busy,
+    /// A limit on work at once was reached; the client should retry shortly.
+    #[error("{0}")]
+    Overloaded(String),
     /// The disk (of the blobs or of the database) is full.
     #[error("the registry's storage is full")]
     StorageFull,
@@ -135,9 +139,28 @@ impl From<MetaError> for StoreError {
 
 /// Opens the embedded backends: blobs under `dir`, metadata in `dir/meta.db`.
 pub fn open_local_backends(dir: &Path) -> Result<(Arc<FsBlobStore>, Arc<SqliteMeta>), StoreError> {
+    open_local_backends_with(dir, blob::DEFAULT_UPLOAD_MEMORY_MIB)
+}
+
+/// [`open_local_backends`] with uploads sharing `upload_memory_mib` MiB of buffers.
+/// The directory and everything in it is private to the user running wharf; one made
+/// readable by others is put right, with a log line.
+pub fn open_local_backends_with(
+    dir: &Path,
+    upload_memory_mib: usize,
+) -> Result<(Arc<FsBlobStore>, Arc<SqliteMeta>), StoreError> {
     let io = |e: io::Error| StoreError::Internal(format!("{}: {e}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let blobs = FsBlobStore::open(dir).map_err(io)?;
+    perms::create_dir_all(dir).map_err(io)?;
+    match perms::make_private(dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            "the data directory {} was readable by other users: made {n} files and folders private (0600/0700)",
+            dir.display()
+        ),
+        Err(e) => return Err(io(e)),
+    }
+    let blobs = FsBlobStore::with_upload_memory(dir, upload_memory_mib).map_err(io)?;
+    perms::touch_private(&dir.join("meta.db")).map_err(io)?;
     let meta = SqliteMeta::open(&dir.join("meta.db"))?;
     Ok((Arc::new(blobs), Arc::new(meta)))
 }
@@ -183,11 +206,17 @@ struct UploadState {
 
 type UploadSlot = Arc<tokio::sync::Mutex<UploadState>>;
 
+/// Uploads writing at once, at most, by default (`[limits] max_uploads`).
+pub const DEFAULT_MAX_UPLOADS: usize = 256;
+
 pub struct Store {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     uploads: Mutex<HashMap<String, UploadSlot>>,
     max_manifest: usize,
+    /// One per upload request writing now (PATCH, PUT or POST with a body).
+    writing: Arc<tokio::sync::Semaphore>,
+    max_uploads: usize,
 }
 
 impl Store {
@@ -197,7 +226,45 @@ impl Store {
             meta,
             uploads: Mutex::new(HashMap::new()),
             max_manifest: DEFAULT_MAX_MANIFEST,
+            writing: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_UPLOADS)),
+            max_uploads: DEFAULT_MAX_UPLOADS,
         }
+    }
+
+    /// At most `n` upload requests write at once; past it they are refused with
+    /// [`StoreError::Overloaded`] (503), so that neither descriptors nor memory run out.
+    pub fn with_max_uploads(mut self, n: usize) -> Store {
+        self.writing = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self.max_uploads = n.max(1);
+        self
+    }
+
+    /// A place among the uploads writing now, or 503.
+    fn writing_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, StoreError> {
+        Arc::clone(&self.writing).try_acquire_owned().map_err(|_| {
+            StoreError::Overloaded(format!(
+                "{} uploads are being written at once, the most this registry takes; retry in a moment",
+                self.max_uploads
+            ))
+        })
+    }
+
+    /// Upload requests writing now, and the most allowed.
+    pub fn uploads_writing(&self) -> (usize, usize) {
+        (
+            self.max_uploads - self.writing.available_permits(),
+            self.max_uploads,
+        )
+    }
+
+    /// Upload buffers in use, and the budget (see `blob::direct`).
+    pub fn upload_buffers(&self) -> (usize, usize) {
+        self.blobs.upload_buffers()
+    }
+
+    /// Gives memory kept warm for uploads and unused for a while back to the system.
+    pub fn trim(&self) {
+        self.blobs.trim();
     }
 
     /// The embedded default: blobs under `dir`, metadata in `dir/meta.db`.
@@ -334,6 +401,7 @@ impl Store {
         len: Option<u64>,
         body: ByteStream,
     ) -> Result<u64, StoreError> {
+        let _writing = self.writing_permit()?;
         let (mut state, row) = self.lock_upload(repo, id).await?;
         self.append_locked(&mut state, id, row.size, start, len, body)
             .await
@@ -412,6 +480,10 @@ impl Store {
         digest: &Digest,
         last: Option<(Option<u64>, Option<u64>, ByteStream)>,
     ) -> Result<u64, StoreError> {
+        let _writing = match last {
+            Some(_) => Some(self.writing_permit()?),
+            None => None,
+        };
         let (mut state, row) = self.lock_upload(repo, id).await?;
         let mut size = row.size;
         if let Some((start, len, body)) = last {
@@ -541,6 +613,11 @@ impl Store {
         len: Option<u64>,
         body: ByteStream,
     ) -> Result<u64, StoreError> {
+        if self.writing.available_permits() == 0 {
+            return Err(self.writing_permit().err().unwrap_or_else(|| {
+                StoreError::Overloaded("too many uploads at once; retry in a moment".into())
+            }));
+        }
         let id = uuid::Uuid::new_v4().to_string();
         self.meta.upload_create(&id, repo.as_str(), true).await?;
         let result = self

@@ -86,6 +86,8 @@ impl TestRegistry {
         config.webhook_delivery.poll_ms = 50;
         config.webhook_delivery.retry_initial_ms = 200;
         config.webhook_delivery.retry_max_ms = 1000;
+        // The access log is tested where it is the subject; elsewhere it is noise.
+        config.access_log = "off".into();
         tune(&mut config);
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -461,6 +463,7 @@ impl Process {
             .arg(data)
             .env_remove("WHARF_CONFIG")
             .env("WHARF_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("WHARF_ACCESS_LOG", "off")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {

@@ -57,6 +57,28 @@ fn serves_https_with_the_given_certificate() {
         .arg(&cert)
         .args(["-u", &creds, &url]));
     assert_eq!(out, "200 HTTPS");
+    // HTTP/2 when the client offers it, as the CNCF registry serves it; and a client
+    // that offers only h2 gets it (ALPN).
+    let out = run(Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            "--cacert",
+        ])
+        .arg(&cert)
+        .args(["-u", &creds, &url]));
+    assert_eq!(out, "200 2");
+    let alpn = Command::new("openssl")
+        .args(["s_client", "-alpn", "h2", "-connect", &host])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&alpn.stdout);
+    assert!(text.contains("ALPN protocol: h2"), "{text}");
     // Anonymous: the challenge names the https realm.
     let out = run(Command::new("curl")
         .args(["-sS", "-D", "-", "-o", "/dev/null", "--cacert"])

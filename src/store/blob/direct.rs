@@ -1,5 +1,5 @@
 //! Writing upload data to disk with `O_DIRECT` where the filesystem allows it, hashing it
-//! on the way.
+//! on the way, with buffers and workers shared by every upload.
 //!
 //! An upload must be on disk before it is acknowledged, so its bytes are written once and
 //! synced. Through the page cache that is two steps: a copy into freshly allocated cache
@@ -10,204 +10,254 @@
 //! partial block) go through an ordinary descriptor. The two never cover the same block.
 //! Filesystems without `O_DIRECT` (tmpfs on old kernels) get ordinary writes throughout.
 //!
-//! The bytes travel in a few large aligned buffers that go round a loop: the caller copies
-//! the request body into a free buffer (the one copy in user space), the hashing thread
-//! hashes it, the I/O thread writes it and hands it back. Hashing, which bounds a push, so
-//! never waits for the disk, the disk never waits for hashing, and there is one hand-off
-//! per megabyte rather than per network read. The body's own buffers are released as soon
-//! as they are copied, so the HTTP layer reuses them instead of allocating fresh memory.
+//! The writer copies the request body into a 1 MiB buffer (the one copy in user space)
+//! and hands each full buffer to two tasks at once: hashing (in order, one buffer at a
+//! time per upload) and writing (at its offset, at most [`WRITES_PER_UPLOAD`] at a
+//! time). Both run on tokio's blocking pool under permits of the [`Engine`] that every
+//! upload shares: at most one hash per core and [`Engine::writers`] writes run at once,
+//! whatever the number of uploads, and no thread belongs to an upload.
+//!
+//! Buffers come from the engine's budget (`[limits] upload_memory_mib`): when it is all
+//! in use a writer waits for one, which stops reading the body and so slows the client
+//! down, rather than refusing it. A buffer is anonymous memory of its own, returned to
+//! the system when it is dropped (the engine keeps a few warm and lets the rest go once
+//! a burst is over), so memory comes back after a burst. A body that stalls hands off
+//! its partly filled buffer (see `FsBlobStore::upload_write`), so a slow client holds no
+//! buffer while it waits.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
 use crate::oci::Hasher;
 
 /// Alignment for `O_DIRECT`: 4 KiB covers the logical block size of common devices.
 const ALIGN: usize = 4096;
 /// Bytes gathered before one write.
-const BUFFER: usize = 1024 * 1024;
-/// Buffers per upload at most: one filling, one hashing, two being written, the rest to
-/// absorb a slow write. Allocated as needed, so a small upload uses one.
-const BUFFERS: usize = 8;
+pub const BUFFER: usize = 1024 * 1024;
 /// Writes in flight per upload. One write at a time leaves the device idle between
 /// writes; two kept it 10-20% busier here (`fio`, 1 MiB `O_DIRECT` writes).
-const WRITERS: usize = 2;
+const WRITES_PER_UPLOAD: usize = 2;
+/// Buffers kept warm for the next upload; the rest go back to the system.
+const KEEP_WARM: usize = 8;
+/// Warm buffers unused this long are returned to the system too.
+const WARM_FOR: Duration = Duration::from_secs(10);
 
-/// A buffer over-allocated by `ALIGN` so that an aligned window of `BUFFER` bytes fits.
-struct AlignedBuf {
-    mem: Vec<u8>,
-    start: usize,
+/// What every upload shares: the buffer budget, warm buffers, and the permits that bound
+/// hashing and writing.
+pub struct Engine {
+    total: usize,
+    budget: Arc<Semaphore>,
+    warm: Mutex<Vec<(memmap2::MmapMut, Instant)>>,
+    hashing: Arc<Semaphore>,
+    writing: Arc<Semaphore>,
 }
 
-impl AlignedBuf {
-    fn new() -> AlignedBuf {
-        let mem = vec![0u8; BUFFER + ALIGN];
-        let start = mem.as_ptr().align_offset(ALIGN);
-        AlignedBuf { mem, start }
+impl Engine {
+    /// An engine with `memory_mib` MiB of upload buffers in all.
+    pub fn new(memory_mib: usize) -> Arc<Engine> {
+        let cores = crate::auth::parallelism();
+        Arc::new(Engine {
+            total: memory_mib.max(1),
+            budget: Arc::new(Semaphore::new(memory_mib.max(1))),
+            warm: Mutex::new(Vec::new()),
+            hashing: Arc::new(Semaphore::new(cores)),
+            writing: Arc::new(Semaphore::new(Engine::writers())),
+        })
     }
 
-    fn window(&self, len: usize) -> &[u8] {
-        &self.mem[self.start..self.start + len]
+    /// Writes run at once, in all: enough to keep a device's queue busy.
+    pub fn writers() -> usize {
+        (2 * crate::auth::parallelism()).max(4)
+    }
+
+    /// A buffer, once the budget allows one: waits (holding no thread) meanwhile.
+    async fn buffer(self: &Arc<Engine>) -> io::Result<Buf> {
+        let permit = Arc::clone(&self.budget)
+            .acquire_owned()
+            .await
+            .map_err(|_| io::Error::other("upload buffers closed"))?;
+        let warm = self.warm.lock().expect("warm buffers").pop();
+        let mem = match warm {
+            Some((m, _)) => m,
+            None => memmap2::MmapMut::map_anon(BUFFER)?,
+        };
+        Ok(Buf {
+            mem: Some(mem),
+            engine: Arc::clone(self),
+            _permit: permit,
+        })
+    }
+
+    /// Returns warm buffers unused for a while to the system.
+    pub fn trim(&self) {
+        let mut warm = self.warm.lock().expect("warm buffers");
+        warm.retain(|(_, since)| since.elapsed() < WARM_FOR);
+    }
+
+    /// Buffers of the budget in use now, and the budget.
+    pub fn buffers(&self) -> (usize, usize) {
+        (self.total - self.budget.available_permits(), self.total)
+    }
+
+    #[cfg(test)]
+    fn buffers_in_use(&self) -> usize {
+        self.buffers().0
+    }
+}
+
+/// One upload buffer: page-aligned anonymous memory and its place in the budget.
+struct Buf {
+    mem: Option<memmap2::MmapMut>,
+    engine: Arc<Engine>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Buf {
+    fn window(&self, from: usize, len: usize) -> &[u8] {
+        &self.mem.as_ref().expect("buffer memory")[from..from + len]
     }
 
     fn window_mut(&mut self, from: usize, len: usize) -> &mut [u8] {
-        let at = self.start + from;
-        &mut self.mem[at..at + len]
+        &mut self.mem.as_mut().expect("buffer memory")[from..from + len]
     }
 }
 
-/// `len` bytes of `buf` to hash and write at file offset `at`.
-struct Job {
-    buf: AlignedBuf,
-    len: usize,
-    at: u64,
-}
-
-/// One or more job queues, served in turn.
-struct Queues {
-    queues: Vec<Sender<Job>>,
-    next: usize,
-}
-
-impl Queues {
-    /// Sends `job` to the next queue; false if its thread has stopped.
-    fn send(&mut self, job: Job) -> bool {
-        let sent = self.queues[self.next].send(job).is_ok();
-        self.next = (self.next + 1) % self.queues.len();
-        sent
-    }
-}
-
-/// The threads of one writer and how to reach them.
-struct Stages {
-    /// The hashing thread's queue, or the I/O threads' queues when there is no hasher.
-    jobs: Queues,
-    free: mpsc::Receiver<AlignedBuf>,
-    hash: Option<JoinHandle<Hasher>>,
-    io: Vec<JoinHandle<io::Result<()>>>,
-    /// Set when an I/O thread fails or the writer is dropped unfinished. The I/O threads
-    /// then write nothing more but still hand every buffer back, so the writer never
-    /// waits for a buffer that will not come; it sees the flag at its next hand-off.
-    stop: Arc<AtomicBool>,
-}
-
-impl Stages {
-    /// Waits for every thread: the hasher (if any), and the I/O threads' result.
-    fn join(self) -> io::Result<Option<Hasher>> {
-        drop(self.jobs);
-        let hasher = match self.hash.map(JoinHandle::join) {
-            None => None,
-            Some(Ok(h)) => Some(h),
-            Some(Err(_)) => return Err(io::Error::other("upload hashing thread panicked")),
-        };
-        let mut result = Ok(());
-        for io in self.io {
-            let r = io
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("upload writer thread panicked")));
-            result = result.and(r);
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Some(mem) = self.mem.take() {
+            let mut warm = self.engine.warm.lock().expect("warm buffers");
+            if warm.len() < KEEP_WARM {
+                warm.push((mem, Instant::now()));
+            }
         }
-        result.map(|()| hasher)
     }
+}
+
+/// The writes of one writer in flight, so that a dropped writer can wait for them.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    zero: Condvar,
+    /// Set when a write fails or the writer is dropped unfinished: writes not yet
+    /// started are skipped.
+    stop: AtomicBool,
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    fn enter(self: &Arc<InFlight>) -> InFlightGuard {
+        *self.count.lock().expect("in flight") += 1;
+        InFlightGuard(Arc::clone(self))
+    }
+
+    fn wait_idle(&self) {
+        let mut n = self.count.lock().expect("in flight");
+        while *n > 0 {
+            n = self.zero.wait(n).expect("in flight");
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut n = self.0.count.lock().expect("in flight");
+        *n -= 1;
+        if *n == 0 {
+            self.0.zero.notify_all();
+        }
+    }
+}
+
+/// The two descriptors of an upload file and whether direct writes still work on it.
+struct Files {
+    plain: File,
+    direct: Option<File>,
+    direct_refused: AtomicBool,
+    /// Tests: the write at this file offset fails, slowly.
+    fail_at: Option<u64>,
+}
+
+impl Files {
+    fn write(&self, data: &[u8], at: u64) -> io::Result<()> {
+        if self.fail_at == Some(at) {
+            std::thread::sleep(Duration::from_millis(200));
+            return Err(io::Error::other("injected write failure"));
+        }
+        // Whole blocks at an aligned offset go direct, the rest (a head or a tail) plain.
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|_| !self.direct_refused.load(Ordering::Relaxed));
+        let whole = match direct {
+            Some(_) if at % ALIGN as u64 == 0 => data.len() - data.len() % ALIGN,
+            _ => 0,
+        };
+        if let (Some(d), true) = (direct, whole > 0) {
+            match d.write_all_at(&data[..whole], at) {
+                Ok(()) => {}
+                // The filesystem refused the direct write (alignment): write it, and the
+                // rest of this upload, the ordinary way.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_refused.store(true, Ordering::Relaxed);
+                    self.plain.write_all_at(&data[..whole], at)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if whole < data.len() {
+            self.plain.write_all_at(&data[whole..], at + whole as u64)?;
+        }
+        Ok(())
+    }
+}
+
+fn joined<T>(r: Result<T, tokio::task::JoinError>) -> io::Result<T> {
+    r.map_err(|e| io::Error::other(format!("upload task failed: {e}")))
 }
 
 pub struct UploadWriter {
-    plain: Arc<File>,
-    buf: Option<AlignedBuf>,
+    engine: Arc<Engine>,
+    files: Arc<Files>,
+    buf: Option<Buf>,
     filled: usize,
     /// How many bytes the current buffer takes: `BUFFER`, or less for an unaligned head.
     limit: usize,
     /// File offset of the first byte in `buf`.
     buf_at: u64,
-    allocated: usize,
-    stages: Option<Stages>,
-}
-
-/// The hashing thread: hashes each job in order and passes it on.
-fn hash_jobs(mut hasher: Hasher, jobs: &Receiver<Job>, mut next: Queues) -> Hasher {
-    while let Ok(job) = jobs.recv() {
-        hasher.update(job.buf.window(job.len));
-        if !next.send(job) {
-            break; // the I/O thread failed; the writer reports its error
-        }
-    }
-    hasher
-}
-
-/// An I/O thread: writes each job, hands its buffer back. The jobs of one writer land
-/// on distinct blocks, so the threads never write over each other. After a failure (its
-/// own or another thread's, through `stop`) it only hands buffers back, and returns its
-/// error when the queue closes.
-fn write_jobs(
-    plain: &File,
-    mut direct: Option<Arc<File>>,
-    jobs: &Receiver<Job>,
-    free: &mpsc::Sender<AlignedBuf>,
-    stop: &AtomicBool,
-    fail_at: Option<u64>,
-) -> io::Result<()> {
-    let mut result = Ok(());
-    while let Ok(job) = jobs.recv() {
-        if result.is_ok() && !stop.load(Ordering::Acquire) {
-            result = if fail_at == Some(job.at) {
-                // Tests: a slow write that then fails, while the other thread goes on.
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                Err(io::Error::other("injected write failure"))
-            } else {
-                write_job(plain, &mut direct, &job)
-            };
-            if result.is_err() {
-                stop.store(true, Ordering::Release);
-            }
-        }
-        // The writer may have finished with buffers to spare: nothing to hand back to.
-        let _ = free.try_send(job.buf);
-    }
-    result
-}
-
-fn write_job(plain: &File, direct: &mut Option<Arc<File>>, job: &Job) -> io::Result<()> {
-    let data = job.buf.window(job.len);
-    // Whole blocks at an aligned offset go direct, the rest (a head or a tail) plain.
-    let whole = match direct {
-        Some(_) if job.at % ALIGN as u64 == 0 => job.len - job.len % ALIGN,
-        _ => 0,
-    };
-    if let (Some(d), true) = (&direct, whole > 0) {
-        match d.write_all_at(&data[..whole], job.at) {
-            Ok(()) => {}
-            // The filesystem refused the direct write (alignment): write it, and the
-            // rest of this upload, the ordinary way.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                *direct = None;
-                plain.write_all_at(&data[..whole], job.at)?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    if whole < job.len {
-        plain.write_all_at(&data[whole..], job.at + whole as u64)?;
-    }
-    Ok(())
+    /// The running hash, when no buffer is being hashed.
+    hasher: Option<Hasher>,
+    /// The buffer being hashed; it gives the hasher back.
+    hashing: Option<JoinHandle<Hasher>>,
+    writes: VecDeque<JoinHandle<io::Result<()>>>,
+    in_flight: Arc<InFlight>,
+    finished: bool,
 }
 
 impl UploadWriter {
     /// Opens upload file `path` to write from `offset` on, dropping anything after it.
     /// Every byte written is fed, in order, to `hasher` if given; `finish` returns it.
-    pub fn open(path: &Path, offset: u64, hasher: Option<Hasher>) -> io::Result<UploadWriter> {
-        UploadWriter::open_inner(path, offset, hasher, None)
+    pub fn open(
+        engine: &Arc<Engine>,
+        path: &Path,
+        offset: u64,
+        hasher: Option<Hasher>,
+    ) -> io::Result<UploadWriter> {
+        UploadWriter::open_inner(engine, path, offset, hasher, None)
     }
 
     /// `open`, with the write of the buffer at file offset `fail_at` failing (tests).
     fn open_inner(
+        engine: &Arc<Engine>,
         path: &Path,
         offset: u64,
         hasher: Option<Hasher>,
@@ -217,75 +267,52 @@ impl UploadWriter {
             .create(true)
             .write(true)
             .truncate(false)
+            .mode(crate::store::perms::FILE_MODE)
             .open(path)?;
         plain.set_len(offset)?;
-        let plain = Arc::new(plain);
         let direct = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(path)
-            .ok()
-            .map(Arc::new);
-        let is_direct = direct.is_some();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>(BUFFERS);
-        let mut to_io = Vec::new();
-        let mut io = Vec::new();
-        for _ in 0..WRITERS {
-            let (tx, rx) = channel::<Job>();
-            let (plain, direct) = (Arc::clone(&plain), direct.clone());
-            let (free_tx, stop) = (free_tx.clone(), Arc::clone(&stop));
-            to_io.push(tx);
-            io.push(
-                std::thread::Builder::new()
-                    .name("wharf-upload-io".into())
-                    .spawn(move || write_jobs(&plain, direct, &rx, &free_tx, &stop, fail_at))?,
-            );
-        }
-        let to_io = Queues {
-            queues: to_io,
-            next: 0,
-        };
-        // With a hasher, jobs go to it first and it forwards them to the I/O threads.
-        let (jobs, hash) = match hasher {
-            Some(h) => {
-                let (tx, rx) = channel::<Job>();
-                let hash = std::thread::Builder::new()
-                    .name("wharf-upload-hash".into())
-                    .spawn(move || hash_jobs(h, &rx, to_io))?;
-                let jobs = Queues {
-                    queues: vec![tx],
-                    next: 0,
-                };
-                (jobs, Some(hash))
-            }
-            None => (to_io, None),
-        };
-        let head = (ALIGN - (offset % ALIGN as u64) as usize) % ALIGN;
-        Ok(UploadWriter {
+            .ok();
+        let files = Arc::new(Files {
             plain,
+            direct,
+            direct_refused: AtomicBool::new(false),
+            fail_at,
+        });
+        let mut w = UploadWriter {
+            engine: Arc::clone(engine),
+            files,
             buf: None,
             filled: 0,
-            // Bring the file offset to a block boundary with a short first buffer: whole
-            // blocks then go direct. (If the filesystem refuses a direct write, the I/O
-            // thread falls back to ordinary writes on its own.)
-            limit: if is_direct && head > 0 { head } else { BUFFER },
+            limit: BUFFER,
             buf_at: offset,
-            allocated: 0,
-            stages: Some(Stages {
-                jobs,
-                free: free_rx,
-                hash,
-                io,
-                stop,
-            }),
-        })
+            hasher,
+            hashing: None,
+            writes: VecDeque::new(),
+            in_flight: Arc::default(),
+            finished: false,
+        };
+        w.limit = w.next_limit();
+        Ok(w)
+    }
+
+    /// The size of the next buffer: up to the next block boundary when the file offset
+    /// is not on one (whole blocks then go direct), else a whole buffer.
+    fn next_limit(&self) -> usize {
+        let head = (ALIGN - (self.buf_at % ALIGN as u64) as usize) % ALIGN;
+        if self.files.direct.is_some() && head > 0 {
+            head
+        } else {
+            BUFFER
+        }
     }
 
     pub async fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             if self.buf.is_none() {
-                self.buf = Some(self.free_buffer().await?);
+                self.buf = Some(self.engine.buffer().await?);
             }
             let buf = self.buf.as_mut().expect("a buffer was just taken");
             let n = (self.limit - self.filled).min(data.len());
@@ -299,110 +326,118 @@ impl UploadWriter {
         Ok(())
     }
 
-    /// A buffer to fill: a returned one, a new one while fewer than `BUFFERS` exist, or
-    /// the next one the I/O thread hands back.
-    async fn free_buffer(&mut self) -> io::Result<AlignedBuf> {
-        let stages = self.stages.as_mut().expect("open writer");
-        if let Ok(buf) = stages.free.try_recv() {
-            return Ok(buf);
-        }
-        if self.allocated < BUFFERS {
-            self.allocated += 1;
-            return Ok(AlignedBuf::new());
-        }
-        match stages.free.recv().await {
-            Some(buf) => Ok(buf),
-            None => Err(self.stage_error().await),
-        }
+    /// Hands off what the current buffer holds, full or not, so that a body that has
+    /// stalled holds no buffer while it waits.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        self.hand_off().await
     }
 
-    /// Queues the current buffer's bytes for hashing and writing.
+    /// Whether a partly filled buffer is held.
+    pub fn holds_buffer(&self) -> bool {
+        self.buf.is_some()
+    }
+
+    /// Starts hashing and writing the current buffer's bytes.
     async fn hand_off(&mut self) -> io::Result<()> {
         let Some(buf) = self.buf.take() else {
             return Ok(());
         };
-        let job = Job {
-            buf,
-            len: self.filled,
-            at: self.buf_at,
-        };
-        let stages = self.stages.as_mut().expect("open writer");
-        if stages.stop.load(Ordering::Acquire) || !stages.jobs.send(job) {
-            return Err(self.stage_error().await);
+        if self.in_flight.stop.load(Ordering::Acquire) {
+            return Err(self.first_error().await);
         }
-        self.buf_at += self.filled as u64;
+        let (len, at) = (self.filled, self.buf_at);
+        let buf = Arc::new(buf);
+        // Hashing goes in order: this buffer after the one before it.
+        let hasher = match self.hashing.take() {
+            Some(h) => Some(joined(h.await)?),
+            None => self.hasher.take(),
+        };
+        if let Some(mut hasher) = hasher {
+            let permit = Arc::clone(&self.engine.hashing)
+                .acquire_owned()
+                .await
+                .map_err(|_| io::Error::other("hashing closed"))?;
+            let b = Arc::clone(&buf);
+            self.hashing = Some(tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                hasher.update(b.window(0, len));
+                drop(b); // the buffer goes back as soon as it is hashed and written
+                hasher
+            }));
+        }
+        // Writing goes alongside, a few at a time per upload.
+        while self.writes.len() >= WRITES_PER_UPLOAD {
+            let oldest = self.writes.pop_front().expect("a write in flight");
+            joined(oldest.await)??;
+        }
+        let permit = Arc::clone(&self.engine.writing)
+            .acquire_owned()
+            .await
+            .map_err(|_| io::Error::other("writing closed"))?;
+        let guard = self.in_flight.enter();
+        let files = Arc::clone(&self.files);
+        self.writes.push_back(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            if guard.0.stop.load(Ordering::Acquire) {
+                return Ok(()); // another write failed or the writer was dropped
+            }
+            let r = files.write(buf.window(0, len), at);
+            if r.is_err() {
+                guard.0.stop.store(true, Ordering::Release);
+            }
+            drop(guard);
+            r
+        }));
+        self.buf_at += len as u64;
         self.filled = 0;
-        self.limit = BUFFER;
+        self.limit = self.next_limit();
         Ok(())
     }
 
-    /// A stage stopped early: the I/O thread's error.
-    async fn stage_error(&mut self) -> io::Error {
-        let Some(stages) = self.stages.take() else {
-            return io::Error::other("upload writer already stopped");
-        };
-        match join_blocking(stages).await {
-            Err(e) => e,
-            Ok(_) => io::Error::other("upload writer stopped early"),
+    /// After a stop: the error of the write that failed.
+    async fn first_error(&mut self) -> io::Error {
+        let mut first = None;
+        while let Some(w) = self.writes.pop_front() {
+            if let Err(e) = joined(w.await).and_then(|r| r) {
+                first.get_or_insert(e);
+            }
         }
+        first.unwrap_or_else(|| io::Error::other("upload writer stopped early"))
     }
 
     /// Writes what is left and makes the file durable. Returns the file's length and the
     /// hasher, which has seen every byte.
     pub async fn finish(mut self) -> io::Result<(u64, Option<Hasher>)> {
         self.hand_off().await?;
-        let stages = self.stages.take().expect("open writer");
-        let hasher = join_blocking(stages).await?;
-        let plain = Arc::clone(&self.plain);
+        while let Some(w) = self.writes.pop_front() {
+            if let Err(e) = joined(w.await).and_then(|r| r) {
+                self.in_flight.stop.store(true, Ordering::Release);
+                let _ = self.first_error().await;
+                return Err(e);
+            }
+        }
+        let hasher = match self.hashing.take() {
+            Some(h) => Some(joined(h.await)?),
+            None => self.hasher.take(),
+        };
+        let files = Arc::clone(&self.files);
         // fdatasync flushes the inode's data, the direct writes included, its size, and
         // the device's write cache.
-        tokio::task::spawn_blocking(move || plain.sync_data())
-            .await
-            .map_err(|e| io::Error::other(format!("sync task failed: {e}")))??;
+        joined(tokio::task::spawn_blocking(move || files.plain.sync_data()).await)??;
+        self.finished = true;
         Ok((self.buf_at, hasher))
     }
 }
 
-/// Joins the threads on the blocking pool. If the caller is dropped meanwhile (the client
-/// went away), the guard stops the threads and waits for them, as `Drop` does: the
-/// upload's lock must not be released while a write is still coming.
-async fn join_blocking(stages: Stages) -> io::Result<Option<Hasher>> {
-    struct WaitIfDropped {
-        stop: Arc<AtomicBool>,
-        done: Option<Receiver<()>>,
-    }
-    impl Drop for WaitIfDropped {
-        fn drop(&mut self) {
-            if let Some(done) = self.done.take() {
-                self.stop.store(true, Ordering::Release);
-                let _ = done.recv(); // returns when the join below has finished
-            }
-        }
-    }
-    let (done_tx, done_rx) = channel::<()>();
-    let mut guard = WaitIfDropped {
-        stop: Arc::clone(&stages.stop),
-        done: Some(done_rx),
-    };
-    let joined = tokio::task::spawn_blocking(move || {
-        let r = stages.join();
-        drop(done_tx);
-        r
-    })
-    .await;
-    guard.done = None;
-    joined.map_err(|e| io::Error::other(format!("join task failed: {e}")))?
-}
-
 impl Drop for UploadWriter {
     /// An unfinished writer (the body failed, or the request was dropped) stops its
-    /// threads before the upload's lock is released, so no stale write can land after
-    /// the next request for the same upload has started. They stop after at most the
-    /// write in progress.
+    /// writes before the upload's lock is released, so no stale write can land after the
+    /// next request for the same upload has started. Writes not started are skipped; it
+    /// waits for at most the few in progress.
     fn drop(&mut self) {
-        if let Some(stages) = self.stages.take() {
-            stages.stop.store(true, Ordering::Release);
-            let _ = stages.join();
+        if !self.finished {
+            self.in_flight.stop.store(true, Ordering::Release);
+            self.in_flight.wait_idle();
         }
     }
 }
@@ -420,6 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn appends_at_any_offset_give_the_exact_bytes_and_hash_them() {
+        let engine = Engine::new(16);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("u");
         let mut expected = Vec::new();
@@ -433,17 +469,21 @@ mod tests {
             3 * ALIGN,
             0,
             123,
-            (BUFFERS + 2) * BUFFER + 5,
+            10 * BUFFER + 5,
         ]
         .into_iter()
         .enumerate()
         {
             let hasher = (i % 2 == 0).then(|| Algorithm::Sha256.hasher());
-            let mut w = UploadWriter::open(&path, expected.len() as u64, hasher).unwrap();
+            let mut w = UploadWriter::open(&engine, &path, expected.len() as u64, hasher).unwrap();
             let data = pattern(len, i as u8);
-            // Feed in uneven pieces, as a network body arrives.
-            for piece in data.chunks(77_777) {
+            // Feed in uneven pieces, as a network body arrives, with a stall (a flush
+            // of a partly filled buffer) now and then.
+            for (j, piece) in data.chunks(77_777).enumerate() {
                 w.write(piece).await.unwrap();
+                if j % 5 == 3 {
+                    w.flush().await.unwrap();
+                }
             }
             expected.extend_from_slice(&data);
             let (end, hasher) = w.finish().await.unwrap();
@@ -454,16 +494,18 @@ mod tests {
                 None => assert_eq!(i % 2, 1, "chunk {i} was given a hasher"),
             }
         }
+        assert_eq!(engine.buffers_in_use(), 0, "every buffer went back");
     }
 
     #[tokio::test]
     async fn reopening_at_an_earlier_offset_drops_the_rest() {
+        let engine = Engine::new(4);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("u");
-        let mut w = UploadWriter::open(&path, 0, None).unwrap();
+        let mut w = UploadWriter::open(&engine, &path, 0, None).unwrap();
         w.write(&pattern(20_000, 1)).await.unwrap();
         w.finish().await.unwrap();
-        let mut w = UploadWriter::open(&path, 5000, None).unwrap();
+        let mut w = UploadWriter::open(&engine, &path, 5000, None).unwrap();
         w.write(b"end").await.unwrap();
         assert_eq!(w.finish().await.unwrap().0, 5003);
         let got = std::fs::read(&path).unwrap();
@@ -472,16 +514,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_write_is_reported_while_the_other_writer_thread_goes_on() {
+    async fn a_failed_write_is_reported_while_other_writes_go_on() {
+        let engine = Engine::new(16);
         let dir = tempfile::tempdir().unwrap();
         for hasher in [None, Some(Algorithm::Sha256.hasher())] {
             let path = dir.path().join("u");
-            // The third buffer's write is slow and then fails: meanwhile the other I/O
-            // thread returns its buffers and the writer queues them behind the slow one.
-            let w = UploadWriter::open_inner(&path, 0, hasher, Some(2 * BUFFER as u64));
+            // The third buffer's write is slow and then fails, while others go on.
+            let w = UploadWriter::open_inner(&engine, &path, 0, hasher, Some(2 * BUFFER as u64));
             let mut w = w.unwrap();
-            let data = pattern(4 * BUFFERS * BUFFER, 3);
-            let outcome = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            let data = pattern(32 * BUFFER, 3);
+            let outcome = tokio::time::timeout(Duration::from_secs(60), async {
                 for piece in data.chunks(100_000) {
                     w.write(piece).await?;
                 }
@@ -494,19 +536,52 @@ mod tests {
             };
             assert!(err.to_string().contains("injected"), "{err}");
         }
+        assert_eq!(engine.buffers_in_use(), 0);
     }
 
     #[tokio::test]
     async fn a_dropped_writer_has_stopped_writing_when_the_drop_returns() {
+        let engine = Engine::new(16);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("u");
-        let mut w = UploadWriter::open(&path, 0, Some(Algorithm::Sha256.hasher())).unwrap();
-        w.write(&pattern(3 * BUFFER, 2)).await.unwrap();
+        let mut w =
+            UploadWriter::open(&engine, &path, 0, Some(Algorithm::Sha256.hasher())).unwrap();
+        w.write(&pattern(6 * BUFFER, 2)).await.unwrap();
         drop(w);
         // Whatever reached the disk, nothing more arrives after the drop.
         let len = std::fs::metadata(&path).unwrap().len();
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
-        assert!(len <= 3 * BUFFER as u64);
+        assert!(len <= 6 * BUFFER as u64);
+    }
+
+    #[tokio::test]
+    async fn writers_wait_for_the_budget_instead_of_failing() {
+        // Two buffers for three uploads writing at once: all finish, none fails.
+        let engine = Engine::new(2);
+        let dir = tempfile::tempdir().unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..3u8 {
+            let (engine, path) = (Arc::clone(&engine), dir.path().join(format!("u{i}")));
+            tasks.push(tokio::spawn(async move {
+                let mut w = UploadWriter::open(&engine, &path, 0, Some(Algorithm::Sha256.hasher()))
+                    .unwrap();
+                let data = pattern(5 * BUFFER + 11, i);
+                for piece in data.chunks(300_000) {
+                    w.write(piece).await.unwrap();
+                }
+                let (_, h) = w.finish().await.unwrap();
+                assert_eq!(h.unwrap().finish(), Digest::sha256_of(&data));
+                assert_eq!(std::fs::read(&path).unwrap(), data);
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("no deadlock")
+                .unwrap();
+        }
+        assert_eq!(engine.buffers_in_use(), 0);
+        assert!(engine.warm.lock().unwrap().len() <= 2);
     }
 }

@@ -3,33 +3,43 @@
 //! never sees a partial blob, and a crash leaves at most an orphan upload file.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 
-use super::direct::UploadWriter;
+use super::direct::{Engine, UploadWriter};
 use super::{BlobError, BlobStore, ByteStream};
 use crate::oci::{Digest, Hasher};
 
 const READ_CHUNK: usize = 256 * 1024;
-const READ_AHEAD: usize = 1;
+/// A body that brings nothing for this long while a partly filled buffer is held hands
+/// the buffer off, so a stalled client holds no upload memory.
+const FLUSH_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Upload memory of a store opened with [`FsBlobStore::open`].
+pub const DEFAULT_UPLOAD_MEMORY_MIB: usize = 256;
 
 pub struct FsBlobStore {
     root: PathBuf,
+    engine: std::sync::Arc<Engine>,
 }
 
 impl FsBlobStore {
     /// Opens (creating if needed) a blob store under `root`.
     pub fn open(root: &Path) -> io::Result<FsBlobStore> {
-        std::fs::create_dir_all(root.join("blobs"))?;
-        std::fs::create_dir_all(root.join("uploads"))?;
+        FsBlobStore::with_upload_memory(root, DEFAULT_UPLOAD_MEMORY_MIB)
+    }
+
+    /// Opens a blob store whose uploads share `upload_memory_mib` MiB of buffers.
+    pub fn with_upload_memory(root: &Path, upload_memory_mib: usize) -> io::Result<FsBlobStore> {
+        crate::store::perms::create_dir_all(&root.join("blobs"))?;
+        crate::store::perms::create_dir_all(&root.join("uploads"))?;
         Ok(FsBlobStore {
             root: root.to_owned(),
+            engine: Engine::new(upload_memory_mib),
         })
     }
 
@@ -74,62 +84,69 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
 }
 
-/// Streams `range` of the file at `path`. A blocking thread reads ahead in large chunks
-/// while the connection sends the previous ones, so disk reads and socket writes overlap
-/// and each byte is copied once into user space (into the chunk hyper then writes).
-/// Memory per reader is bounded: `READ_AHEAD` chunks queued plus one being read.
+/// Streams `range` of the file at `path`, reading one chunk ahead of the one being sent,
+/// so disk reads and socket writes overlap and each byte is copied once into user space.
+/// Each chunk is read by a task of its own on the blocking pool: a slow reader holds a
+/// thread only while a chunk is read, never while the client takes its time. Memory per
+/// reader is bounded: the chunk being sent and the one read ahead.
 async fn open_range(
     path: PathBuf,
     range: Range<u64>,
     missing: BlobError,
 ) -> Result<ByteStream, BlobError> {
-    let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(READ_AHEAD);
-    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel::<io::Result<()>>();
-    tokio::task::spawn_blocking(move || {
-        let opened = File::open(&path).and_then(|mut f| {
-            f.seek(SeekFrom::Start(range.start))?;
-            Ok(f)
-        });
-        let mut file = match opened {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = opened_tx.send(Err(e));
-                return;
-            }
-        };
-        let _ = opened_tx.send(Ok(()));
-        let mut at = range.start;
-        while at < range.end {
-            let n = usize::try_from(range.end - at).map_or(READ_CHUNK, |l| l.min(READ_CHUNK));
-            let mut buf = Vec::with_capacity(n);
-            let read = (&mut file)
-                .take(n as u64)
-                .read_to_end(&mut buf)
-                .and_then(|_| {
-                    // The file is shorter than its recorded size: never send a short body.
-                    if buf.is_empty() {
-                        Err(io::ErrorKind::UnexpectedEof.into())
-                    } else {
-                        Ok(())
-                    }
-                });
-            let chunk = read.map(|()| {
-                at += buf.len() as u64;
-                Bytes::from(buf)
-            });
-            let failed = chunk.is_err();
-            if tx.blocking_send(chunk).is_err() || failed {
-                return; // the client went away, or the error was sent
-            }
-        }
-    });
-    opened_rx
+    let file = blocking(move || File::open(&path))
         .await
-        .map_err(|_| io::Error::other("blob reader thread ended"))?
         .map_err(|e| not_found_as(e, missing))?;
-    Ok(Box::pin(futures_util::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx)
-    })))
+    let file = std::sync::Arc::new(file);
+    let read = |file: &std::sync::Arc<File>, at: u64, end: u64| {
+        let file = std::sync::Arc::clone(file);
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let n = usize::try_from(end - at).map_or(READ_CHUNK, |l| l.min(READ_CHUNK));
+            let mut buf = vec![0u8; n];
+            let mut got = 0;
+            while got < n {
+                match file.read_at(&mut buf[got..], at + got as u64) {
+                    // The file is shorter than its recorded size: never send a short body.
+                    Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                    Ok(k) => got += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Bytes::from(buf))
+        })
+    };
+    struct State {
+        file: std::sync::Arc<File>,
+        at: u64,
+        end: u64,
+        next: Option<tokio::task::JoinHandle<io::Result<Bytes>>>,
+    }
+    let first = (range.start < range.end).then(|| read(&file, range.start, range.end));
+    let state = State {
+        file,
+        at: range.start,
+        end: range.end,
+        next: first,
+    };
+    Ok(Box::pin(futures_util::stream::unfold(
+        Some(state),
+        move |state| async move {
+            let mut st = state?;
+            let pending = st.next.take()?;
+            let chunk = match pending.await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Some((Err(e), None)),
+                Err(e) => return Some((Err(io::Error::other(e)), None)),
+            };
+            st.at += chunk.len() as u64;
+            if st.at < st.end {
+                st.next = Some(read(&st.file, st.at, st.end));
+            }
+            Some((Ok(chunk), Some(st)))
+        },
+    )))
 }
 
 #[async_trait]
@@ -142,8 +159,22 @@ impl BlobStore for FsBlobStore {
         hasher: Option<Hasher>,
     ) -> Result<(u64, Option<Hasher>), BlobError> {
         let path = self.upload_path(id)?;
-        let mut out = blocking(move || UploadWriter::open(&path, offset, hasher)).await?;
-        while let Some(chunk) = data.next().await {
+        let engine = std::sync::Arc::clone(&self.engine);
+        let mut out = blocking(move || UploadWriter::open(&engine, &path, offset, hasher)).await?;
+        loop {
+            let next = if out.holds_buffer() {
+                match tokio::time::timeout(FLUSH_IDLE, data.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        // The body stalls: the partly filled buffer goes to disk.
+                        out.flush().await?;
+                        continue;
+                    }
+                }
+            } else {
+                data.next().await
+            };
+            let Some(chunk) = next else { break };
             // Each chunk is copied into the writer's buffers and dropped at once, so the
             // HTTP layer reads the next one into the same memory.
             out.write(&chunk.map_err(BlobError::Body)?).await?;
@@ -169,9 +200,14 @@ impl BlobStore for FsBlobStore {
             let dir = target.parent().expect("blob path has a parent");
             if len == 0 && !upload.exists() {
                 // An empty upload (no PATCH) has no file: the empty blob is made here.
-                std::fs::create_dir_all(dir)?;
-                let tmp = dir.join(format!(".empty.{}", std::process::id()));
-                File::create(&tmp)?.sync_all()?;
+                crate::store::perms::create_dir_all(dir)?;
+                let tmp = dir.join(format!(".empty.{}", uuid::Uuid::new_v4().simple()));
+                std::os::unix::fs::OpenOptionsExt::mode(
+                    OpenOptions::new().write(true).create(true).truncate(true),
+                    crate::store::perms::FILE_MODE,
+                )
+                .open(&tmp)?
+                .sync_all()?;
                 std::fs::rename(&tmp, &target)?;
                 return sync_dir(dir);
             }
@@ -183,7 +219,7 @@ impl BlobStore for FsBlobStore {
                 file.sync_all()?;
             }
             drop(file);
-            std::fs::create_dir_all(dir)?;
+            crate::store::perms::create_dir_all(dir)?;
             std::fs::rename(&upload, &target)?;
             // Syncing the blob's folder makes the rename durable. The uploads folder is
             // not synced: at worst a crash brings back a stale upload name, which the
@@ -237,6 +273,14 @@ impl BlobStore for FsBlobStore {
 
     async fn read(&self, digest: &Digest, range: Range<u64>) -> Result<ByteStream, BlobError> {
         open_range(self.blob_path(digest), range, BlobError::NotFound).await
+    }
+
+    fn trim(&self) {
+        self.engine.trim();
+    }
+
+    fn upload_buffers(&self) -> (usize, usize) {
+        self.engine.buffers()
     }
 
     async fn open_file(&self, digest: &Digest) -> Result<Option<File>, BlobError> {

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::Stream;
 
-pub use fs::FsBlobStore;
+pub use fs::{DEFAULT_UPLOAD_MEMORY_MIB, FsBlobStore};
 
 use crate::oci::{Digest, Hasher};
 
@@ -75,6 +75,14 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// The bytes `range` of blob `digest`; `range` lies within the blob.
     async fn read(&self, digest: &Digest, range: Range<u64>) -> Result<ByteStream, BlobError>;
+
+    /// Returns memory kept warm for uploads and unused for a while to the system.
+    fn trim(&self) {}
+
+    /// Upload buffers (of 1 MiB) in use now, and how many the budget allows.
+    fn upload_buffers(&self) -> (usize, usize) {
+        (0, 0)
+    }
 
     /// The local file holding blob `digest`, when the backend keeps blobs as files, so
     /// the server can send it with `sendfile(2)`. `None` means: use [`BlobStore::read`].
