@@ -945,6 +945,50 @@ impl Rights {
             .is_some_and(|(_, public)| *public)
     }
 
+    /// Every repository name the caller may pull, as key ranges: what the catalog lists,
+    /// found with range scans instead of a check of every repository. It agrees with
+    /// [`Rights::allowed`] on every name.
+    pub fn pullable(&self) -> crate::oci::keyset::KeySet {
+        use crate::oci::keyset::KeySet;
+        // Public: rules from least to most specific, each overriding the ones before
+        // where it matches, is "the most specific matching rule decides".
+        let mut rules: Vec<&(Pattern, bool)> = self.visibility.iter().collect();
+        rules.sort_by_key(|(p, _)| p.specificity());
+        let public = rules.into_iter().fold(KeySet::empty(), |set, (p, public)| {
+            if *public {
+                set.union(&p.keys())
+            } else {
+                set.minus(&p.keys())
+            }
+        });
+        let Principal::User {
+            name, admin, token, ..
+        } = &self.principal
+        else {
+            return public;
+        };
+        let mine = if *admin {
+            KeySet::all()
+        } else {
+            self.grants
+                .iter()
+                .filter(|(_, level)| level.actions().has(Action::Pull))
+                .fold(Pattern::Namespace(name.clone()).keys(), |set, (p, _)| {
+                    set.union(&p.keys())
+                })
+        };
+        let mine = mine.union(&public);
+        match token.as_ref().and_then(|t| t.scopes.as_ref()) {
+            Some(scopes) => mine.intersect(
+                &scopes
+                    .iter()
+                    .filter(|s| s.actions.has(Action::Pull))
+                    .fold(KeySet::empty(), |set, s| set.union(&s.pattern.keys())),
+            ),
+            None => mine,
+        }
+    }
+
     pub fn allowed(&self, repo: &str) -> Actions {
         let public = if self.is_public(repo) {
             Actions::of(&[Action::Pull])
@@ -1007,5 +1051,83 @@ mod tests {
             1,
             "temp files left behind"
         );
+    }
+
+    mod pullable {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            proptest::collection::vec(proptest::sample::select(vec!["a", "b", "ab", "a-b"]), 1..4)
+                .prop_map(|segs| segs.join("/"))
+        }
+
+        fn pattern() -> impl Strategy<Value = Pattern> {
+            prop_oneof![
+                Just(Pattern::All),
+                name().prop_map(Pattern::Namespace),
+                name().prop_map(Pattern::Exact),
+            ]
+        }
+
+        fn level() -> impl Strategy<Value = Level> {
+            proptest::sample::select(vec![Level::Pull, Level::Push, Level::Delete, Level::Admin])
+        }
+
+        fn actions() -> impl Strategy<Value = Actions> {
+            (1u8..8).prop_map(|bits| {
+                let mut v = Vec::new();
+                if bits & 1 != 0 {
+                    v.push(Action::Pull);
+                }
+                if bits & 2 != 0 {
+                    v.push(Action::Push);
+                }
+                if bits & 4 != 0 {
+                    v.push(Action::Delete);
+                }
+                Actions::of(&v)
+            })
+        }
+
+        fn principal() -> impl Strategy<Value = Principal> {
+            let scopes = proptest::option::of(proptest::collection::vec(
+                (pattern(), actions()).prop_map(|(pattern, actions)| Scope { pattern, actions }),
+                0..3,
+            ));
+            prop_oneof![
+                Just(Principal::Anonymous),
+                ("[ab]{1,2}", any::<bool>(), proptest::option::of(scopes)).prop_map(
+                    |(name, admin, token)| Principal::User {
+                        name,
+                        admin,
+                        generation: 1,
+                        token: token.map(|scopes| TokenRef {
+                            id: "t".into(),
+                            scopes
+                        }),
+                    }
+                ),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn the_catalog_ranges_agree_with_the_rights_check(
+                principal in principal(),
+                visibility in proptest::collection::vec((pattern(), any::<bool>()), 0..5),
+                grants in proptest::collection::vec((pattern(), level()), 0..4),
+                names in proptest::collection::vec(name(), 1..20),
+            ) {
+                // One rule per pattern, as the database keeps them.
+                let mut seen = std::collections::HashSet::new();
+                let visibility: Vec<_> = visibility.into_iter().filter(|(p, _)| seen.insert(p.clone())).collect();
+                let rights = Rights { principal, visibility, grants };
+                let keys = rights.pullable();
+                for n in &names {
+                    prop_assert_eq!(keys.contains(n), rights.allowed(n).has(Action::Pull), "{}", n);
+                }
+            }
+        }
     }
 }

@@ -191,6 +191,16 @@ impl Pattern {
         }
     }
 
+    /// The repository names the pattern matches, as key ranges.
+    pub fn keys(&self) -> crate::oci::keyset::KeySet {
+        use crate::oci::keyset::KeySet;
+        match self {
+            Pattern::All => KeySet::all(),
+            Pattern::Exact(n) => KeySet::one(n),
+            Pattern::Namespace(ns) => KeySet::prefix(&format!("{ns}/")),
+        }
+    }
+
     /// How specific the pattern is; the most specific visibility rule wins.
     pub fn specificity(&self) -> usize {
         match self {

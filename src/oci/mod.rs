@@ -1,6 +1,7 @@
 //! OCI types: digests, names, references, manifests. No I/O here.
 
 pub mod digest;
+pub mod keyset;
 pub mod manifest;
 pub mod name;
 

@@ -464,8 +464,8 @@ fn blob_range(h: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>> {
     let unsatisfiable = || {
         ApiError::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
-            OciErrorCode::BlobUnknown,
-            "requested range not satisfiable",
+            OciErrorCode::RangeInvalid,
+            format!("the requested range lies outside the blob's {size} bytes"),
         )
         .with_header(header::CONTENT_RANGE, &format!("bytes */{size}"))
     };
@@ -790,8 +790,9 @@ fn page(q: &Query, default: Option<u32>) -> Result<(Option<u32>, Option<&str>)> 
     let n = match q.get("n") {
         None | Some("") => default,
         Some(v) => Some(v.parse::<u32>().map_err(|_| {
-            ApiError::unsupported(
+            ApiError::new(
                 StatusCode::BAD_REQUEST,
+                OciErrorCode::PaginationNumberInvalid,
                 format!("n must be a non-negative integer, not {v:?}"),
             )
         })?),
@@ -830,10 +831,10 @@ where
     Ok((items, more))
 }
 
-/// How many repository names the catalog reads at a time while filtering.
-const CATALOG_BATCH: u32 = 1000;
-
-/// The catalog lists only repositories the caller may pull.
+/// The catalog lists only repositories the caller may pull. What they may pull is a few
+/// ranges of names ([`crate::auth::Rights::pullable`]), and a page is read with range
+/// scans of those: the work is bounded by the page, not by how many repositories the
+/// registry holds that the caller may not see.
 async fn catalog(
     store: &Store,
     auth: &Auth,
@@ -846,26 +847,10 @@ async fn catalog(
         .rights(&caller.principal)
         .await
         .map_err(authz::auth_error_plain)?;
-    let mut repos = Vec::new();
-    let mut cursor = last.map(str::to_owned);
-    let mut more = false;
-    'pages: loop {
-        let batch = store.repositories(cursor.as_deref(), CATALOG_BATCH).await?;
-        let exhausted = batch.len() < CATALOG_BATCH as usize;
-        for r in batch {
-            cursor = Some(r.clone());
-            if rights.allowed(&r).has(Action::Pull) {
-                if repos.len() == n {
-                    more = true;
-                    break 'pages;
-                }
-                repos.push(r);
-            }
-        }
-        if exhausted {
-            break;
-        }
-    }
+    let keys = rights.pullable();
+    let mut repos = store.repositories_in(&keys, last, n as u32 + 1).await?;
+    let more = repos.len() > n;
+    repos.truncate(n);
     #[derive(Serialize)]
     struct Catalog<'a> {
         repositories: &'a [String],

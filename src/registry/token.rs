@@ -112,12 +112,21 @@ async fn post(
     body: Body,
     client: Option<IpAddr>,
 ) -> Result<Response, ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_FORM).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            OciErrorCode::Unsupported,
-            "form too large or unreadable",
-        )
+    let bytes = axum::body::to_bytes(body, MAX_FORM).await.map_err(|e| {
+        if super::incoming::timed_out(&e) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                OciErrorCode::Unsupported,
+                e.to_string(),
+            )
+            .with_header(axum::http::header::CONNECTION, "close")
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                OciErrorCode::Unsupported,
+                "form too large or unreadable",
+            )
+        }
     })?;
     let form = Query(form_urlencoded::parse(&bytes).into_owned().collect());
     check_service(auth, form.get("service"))?;

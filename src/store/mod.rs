@@ -757,6 +757,17 @@ impl Store {
         Ok(self.meta.repositories(last, limit).await?)
     }
 
+    /// Up to `limit` repository names in `keys` after `last` (see
+    /// [`MetaStore::repositories_in`]).
+    pub async fn repositories_in(
+        &self,
+        keys: &crate::oci::keyset::KeySet,
+        last: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(self.meta.repositories_in(keys, last, limit).await?)
+    }
+
     pub async fn referrers(
         &self,
         repo: &RepoName,

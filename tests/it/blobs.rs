@@ -169,6 +169,11 @@ async fn range_reads() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
         assert_eq!(header(&r, "content-range"), Some("bytes */2048"));
+        assert_eq!(
+            error_of(r).await.1,
+            "RANGE_INVALID",
+            "the code names the range"
+        );
     }
 }
 

@@ -148,6 +148,13 @@ impl TestRegistry {
         self.shutdown_now();
     }
 
+    /// Stops the registry and moves its data directory to `to` before the temporary
+    /// directory holding it goes away.
+    pub fn stop_keeping(mut self, to: &Path) {
+        self.shutdown_now();
+        std::fs::rename(&self.data, to).expect("move the data directory");
+    }
+
     fn shutdown_now(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());

@@ -72,7 +72,7 @@ async fn tags_list_sorted_and_paginated_with_link() {
         let (s, code) = error_of(reg.get(&format!("/v2/team/api/tags/list?n={bad}")).await).await;
         assert_eq!(
             (s, code.as_str()),
-            (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
+            (StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),
             "{bad}"
         );
     }

@@ -11,6 +11,7 @@ mod buildx_cache;
 mod crash;
 mod docker_cli;
 mod examples;
+mod hostile;
 mod listings;
 mod manifests;
 mod memory;

@@ -1053,3 +1053,156 @@ async fn a_full_disk_is_said_plainly_and_fails_closed() {
     );
     drop(reg);
 }
+
+// ---- logs, files and schemes ----
+
+/// The access log has one line per request, pulls included: method, path, status,
+/// bytes, duration, user, credential, client.
+#[tokio::test]
+async fn the_access_log_records_every_request_with_its_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let l = log.clone();
+    let reg = TestRegistry::start_tuned(move |c| {
+        c.access_log = l.to_str().unwrap().to_owned();
+        c.access_log_format = wharf::config::AccessLogFormat::Json;
+    });
+    let (m, _) = reg.push_image("team/api", "v1", "logged").await;
+    let tok = create_token(&reg, "admin", "repository:team/*:pull", "1d");
+    let tok_id = token_list(&reg, "admin")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = client_as("admin", &tok)
+        .get(reg.url("/v2/team/api/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    reg.anon
+        .get(reg.url("/v2/team/api/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lines: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines
+            .iter()
+            .filter(|l| l["path"] == "/v2/team/api/manifests/v1")
+            .count()
+            >= 3
+        {
+            break lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let pull = lines
+        .iter()
+        .find(|l| l["method"] == "GET" && l["credential"] == tok_id.as_str())
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(pull["status"], 200);
+    assert_eq!(pull["user"], "admin");
+    assert_eq!(pull["client"], "127.0.0.1");
+    assert_eq!(pull["bytes"], m.len());
+    assert!(pull["duration_ms"].is_number());
+    assert!(lines.iter().any(|l| l["status"] == 401
+        && l["user"].is_null()
+        && l["path"] == "/v2/team/api/manifests/v1"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["method"] == "PUT" && l["credential"] == "password")
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&log).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the access log is private");
+}
+
+/// The data directory and everything in it is private; one left readable by others is
+/// put right at start, with a log line.
+#[tokio::test]
+async fn the_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let reg = TestRegistry::start();
+    reg.push_image("team/api", "v1", "private").await;
+    assert_eq!(mode(&reg.data), 0o700);
+    assert_eq!(mode(&reg.data.join("meta.db")), 0o600);
+    for f in reg.blob_files() {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+        assert_eq!(mode(f.parent().unwrap()), 0o700);
+    }
+    let data = reg.data.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("data");
+    reg.stop_keeping(&copy);
+    // Opened up by hand (or by an older version), then started again.
+    for e in walk(&copy) {
+        let m = if e.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&e, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+    let p = crate::common::Process::start(&copy);
+    let reg = TestRegistry::attach(&p.base, &copy);
+    assert_eq!(
+        reg.get("/v2/team/api/manifests/v1").await.status(),
+        StatusCode::OK
+    );
+    for e in walk(&copy) {
+        let want = if e.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode(&e), want, "{}", e.display());
+    }
+    let mut p = p;
+    let _ = p.child.kill();
+    let mut err = String::new();
+    use std::io::Read;
+    p.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("readable by other users"), "{err}");
+    let _ = data;
+}
+
+fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![root.to_owned()];
+    let mut i = 0;
+    while i < out.len() {
+        if out[i].is_dir() {
+            for e in std::fs::read_dir(&out[i]).unwrap() {
+                out.push(e.unwrap().path());
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The `Bearer` scheme is matched without regard to case, as HTTP says.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let reg = TestRegistry::start();
+    reg.push_image("team/api", "v1", "x").await;
+    let r = token(&reg, &reg.client, &["repository:team/api:pull"]).await;
+    let jwt = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for scheme in ["Bearer", "bearer", "BEARER", "BeArEr"] {
+        let r = reg
+            .anon
+            .get(reg.url("/v2/team/api/manifests/v1"))
+            .header("authorization", format!("{scheme} {jwt}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{scheme}");
+    }
+}

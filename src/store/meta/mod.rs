@@ -217,6 +217,14 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<Option<Vec<String>>, MetaError>;
     /// Up to `limit` repository names after `last`, sorted.
     async fn repositories(&self, last: Option<&str>, limit: u32) -> Result<Vec<String>, MetaError>;
+    /// Up to `limit` repository names in `keys` after `last`, sorted; the work is bounded
+    /// by `limit` and the number of ranges, not by the number of repositories.
+    async fn repositories_in(
+        &self,
+        keys: &crate::oci::keyset::KeySet,
+        last: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, MetaError>;
     async fn referrers(&self, repo: &str, subject: &str) -> Result<Vec<Referrer>, MetaError>;
     /// The number of tags and one page of them with their manifests; None if the
     /// repository does not exist.
@@ -379,6 +387,43 @@ pub(crate) mod tests {
             m.repositories(Some("other"), 10).await.unwrap(),
             vec!["team/api"]
         );
+        {
+            use crate::oci::keyset::KeySet;
+            let team = KeySet::prefix("team/");
+            assert_eq!(
+                m.repositories_in(&team, None, 10).await.unwrap(),
+                ["team/api"]
+            );
+            assert!(
+                m.repositories_in(&team, Some("team/api"), 10)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            let both = team.union(&KeySet::one("other"));
+            assert_eq!(
+                m.repositories_in(&both, None, 10).await.unwrap(),
+                ["other", "team/api"]
+            );
+            assert_eq!(m.repositories_in(&both, None, 1).await.unwrap(), ["other"]);
+            assert_eq!(
+                m.repositories_in(&both, Some("other"), 5).await.unwrap(),
+                ["team/api"]
+            );
+            assert!(
+                m.repositories_in(&KeySet::empty(), None, 5)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            assert_eq!(
+                m.repositories_in(&KeySet::all(), None, 5)
+                    .await
+                    .unwrap()
+                    .len(),
+                2
+            );
+        }
 
         // Deletes.
         assert!(

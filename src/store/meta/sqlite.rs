@@ -13,6 +13,7 @@ use super::{
     EventRecord, ManifestRecord, MetaError, MetaStore, NewManifest, Referrer, TagOrder, TagRow,
     UploadRow, Who,
 };
+use crate::oci::keyset::KeySet;
 use crate::store::policy::TagPolicy;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -833,6 +834,59 @@ impl MetaStore for SqliteMeta {
             Ok(rows
                 .take(limit as usize)
                 .collect::<Result<Vec<String>, _>>()?)
+        })
+        .await
+    }
+
+    async fn repositories_in(
+        &self,
+        keys: &KeySet,
+        last: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, MetaError> {
+        // Each range is one scan of the primary key from its start; the scan stops at
+        // the range's end or when `limit` names are found, so the work is bounded by the
+        // page and the number of ranges, however many repositories there are.
+        let after = last.map(|l| format!("{l}\0"));
+        let ranges: Vec<(String, Option<String>)> = keys
+            .ranges()
+            .iter()
+            .filter_map(|(from, to)| {
+                let from = match &after {
+                    Some(a) if a > from => a.clone(),
+                    _ => from.clone(),
+                };
+                to.as_ref()
+                    .is_none_or(|t| from < *t)
+                    .then(|| (from, to.clone()))
+            })
+            .collect();
+        self.listing(limit, move |c| {
+            let mut out = Vec::new();
+            for (from, to) in &ranges {
+                let want = limit as usize - out.len();
+                if want == 0 {
+                    break;
+                }
+                let found: Vec<String> = match to {
+                    Some(to) => c
+                        .prepare_cached(
+                            "SELECT name FROM repositories WHERE name >= ?1 AND name < ?2 ORDER BY name",
+                        )?
+                        .query_map(params![from, to], |r| r.get(0))?
+                        .take(want)
+                        .collect::<Result<_, _>>()?,
+                    None => c
+                        .prepare_cached(
+                            "SELECT name FROM repositories WHERE name >= ?1 ORDER BY name",
+                        )?
+                        .query_map(params![from], |r| r.get(0))?
+                        .take(want)
+                        .collect::<Result<_, _>>()?,
+                };
+                out.extend(found);
+            }
+            Ok(out)
         })
         .await
     }
