@@ -356,7 +356,7 @@ async fn stalled_uploads_and_connection_floods_stay_bounded() {
             s.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
             let mut probe = [0u8; 1];
-            match (&s).peek(&mut probe) {
+            match s.peek(&mut probe) {
                 Ok(n) if n > 0 => {
                     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                     let (status, _, body) = read_answer(&mut BufReader::new(s));
