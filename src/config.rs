@@ -69,6 +69,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Uploads writing at once (PATCH, PUT or POST with a body); past it 503.
     pub max_uploads: usize,
+    /// Uploads one user may have writing at once; past it 503.
+    pub max_uploads_per_user: usize,
     /// Memory for upload buffers in all, in MiB: writers wait for a buffer (the client
     /// is slowed down, not refused) when it is all in use.
     pub upload_memory_mib: usize,
@@ -85,6 +87,7 @@ impl Default for Limits {
             anonymous_body_timeout: Duration::from_secs(5),
             max_connections: 4096,
             max_uploads: 256,
+            max_uploads_per_user: 64,
             upload_memory_mib: 256,
         }
     }

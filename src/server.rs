@@ -149,6 +149,7 @@ pub async fn serve(
             config.access_log_format,
         )
         .map_err(|e| ServeError::Config(format!("access log {}: {e}", config.access_log)))?,
+        uploaders: registry::Uploaders::default(),
     };
     let open_connections = Arc::clone(&state.metrics.open_connections);
     let overloaded = Arc::clone(&state.metrics.refused_connections);

@@ -63,6 +63,8 @@ struct Shared {
     ended: bool,
     /// The handler read from it at all.
     polled: bool,
+    /// The body failed (cut off, or the client went away): nothing to drain.
+    failed: bool,
 }
 
 /// The timeout a body is held to; raised once the caller is authenticated.
@@ -132,9 +134,16 @@ impl http_body::Body for Timed {
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(IdleBody(timeout))))),
+                    Poll::Ready(()) => {
+                        this.shared.lock().expect("request body").failed = true;
+                        Poll::Ready(Some(Err(axum::Error::new(IdleBody(timeout)))))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.shared.lock().expect("request body").failed = true;
+                Poll::Ready(Some(Err(e)))
             }
             other => other,
         }
@@ -164,6 +173,7 @@ impl Incoming {
             body: Some(body),
             ended: false,
             polled: false,
+            failed: false,
         }));
         let deadline = Deadline::new(timeout);
         let timed = Timed {
@@ -190,6 +200,9 @@ impl Incoming {
             if sh.ended {
                 return true;
             }
+            if sh.failed {
+                return false;
+            }
             (sh.body.take(), sh.polled)
         };
         let Some(body) = body else { return true };
@@ -203,18 +216,34 @@ impl Incoming {
             return false;
         }
         let idle = self.deadline.get();
+        // The same rule as for the handler: PROGRESS bytes per timeout, or give up.
         let drain = async {
             use futures_util::StreamExt;
             let mut seen = 0u64;
             let mut stream = body.into_data_stream();
             loop {
-                match tokio::time::timeout(idle, stream.next()).await {
-                    Ok(Some(Ok(c))) => seen += c.len() as u64,
-                    Ok(None) => return true,
-                    Ok(Some(Err(_))) | Err(_) => return false,
-                }
-                if seen > limit {
-                    return false;
+                let window = async {
+                    let mut got = 0usize;
+                    while got < PROGRESS {
+                        match stream.next().await {
+                            Some(Ok(c)) => got += c.len(),
+                            Some(Err(_)) => return Err(()),
+                            None => return Ok((got, true)),
+                        }
+                    }
+                    Ok((got, false))
+                };
+                match tokio::time::timeout(idle, window).await {
+                    Ok(Ok((got, end))) => {
+                        seen += got as u64;
+                        if seen > limit {
+                            return false;
+                        }
+                        if end {
+                            return true;
+                        }
+                    }
+                    Ok(Err(())) | Err(_) => return false,
                 }
             }
         };

@@ -57,6 +57,49 @@ pub struct AppState {
     /// Body timeouts and other bounds (`[limits]`).
     pub limits: crate::config::Limits,
     pub access_log: Option<access_log::AccessLog>,
+    /// Uploads writing now, per user.
+    pub uploaders: Uploaders,
+}
+
+/// Uploads writing now, per user, so that one account (or one leaked token) cannot hold
+/// every place of `max_uploads` with slow bodies.
+#[derive(Default)]
+pub struct Uploaders(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+/// A user's place among their uploads writing now.
+pub struct Uploading<'a> {
+    of: &'a Uploaders,
+    user: String,
+}
+
+impl Uploaders {
+    fn enter(&self, caller: &authz::Caller, max: usize) -> Result<Uploading<'_>> {
+        let user = caller.principal.name().unwrap_or("").to_owned();
+        let mut map = self.0.lock().expect("uploaders");
+        let n = map.entry(user.clone()).or_insert(0);
+        if *n >= max {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                OciErrorCode::Toomanyrequests,
+                format!("{user} has {max} uploads being written at once, the most one user may; retry when one ends"),
+            )
+            .with_header(header::RETRY_AFTER, "1"));
+        }
+        *n += 1;
+        Ok(Uploading { of: self, user })
+    }
+}
+
+impl Drop for Uploading<'_> {
+    fn drop(&mut self) {
+        let mut map = self.of.0.lock().expect("uploaders");
+        if let Some(n) = map.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// Builds the router serving the registry API and the token endpoint.
@@ -283,6 +326,14 @@ async fn handle(
             }
         }
         Endpoint::UploadStart { name } if m == Method::POST => {
+            let _writing = match q.get("digest") {
+                Some(_) => Some(
+                    state
+                        .uploaders
+                        .enter(&caller, state.limits.max_uploads_per_user)?,
+                ),
+                None => None,
+            };
             // A mount reads from another repository: the caller must be able to pull it.
             let from_ok = match q.get("from").map(RepoName::parse) {
                 Some(Ok(from)) => {
@@ -303,13 +354,21 @@ async fn handle(
                     Ok(upload_progress(StatusCode::NO_CONTENT, &name, id, size))
                 }
                 Method::PATCH => {
+                    let _writing = state
+                        .uploaders
+                        .enter(&caller, state.limits.max_uploads_per_user)?;
                     let (start, len) = chunk_bounds(h)?;
                     let size = store
                         .upload_append(&name, id, start, len, body_stream(body))
                         .await?;
                     Ok(upload_progress(StatusCode::ACCEPTED, &name, id, size))
                 }
-                Method::PUT => upload_finish(store, &name, id, &q, h, body).await,
+                Method::PUT => {
+                    let _writing = state
+                        .uploaders
+                        .enter(&caller, state.limits.max_uploads_per_user)?;
+                    upload_finish(store, &name, id, &q, h, body).await
+                }
                 Method::DELETE => {
                     store.upload_cancel(&name, id).await?;
                     Ok(empty(StatusCode::NO_CONTENT))

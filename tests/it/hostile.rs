@@ -259,7 +259,7 @@ async fn stalled_uploads_and_connection_floods_stay_bounded() {
     let config = dir.path().join("wharf.toml");
     std::fs::write(
         &config,
-        "[limits]\nmax_uploads = 20\nmax_connections = 60\n",
+        "[limits]\nmax_uploads = 20\nmax_connections = 60\nbody_idle_timeout = \"8s\"\n",
     )
     .unwrap();
     let p = Process::start_with(
@@ -479,4 +479,54 @@ async fn the_catalog_over_many_private_repositories_costs_a_page() {
         used < 2.0,
         "100 anonymous catalog requests used {used:.2} CPU seconds of the server"
     );
+}
+
+/// One user's slow uploads cannot take every upload place: past `max_uploads_per_user`
+/// theirs get 503, while others push on.
+#[tokio::test]
+async fn one_user_cannot_hold_every_upload_place() {
+    let reg = TestRegistry::start_tuned(|c| {
+        c.limits.max_uploads_per_user = 5;
+        // The stalled bodies end soon after the test has what it needs.
+        c.limits.body_idle_timeout = Duration::from_secs(2);
+    });
+    crate::common::add_user(&reg, "mallory", "mallory-password");
+    let mallory = crate::common::client_as("mallory", "mallory-password");
+    let mut stalled = Vec::new();
+    for _ in 0..5 {
+        let r = mallory
+            .post(reg.url("/v2/mallory/x/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        let url = reg.url(header(&r, "location").unwrap());
+        let c = mallory.clone();
+        stalled.push(tokio::spawn(async move {
+            c.patch(url)
+                .header("content-length", (10u64 << 20).to_string())
+                .body(crate::common::stalling_body(vec![1u8; 1000]))
+                .send()
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let d = crate::common::sha256(b"sixth");
+    let r = mallory
+        .post(reg.url(&format!("/v2/mallory/x/blobs/uploads/?digest={d}")))
+        .body(&b"sixth"[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mallory")
+    );
+    reg.push_blob("team/api", b"admin pushes on").await;
+    for s in stalled {
+        s.abort();
+    }
 }
