@@ -65,8 +65,15 @@ pub struct Limits {
     /// The same for a caller not (yet) authenticated, such as `POST /token`.
     #[serde(deserialize_with = "crate::time::deserialize_duration")]
     pub anonymous_body_timeout: Duration,
+    /// A connection that reads and writes nothing for this long is closed (a client that
+    /// stopped reading, an HTTP/2 connection that sends nothing).
+    #[serde(deserialize_with = "crate::time::deserialize_duration")]
+    pub connection_idle_timeout: Duration,
     /// Open connections at most; past it new ones get 503 and are closed.
     pub max_connections: usize,
+    /// Open connections from one client address (IPv6: one /64) at most. Behind a
+    /// reverse proxy every connection comes from the proxy: raise it to max_connections.
+    pub max_connections_per_client: usize,
     /// Uploads writing at once (PATCH, PUT or POST with a body); past it 503.
     pub max_uploads: usize,
     /// Uploads one user may have writing at once; past it 503.
@@ -85,7 +92,9 @@ impl Default for Limits {
             password_checks_queued: auth.password_queue,
             body_idle_timeout: Duration::from_secs(30),
             anonymous_body_timeout: Duration::from_secs(5),
+            connection_idle_timeout: crate::idle::IDLE,
             max_connections: 4096,
+            max_connections_per_client: 512,
             max_uploads: 256,
             max_uploads_per_user: 64,
             upload_memory_mib: 256,

@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod errorbody;
 pub mod events;
+pub mod idle;
 pub mod oci;
 pub mod registry;
 pub mod sendfile;

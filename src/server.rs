@@ -16,6 +16,7 @@ use tower::ServiceExt as _;
 use crate::auth::{Auth, AuthError};
 use crate::config::{Config, TlsFiles};
 use crate::errorbody::ErrorBodies;
+use crate::idle::IdleGuard;
 use crate::registry::{self, AppState};
 use crate::sendfile;
 use crate::store::meta::events::EventsMeta;
@@ -115,6 +116,7 @@ pub async fn serve(
         &config.service,
         config.limits.auth(),
     )?);
+    auth.load_trust().await?;
     let admin_pw = config.admin_password.as_ref().map(|s| s.expose());
     if let Some(generated) = auth.ensure_admin(admin_pw).await? {
         // Shown this once: it is stored only as a hash.
@@ -124,6 +126,7 @@ pub async fn serve(
         );
     }
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store), started));
+    let purger = tokio::spawn(purge_tokens(Arc::clone(&auth)));
     let audit_flusher = tokio::spawn(flush_audit(Arc::clone(&auth)));
     let trimmer = tokio::spawn(trim_memory(Arc::clone(&store)));
     sync_config_webhooks(events.as_ref(), &config.webhooks).await?;
@@ -166,13 +169,29 @@ pub async fn serve(
     // The timer enables hyper's header read timeout against slow-header clients; it
     // also closes a kept-alive connection that sends no next request in that time.
     builder.timer(TokioTimer::new());
+    // Headers (and hyper's read buffer) of at most this much per connection.
+    builder.max_buf_size(MAX_BUF);
     // TLS connections speak HTTP/2 when the client offers it (ALPN), else HTTP/1.1.
     let mut tls_builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    tls_builder.http1().timer(TokioTimer::new());
-    tls_builder.http2().timer(TokioTimer::new());
+    tls_builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_BUF);
+    // A stream is a request: 32 at once per connection, not hyper's 200, so one HTTP/2
+    // connection cannot hold more than a few HTTP/1 connections would.
+    tls_builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(32)
+        .max_header_list_size(64 * 1024);
     let tls_builder = Arc::new(tls_builder);
     let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let per_client = Arc::new(PerClient::default());
+    let per_client_max = config.limits.max_connections_per_client.max(1);
+    let idle = config.limits.connection_idle_timeout;
+    // Refusals in progress at once: past it an excess connection is simply closed.
+    let refusing = Arc::new(tokio::sync::Semaphore::new(64));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -188,12 +207,26 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+        let client = crate::auth::limiter::ClientKey::from(peer.ip());
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(p) => per_client.enter(client, per_client_max).map(|c| (p, c)),
+            Err(_) => None,
+        };
+        let Some((permit, share)) = permit else {
             overloaded.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(refuse(tcp, tls.clone(), max_connections));
+            // Plain HTTP gets a 503 it can read; TLS is just closed (a handshake for a
+            // refusal would cost more than the connection it refuses).
+            if tls.is_none() {
+                if let Ok(turn) = Arc::clone(&refusing).try_acquire_owned() {
+                    tokio::spawn(async move {
+                        let _turn = turn;
+                        refuse(tcp, max_connections).await;
+                    });
+                }
+            }
             continue;
         };
-        let guard = ConnectionGuard::new(permit, Arc::clone(&open_connections));
+        let guard = ConnectionGuard::new(permit, share, Arc::clone(&open_connections));
         // Plain connections send blob bodies with sendfile; TLS ones copy through rustls.
         let queue = sendfile::Queue::new(Arc::clone(&sendfile_bytes));
         let zero_copy = tls.is_none().then(|| queue.clone());
@@ -210,7 +243,10 @@ pub async fn serve(
             None => {
                 // hyper must keep writing vectored (never `writev(false)`), or it would
                 // copy the placeholder chunks: see `sendfile`.
-                let io = TokioIo::new(ErrorBodies::new(sendfile::Conn::new(tcp, queue)));
+                let io = TokioIo::new(IdleGuard::with_idle(
+                    ErrorBodies::new(sendfile::Conn::new(tcp, queue)),
+                    idle,
+                ));
                 let conn = builder.serve_connection(io, service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -226,6 +262,7 @@ pub async fn serve(
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _guard = guard;
+                    let tcp = IdleGuard::with_idle(tcp, idle);
                     let stream =
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                             .await
@@ -254,6 +291,7 @@ pub async fn serve(
         }
     }
     sweeper.abort();
+    purger.abort();
     trimmer.abort();
     audit_flusher.abort();
     auth.flush_failures().await;
@@ -290,17 +328,72 @@ fn raise_descriptor_limit(wanted: usize) -> usize {
     wanted.min(fit).max(1)
 }
 
-/// Holds a connection's place among `max_connections` and counts it as open.
+/// Headers and read buffer of one HTTP/1 connection, at most (hyper's default, about
+/// 400 KiB, times thousands of connections would be gigabytes).
+const MAX_BUF: usize = 128 * 1024;
+
+/// Connections open per client address (IPv6 by /64), so one client cannot take every
+/// place of `max_connections`.
+#[derive(Default)]
+struct PerClient(
+    std::sync::Mutex<std::collections::HashMap<crate::auth::limiter::ClientKey, usize>>,
+);
+
+/// One connection's share of its client's places.
+struct Share {
+    of: Arc<PerClient>,
+    client: crate::auth::limiter::ClientKey,
+}
+
+impl PerClient {
+    fn enter(
+        self: &Arc<Self>,
+        client: crate::auth::limiter::ClientKey,
+        max: usize,
+    ) -> Option<Share> {
+        let mut map = self.0.lock().expect("connections per client");
+        let n = map.entry(client).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Share {
+            of: Arc::clone(self),
+            client,
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut map = self.of.0.lock().expect("connections per client");
+        if let Some(n) = map.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Holds a connection's place among `max_connections` and its client's, and counts it
+/// as open.
 struct ConnectionGuard {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _share: Share,
     open: Arc<AtomicU64>,
 }
 
 impl ConnectionGuard {
-    fn new(permit: tokio::sync::OwnedSemaphorePermit, open: Arc<AtomicU64>) -> ConnectionGuard {
+    fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        share: Share,
+        open: Arc<AtomicU64>,
+    ) -> ConnectionGuard {
         open.fetch_add(1, Ordering::Relaxed);
         ConnectionGuard {
             _permit: permit,
+            _share: share,
             open,
         }
     }
@@ -312,31 +405,21 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Answers a connection past `max_connections` with 503 and closes it (after the TLS
-/// handshake on HTTPS), within a few seconds at most.
-async fn refuse(tcp: tokio::net::TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, max: usize) {
+/// Answers a plain connection past `max_connections` (or its client's share) with 503
+/// and closes it, within a second at most.
+async fn refuse(tcp: tokio::net::TcpStream, max: usize) {
     use tokio::io::AsyncWriteExt;
     let body = serde_json::json!({"errors": [{"code": "TOOMANYREQUESTS", "message":
-        format!("the registry has {max} connections open, the most it takes; retry in a moment")}]})
+        format!("the registry has as many connections open as it takes (at most {max}, fewer from one address); retry in a moment")}]})
     .to_string();
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ndocker-distribution-api-version: registry/2.0\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(5), async move {
-        match tls {
-            None => {
-                let mut tcp = tcp;
-                let _ = tcp.write_all(answer.as_bytes()).await;
-                let _ = tcp.shutdown().await;
-            }
-            Some(acceptor) => {
-                if let Ok(mut s) = acceptor.accept(tcp).await {
-                    let _ = s.write_all(answer.as_bytes()).await;
-                    let _ = s.shutdown().await;
-                }
-            }
-        }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async move {
+        let mut tcp = tcp;
+        let _ = tcp.write_all(answer.as_bytes()).await;
+        let _ = tcp.shutdown().await;
     })
     .await;
 }
@@ -374,6 +457,23 @@ async fn flush_audit(auth: Arc<Auth>) {
     loop {
         every.tick().await;
         auth.flush_failures().await;
+    }
+}
+
+/// Tokens revoked or expired this long ago are deleted (they can never work again), and
+/// addresses not signed in from for as long are forgotten.
+const TOKEN_KEEP: Duration = Duration::from_secs(30 * 86_400);
+
+async fn purge_tokens(auth: Arc<Auth>) {
+    let mut every = tokio::time::interval(UPLOAD_SWEEP_EVERY);
+    loop {
+        every.tick().await;
+        let before = crate::store::meta::now_ms() - TOKEN_KEEP.as_millis() as i64;
+        match auth.meta().tokens_purge(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("deleted {n} tokens revoked or expired over 30 days ago"),
+            Err(e) => tracing::warn!(error = %e, "could not purge old tokens"),
+        }
     }
 }
 

@@ -19,3 +19,16 @@ ALTER TABLE uploads ADD COLUMN monolithic INTEGER NOT NULL DEFAULT 0;
 
 -- The credential behind an audited action: `password`, a token's id.
 ALTER TABLE audit_log ADD COLUMN credential TEXT;
+
+-- Addresses users signed in from, with the password they used (its generation): the
+-- failed-login limiter exempts them from the per-user window, across restarts.
+CREATE TABLE login_trust (
+    user_name   TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    client      TEXT NOT NULL,
+    generation  INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    PRIMARY KEY (user_name, client)
+);
+
+-- Open uploads per repository are bounded.
+CREATE INDEX uploads_repository ON uploads(repository);

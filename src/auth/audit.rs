@@ -3,10 +3,12 @@
 //!
 //! In each minute the first failure of a kind (action, user, client) is written at once;
 //! its repeats in that minute are counted and written as one summary row when the minute
-//! ends. At most [`ROWS_PER_MINUTE`] kinds get rows of their own in a minute; failures
-//! past that are counted together in one row. So an attack adds at most about
-//! `2 * ROWS_PER_MINUTE + 1` rows a minute, however many requests it sends, and memory
-//! holds at most `ROWS_PER_MINUTE` kinds.
+//! ends. At most [`ROWS_PER_MINUTE`] kinds naming a user, and as many naming none, get
+//! rows of their own in a minute (two budgets, so a flood of failures that name no user
+//! cannot push the failures against real users out of the log); failures past that are
+//! counted together in one row. So an attack adds at most about `4 * ROWS_PER_MINUTE + 1`
+//! rows a minute, however many requests it sends, and memory holds at most
+//! `2 * ROWS_PER_MINUTE` kinds.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -24,6 +26,8 @@ struct State {
     start: Instant,
     /// Kinds with a row this minute, and their repeats since.
     repeats: HashMap<Kind, u32>,
+    /// Of those, the kinds that name a user.
+    named: u32,
     /// Failures of kinds past the cap.
     suppressed: u32,
 }
@@ -38,6 +42,7 @@ impl Default for Failures {
             state: Mutex::new(State {
                 start: Instant::now(),
                 repeats: HashMap::new(),
+                named: 0,
                 suppressed: 0,
             }),
         }
@@ -78,6 +83,7 @@ impl State {
             self.suppressed = 0;
         }
         self.start = now;
+        self.named = 0;
         out
     }
 }
@@ -107,11 +113,18 @@ impl Failures {
             user.map(str::to_owned),
             client.map(|c| c.to_string()),
         );
+        let named = kind.1.is_some();
+        let used = if named {
+            st.named
+        } else {
+            st.repeats.len() as u32 - st.named
+        };
         if let Some(n) = st.repeats.get_mut(&kind) {
             *n += 1;
-        } else if (st.repeats.len() as u32) < ROWS_PER_MINUTE {
+        } else if used < ROWS_PER_MINUTE {
             out.push(entry(&kind, detail.to_owned(), at));
             st.repeats.insert(kind, 0);
+            st.named += u32::from(named);
         } else {
             st.suppressed += 1;
         }
@@ -158,9 +171,15 @@ mod tests {
                 .len();
         }
         assert_eq!(rows as u32, ROWS_PER_MINUTE);
+        // Failures naming no user have a budget of their own.
+        for i in 0..10_000 {
+            let client: IpAddr = format!("10.1.{}.{}", i / 250, i % 250).parse().unwrap();
+            rows += f.record("login.failed", None, Some(client), "x", 1).len();
+        }
+        assert_eq!(rows as u32, 2 * ROWS_PER_MINUTE);
         let st = f.state.lock().unwrap();
-        assert_eq!(st.repeats.len() as u32, ROWS_PER_MINUTE);
-        assert_eq!(st.suppressed, 10_000 - (ROWS_PER_MINUTE - 1));
+        assert_eq!(st.repeats.len() as u32, 2 * ROWS_PER_MINUTE);
+        assert_eq!(st.suppressed, 2 * 10_000 - (2 * ROWS_PER_MINUTE - 1));
     }
 
     #[test]

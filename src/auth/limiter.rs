@@ -11,10 +11,15 @@
 //!
 //! The per-user window would let an attacker anywhere lock the user out everywhere, and
 //! the per-client one would let an attacker behind the same address (a shared NAT) do
-//! it, so neither applies to a client the user signed in from before ("trusted" for
-//! [`TRUST_FOR`]): an attack from other addresses slows down the attack, not the user at
-//! their usual address, whose own failures are still limited per (client, user). IPv6
-//! clients are counted by their /64, which one host usually holds whole.
+//! it, so neither applies to a client the user signed in from before with the same
+//! password ("trusted" for [`TRUST_FOR`], at most [`TRUST_PER_USER`] addresses a user,
+//! kept in the database so a restart does not forget them): an attack from other
+//! addresses slows down the attack, not the user at their usual address, whose own
+//! failures are still limited per (client, user) and are not forgotten by a success.
+//! IPv6 clients are counted by their /64, which one host usually holds whole.
+//!
+//! A reservation is owned (`'static`), so the password check can carry it to its end:
+//! a client that hangs up while its guess is being hashed does not get its place back.
 //!
 //! Access tokens are not limited here: their 238 random bits cannot be guessed, and
 //! checking one costs a hash and a point read.
@@ -30,14 +35,25 @@ pub const PER_CLIENT: u32 = 20;
 pub const PER_USER: u32 = 50;
 /// How long a successful sign-in from a client exempts it from the per-user window.
 pub const TRUST_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Past this many tracked windows, expired ones are swept.
-const SWEEP_AT: usize = 10_000;
-/// The most trusted (client, user) pairs kept; the oldest go first.
-const TRUST_MAX: usize = 100_000;
+/// Trusted addresses kept per user; the one used longest ago goes first.
+pub const TRUST_PER_USER: usize = 16;
+/// How often expired windows are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// A client address as the limiter counts it: IPv4 whole, IPv6 by its /64.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-struct ClientKey(u128);
+pub struct ClientKey(u128);
+
+impl ClientKey {
+    /// How the database keeps it.
+    pub fn to_text(self) -> String {
+        format!("{:032x}", self.0)
+    }
+
+    pub fn from_text(s: &str) -> Option<ClientKey> {
+        u128::from_str_radix(s, 16).ok().map(ClientKey)
+    }
+}
 
 impl From<IpAddr> for ClientKey {
     fn from(ip: IpAddr) -> Self {
@@ -68,13 +84,34 @@ impl Key {
     }
 }
 
-#[derive(Default)]
+/// A trusted address of a user: where, with which password (the user's generation),
+/// and when it last signed in.
+#[derive(Clone, Copy, Debug)]
+struct Trust {
+    client: ClientKey,
+    generation: i64,
+    at: Instant,
+}
+
 struct State {
     /// Failures per window.
     windows: HashMap<Key, (Instant, u32)>,
     /// Attempts in flight, not yet decided.
     pending: HashMap<Key, u32>,
-    trusted: HashMap<(ClientKey, String), Instant>,
+    /// Per user (only users that signed in, so bounded by the users there are).
+    trusted: HashMap<String, Vec<Trust>>,
+    swept: Instant,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            windows: HashMap::new(),
+            pending: HashMap::new(),
+            trusted: HashMap::new(),
+            swept: Instant::now(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -85,19 +122,23 @@ pub struct Limiter {
 }
 
 enum Decision {
-    Go(Vec<Key>),
+    Go(Vec<Key>, bool),
     Wait,
     Limited(u64),
 }
 
 /// A place reserved in each window an attempt counts against. Report the outcome with
-/// [`Reservation::succeeded`] or [`Reservation::failed`]; dropped without either (the
-/// check itself failed), the place is given back.
-pub struct Reservation<'a> {
-    limiter: &'a Limiter,
+/// [`Reservation::succeeded`] or [`Reservation::failed`], or give it up unchecked with
+/// [`Reservation::abandon`]; dropped without any of these (the client hung up while it
+/// waited for its check), it counts as a failure, so hanging up never gives a guess
+/// back.
+pub struct Reservation {
+    limiter: std::sync::Arc<Limiter>,
     client: Option<ClientKey>,
     user: String,
     keys: Vec<Key>,
+    /// The client signed in as the user before, with the same password.
+    pub trusted: bool,
 }
 
 impl Limiter {
@@ -107,25 +148,28 @@ impl Limiter {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Reserves an attempt for `user` from `client`, or says how many seconds to wait.
+    /// Reserves an attempt for `user` (whose password is at `generation`, if the user
+    /// exists) from `client`, or says how many seconds to wait.
     pub async fn reserve(
-        &self,
+        self: &std::sync::Arc<Self>,
         client: Option<IpAddr>,
         user: &str,
-    ) -> Result<Reservation<'_>, u64> {
+        generation: Option<i64>,
+    ) -> Result<Reservation, u64> {
         let client = client.map(ClientKey::from);
         loop {
             // Registered before the check, so a decision in between is not missed.
             let decided = self.decided.notified();
             tokio::pin!(decided);
             decided.as_mut().enable();
-            match self.decide(client, user) {
-                Decision::Go(keys) => {
+            match self.decide(client, user, generation) {
+                Decision::Go(keys, trusted) => {
                     return Ok(Reservation {
-                        limiter: self,
+                        limiter: std::sync::Arc::clone(self),
                         client,
                         user: user.to_owned(),
                         keys,
+                        trusted,
                     });
                 }
                 Decision::Limited(wait) => return Err(wait),
@@ -134,18 +178,22 @@ impl Limiter {
         }
     }
 
-    fn decide(&self, client: Option<ClientKey>, user: &str) -> Decision {
+    fn decide(&self, client: Option<ClientKey>, user: &str, generation: Option<i64>) -> Decision {
         let now = Instant::now();
         let mut st = self.lock();
-        if st.windows.len() > SWEEP_AT {
+        if now.duration_since(st.swept) >= SWEEP_EVERY {
             st.windows
                 .retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+            st.swept = now;
         }
-        let trusted = client.is_some_and(|c| {
-            st.trusted
-                .get(&(c, user.to_owned()))
-                .is_some_and(|t| now.duration_since(*t) < TRUST_FOR)
-        });
+        let trusted = match (client, generation) {
+            (Some(c), Some(g)) => st.trusted.get(user).is_some_and(|ts| {
+                ts.iter().any(|t| {
+                    t.client == c && t.generation == g && now.duration_since(t.at) < TRUST_FOR
+                })
+            }),
+            _ => false,
+        };
         // A trusted pair counts only its own failures: neither other users' failures
         // from the same address (a shared NAT) nor the user's from elsewhere hold it up.
         let mut keys = Vec::with_capacity(3);
@@ -185,7 +233,31 @@ impl Limiter {
         for k in &keys {
             *st.pending.entry(k.clone()).or_insert(0) += 1;
         }
-        Decision::Go(keys)
+        Decision::Go(keys, trusted)
+    }
+
+    /// Trusts `client` for `user` at `generation` (a sign-in that happened at `at`, as
+    /// the database remembers it). Returns true if this is news worth keeping (a new
+    /// address, or one last kept a day ago or more).
+    pub fn trust(&self, client: ClientKey, user: &str, generation: i64, at: Instant) -> bool {
+        let mut st = self.lock();
+        let ts = st.trusted.entry(user.to_owned()).or_default();
+        ts.retain(|t| t.generation == generation);
+        if let Some(t) = ts.iter_mut().find(|t| t.client == client) {
+            let stale = at.duration_since(t.at) >= Duration::from_secs(86_400);
+            t.at = t.at.max(at);
+            return stale;
+        }
+        if ts.len() >= TRUST_PER_USER {
+            let oldest = (0..ts.len()).min_by_key(|&i| ts[i].at).expect("not empty");
+            ts.swap_remove(oldest);
+        }
+        ts.push(Trust {
+            client,
+            generation,
+            at,
+        });
+        true
     }
 
     /// Decides attempts in flight: each no longer pending, and counted as a failure if
@@ -214,32 +286,18 @@ impl Limiter {
     }
 }
 
-impl Reservation<'_> {
-    /// The right password: the attempt is no failure, the client's failures for this
-    /// user are forgotten, and the client is trusted for the user.
-    pub fn succeeded(mut self) {
+impl Reservation {
+    /// The right password for `generation`: the attempt is no failure, and the client is
+    /// trusted for the user. Returns the client to remember in the database, if there
+    /// is news to keep (see [`Limiter::trust`]).
+    pub fn succeeded(mut self, generation: i64) -> Option<ClientKey> {
         let keys = std::mem::take(&mut self.keys);
-        let Some(c) = self.client else {
-            self.limiter.decide_pending(&keys, false);
-            return;
-        };
-        let now = Instant::now();
-        {
-            let mut st = self.limiter.lock();
-            st.windows.remove(&Key::ClientUser(c, self.user.clone()));
-            if st.trusted.len() >= TRUST_MAX {
-                st.trusted.retain(|_, t| now.duration_since(*t) < TRUST_FOR);
-                if st.trusted.len() >= TRUST_MAX {
-                    // Still full of live entries: drop the oldest tenth.
-                    let mut ages: Vec<Instant> = st.trusted.values().copied().collect();
-                    ages.sort_unstable();
-                    let cut = ages[TRUST_MAX / 10];
-                    st.trusted.retain(|_, t| *t > cut);
-                }
-            }
-            st.trusted.insert((c, std::mem::take(&mut self.user)), now);
-        }
+        let news = self.client.filter(|c| {
+            self.limiter
+                .trust(*c, &self.user, generation, Instant::now())
+        });
         self.limiter.decide_pending(&keys, false);
+        news
     }
 
     /// A wrong password: counted as a failure in every window.
@@ -247,14 +305,19 @@ impl Reservation<'_> {
         let keys = std::mem::take(&mut self.keys);
         self.limiter.decide_pending(&keys, true);
     }
+
+    /// Not checked at all (the server was too busy to): no failure.
+    pub fn abandon(mut self) {
+        let keys = std::mem::take(&mut self.keys);
+        self.limiter.decide_pending(&keys, false);
+    }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
-        // Neither outcome reported (the check itself failed): no failure.
         if !self.keys.is_empty() {
             let keys = std::mem::take(&mut self.keys);
-            self.limiter.decide_pending(&keys, false);
+            self.limiter.decide_pending(&keys, true);
         }
     }
 }
@@ -267,35 +330,40 @@ mod tests {
         Some(s.parse().unwrap())
     }
 
-    async fn fail(l: &Limiter, client: &str, user: &str) -> Result<(), u64> {
-        l.reserve(ip(client), user).await.map(Reservation::failed)
+    async fn fail(l: &Arc<Limiter>, client: &str, user: &str) -> Result<(), u64> {
+        l.reserve(ip(client), user, Some(1))
+            .await
+            .map(Reservation::failed)
     }
+
+    use std::sync::Arc;
 
     #[tokio::test]
     async fn blocks_one_client_not_the_user_elsewhere() {
-        let l = Limiter::default();
+        let l = Arc::new(Limiter::default());
         for _ in 0..PER_CLIENT_USER {
             fail(&l, "10.0.0.1", "alice").await.unwrap();
         }
         assert!(
-            l.reserve(ip("10.0.0.1"), "alice")
+            l.reserve(ip("10.0.0.1"), "alice", Some(1))
                 .await
                 .err()
                 .is_some_and(|s| (1..=60).contains(&s))
         );
-        assert!(l.reserve(ip("10.0.0.2"), "alice").await.is_ok());
-        assert!(l.reserve(ip("10.0.0.1"), "bob").await.is_ok());
+        assert!(l.reserve(ip("10.0.0.2"), "alice", Some(1)).await.is_ok());
+        assert!(l.reserve(ip("10.0.0.1"), "bob", Some(1)).await.is_ok());
     }
 
     #[tokio::test]
     async fn attempts_in_flight_count_before_any_is_decided() {
-        let l = Limiter::default();
+        let l = Arc::new(Limiter::default());
         // Reservations held at once, as parallel requests hold them while hashing.
         let mut held = Vec::new();
         for _ in 0..PER_CLIENT_USER {
-            held.push(l.reserve(ip("10.0.0.1"), "alice").await.unwrap());
+            held.push(l.reserve(ip("10.0.0.1"), "alice", Some(1)).await.unwrap());
         }
-        let sixth = l.reserve(ip("10.0.0.1"), "alice");
+        // (Given up unchecked, they would not count.)
+        let sixth = l.reserve(ip("10.0.0.1"), "alice", Some(1));
         tokio::pin!(sixth);
         assert!(
             tokio::time::timeout(Duration::from_millis(50), sixth.as_mut())
@@ -312,14 +380,17 @@ mod tests {
 
     #[tokio::test]
     async fn right_passwords_in_parallel_all_go_through() {
-        let l = std::sync::Arc::new(Limiter::default());
+        let l = Arc::new(Limiter::default());
         let mut tasks = Vec::new();
         for _ in 0..PER_CLIENT_USER * 4 {
-            let l = std::sync::Arc::clone(&l);
+            let l = Arc::clone(&l);
             tasks.push(tokio::spawn(async move {
-                let r = l.reserve(ip("10.0.0.1"), "alice").await.map_err(|_| ())?;
+                let r = l
+                    .reserve(ip("10.0.0.1"), "alice", Some(1))
+                    .await
+                    .map_err(|_| ())?;
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                r.succeeded();
+                r.succeeded(1);
                 Ok::<_, ()>(())
             }));
         }
@@ -330,11 +401,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_attack_from_elsewhere_does_not_lock_out_a_trusted_client() {
-        let l = Limiter::default();
-        l.reserve(ip("10.0.0.9"), "alice")
+        let l = Arc::new(Limiter::default());
+        l.reserve(ip("10.0.0.9"), "alice", Some(1))
             .await
             .unwrap()
-            .succeeded();
+            .succeeded(1);
         // 10 attacking addresses, 5 failures each: the per-user window fills up.
         for a in 0..10 {
             for _ in 0..PER_USER / 10 {
@@ -342,24 +413,71 @@ mod tests {
             }
         }
         assert!(
-            l.reserve(ip("10.2.0.1"), "alice").await.is_err(),
+            l.reserve(ip("10.2.0.1"), "alice", Some(1)).await.is_err(),
             "an unknown client waits"
         );
         assert!(
-            l.reserve(ip("10.0.0.9"), "alice").await.is_ok(),
+            l.reserve(ip("10.0.0.9"), "alice", Some(1)).await.is_ok(),
             "the usual one does not"
         );
     }
 
     #[tokio::test]
+    async fn trust_is_per_password_and_bounded_per_user() {
+        let l = Arc::new(Limiter::default());
+        let c = ClientKey::from("10.0.0.9".parse::<IpAddr>().unwrap());
+        assert!(l.trust(c, "alice", 1, Instant::now()));
+        assert!(
+            !l.trust(c, "alice", 1, Instant::now()),
+            "nothing new to keep"
+        );
+        assert!(
+            l.reserve(ip("10.0.0.9"), "alice", Some(1))
+                .await
+                .unwrap()
+                .trusted
+        );
+        // A new password (generation) ends the trust.
+        assert!(
+            !l.reserve(ip("10.0.0.9"), "alice", Some(2))
+                .await
+                .unwrap()
+                .trusted
+        );
+        for i in 0..TRUST_PER_USER + 5 {
+            let c = ClientKey::from(format!("10.9.0.{i}").parse::<IpAddr>().unwrap());
+            l.trust(c, "mallory", 1, Instant::now());
+        }
+        assert_eq!(l.lock().trusted["mallory"].len(), TRUST_PER_USER);
+        // Failures from a trusted address are not forgotten by a success there.
+        fail(&l, "10.0.0.9", "bob").await.unwrap();
+        l.reserve(ip("10.0.0.9"), "bob", Some(1))
+            .await
+            .unwrap()
+            .succeeded(1);
+        for _ in 0..PER_CLIENT_USER - 1 {
+            fail(&l, "10.0.0.9", "bob").await.unwrap();
+        }
+        assert!(l.reserve(ip("10.0.0.9"), "bob", Some(1)).await.is_err());
+    }
+
+    #[tokio::test]
     async fn ipv6_clients_count_by_their_64() {
-        let l = Limiter::default();
+        let l = Arc::new(Limiter::default());
         for i in 0..PER_CLIENT_USER {
             fail(&l, &format!("2001:db8::{i:x}"), "alice")
                 .await
                 .unwrap();
         }
-        assert!(l.reserve(ip("2001:db8::ffff"), "alice").await.is_err());
-        assert!(l.reserve(ip("2001:db8:0:1::1"), "alice").await.is_ok());
+        assert!(
+            l.reserve(ip("2001:db8::ffff"), "alice", Some(1))
+                .await
+                .is_err()
+        );
+        assert!(
+            l.reserve(ip("2001:db8:0:1::1"), "alice", Some(1))
+                .await
+                .is_ok()
+        );
     }
 }

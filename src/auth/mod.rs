@@ -25,7 +25,7 @@ pub use scope::{Action, Actions, Level, Pattern, Requested, Scope};
 pub use secret::Secret;
 
 use crate::store::meta::MetaError;
-use crate::store::meta::auth::{AuditEntry, AuthMeta, TokenRecord};
+use crate::store::meta::auth::{AuditEntry, AuthMeta, TokenRecord, UserRecord};
 
 /// How long a registry JWT lives.
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
@@ -33,6 +33,8 @@ pub const DEFAULT_SERVICE: &str = "wharf";
 const KEY_FILE: &str = "auth.key";
 /// Last-used times of tokens are written at most this often.
 const TOUCH_EVERY_MS: i64 = 60_000;
+/// Live refresh tokens a user keeps at most; a new login past it ends the oldest.
+pub const REFRESH_PER_USER: usize = 20;
 /// Callers whose current rights are kept in memory, at most.
 const CURRENT_MAX: usize = 10_000;
 
@@ -134,6 +136,16 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Whether `name` could be a user's name (as `wharf user add` allows them): short,
+/// lowercase letters, digits and `.`, `_`, `-`.
+fn plausible_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+}
+
 /// What a token endpoint answers.
 #[derive(Debug, Clone)]
 pub struct Issued {
@@ -167,7 +179,7 @@ impl Default for AuthSettings {
 /// Admission to the password hash: one check per core at a time, a bounded queue
 /// behind them, and the rest turned away at once. Waiting holds no thread.
 struct PasswordGate {
-    running: tokio::sync::Semaphore,
+    running: Arc<tokio::sync::Semaphore>,
     waiting: std::sync::atomic::AtomicUsize,
     max_waiting: usize,
 }
@@ -181,18 +193,25 @@ impl Drop for Waiting<'_> {
 }
 
 impl PasswordGate {
-    async fn enter(&self) -> Result<tokio::sync::SemaphorePermit<'_>, AuthError> {
+    /// A core for one password check. A client trusted for the user it signs in as may
+    /// queue four times deeper, so a flood of strangers' guesses does not turn away a
+    /// user at their usual address.
+    async fn enter(&self, trusted: bool) -> Result<tokio::sync::OwnedSemaphorePermit, AuthError> {
         use std::sync::atomic::Ordering;
-        if let Ok(p) = self.running.try_acquire() {
+        if let Ok(p) = Arc::clone(&self.running).try_acquire_owned() {
             return Ok(p);
         }
         let queued = Waiting(&self.waiting);
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+        let bound = if trusted {
+            self.max_waiting * 4
+        } else {
+            self.max_waiting
+        };
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= bound {
             return Err(AuthError::Overloaded(1));
         }
-        let permit = self
-            .running
-            .acquire()
+        let permit = Arc::clone(&self.running)
+            .acquire_owned()
             .await
             .map_err(|_| AuthError::Internal("password checks closed".into()))?;
         drop(queued);
@@ -217,14 +236,14 @@ pub struct Auth {
     key: [u8; 32],
     service: String,
     settings: AuthSettings,
-    limiter: limiter::Limiter,
+    limiter: Arc<limiter::Limiter>,
     gate: PasswordGate,
     /// Recently verified passwords: keyed hash -> when.
     verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
     /// Callers' current rights by (user, token id); "" is the anonymous caller. Valid
     /// while the database's rights generation is the one they were loaded at.
     current: std::sync::Mutex<std::collections::HashMap<CallerKey, Arc<Current>>>,
-    pub(crate) failures: audit::Failures,
+    pub(crate) failures: Arc<audit::Failures>,
 }
 
 /// How long a verified password is remembered.
@@ -306,15 +325,15 @@ impl Auth {
             key,
             service: service.to_owned(),
             gate: PasswordGate {
-                running: tokio::sync::Semaphore::new(parallelism()),
+                running: Arc::new(tokio::sync::Semaphore::new(parallelism())),
                 waiting: std::sync::atomic::AtomicUsize::new(0),
                 max_waiting: settings.password_queue,
             },
             settings,
-            limiter: limiter::Limiter::default(),
+            limiter: Arc::default(),
             verified: std::sync::Mutex::default(),
             current: std::sync::Mutex::default(),
-            failures: audit::Failures::default(),
+            failures: Arc::default(),
         })
     }
 
@@ -451,43 +470,60 @@ impl Auth {
         password: &Secret,
         client: Option<IpAddr>,
     ) -> Result<Principal, AuthError> {
+        // A name no user can have is refused before any work: nothing is hashed,
+        // counted or kept for it, and the audit log gets no attacker-sized strings.
+        if !plausible_user_name(user) {
+            self.failure("login.failed", None, client, "not a valid user name")
+                .await;
+            return Err(AuthError::BadCredentials);
+        }
         if let Some((id, secret)) = secret::parse_token(password.expose()) {
             let p = self.token_principal(id, secret, "access").await;
             return match p {
                 Ok(p) if p.name() == Some(user) => Ok(p),
                 Ok(_) | Err(AuthError::BadCredentials) => {
-                    self.failure("login.failed", Some(user), client, "access token")
-                        .await;
+                    // The user named may not exist: the name goes in the detail, and
+                    // the failures of one address are counted together.
+                    let detail = format!("access token, as {user}");
+                    self.failure("login.failed", None, client, &detail).await;
                     Err(AuthError::BadCredentials)
                 }
                 Err(e) => Err(e),
             };
         }
-        let reservation = match self.limiter.reserve(client, user).await {
+        self.check_password(user, password, client).await
+    }
+
+    async fn check_password(
+        &self,
+        user: &str,
+        password: &Secret,
+        client: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        let record = self.meta.user_get(user).await?;
+        let reservation = match self
+            .limiter
+            .reserve(client, user, record.as_ref().map(|u| u.generation))
+            .await
+        {
             Ok(r) => r,
             Err(wait) => {
-                self.failure("login.rate_limited", Some(user), client, "password")
-                    .await;
+                self.failure(
+                    "login.rate_limited",
+                    record.as_ref().map(|u| u.name.as_str()),
+                    client,
+                    "password",
+                )
+                .await;
                 return Err(AuthError::RateLimited(wait));
             }
         };
-        match self.check_password(user, password).await {
-            Ok(p) => {
-                reservation.succeeded();
-                Ok(p)
-            }
-            Err(AuthError::BadCredentials) => {
-                reservation.failed();
-                self.failure("login.failed", Some(user), client, "password")
-                    .await;
-                Err(AuthError::BadCredentials)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn check_password(&self, user: &str, password: &Secret) -> Result<Principal, AuthError> {
-        let record = self.meta.user_get(user).await?;
+        let principal = |u: &UserRecord| Principal::User {
+            name: u.name.clone(),
+            admin: u.admin,
+            generation: u.generation,
+            token: None,
+        };
         // A password verified recently for this very hash need not be hashed again:
         // Argon2id costs tens of milliseconds and 7 MiB, and curl-style clients send
         // Basic credentials on every request. The key is a keyed hash of the user, the
@@ -503,12 +539,10 @@ impl Auth {
                 .get(k)
                 .is_some_and(|t| t.elapsed() < VERIFIED_TTL)
             {
-                return Ok(Principal::User {
-                    name: u.name.clone(),
-                    admin: u.admin,
-                    generation: u.generation,
-                    token: None,
-                });
+                if let Some(c) = reservation.succeeded(u.generation) {
+                    self.keep_trust(&u.name, c, u.generation).await;
+                }
+                return Ok(principal(u));
             }
         }
         let hash = record
@@ -516,11 +550,47 @@ impl Auth {
             .map_or(secret::dummy_hash(), |u| u.password_hash.as_str())
             .to_owned();
         let pw = password.clone();
-        let permit = self.gate.enter().await?;
-        let ok = tokio::task::spawn_blocking(move || secret::verify_password(pw.expose(), &hash))
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))?;
-        drop(permit);
+        let permit = match self.gate.enter(reservation.trusted).await {
+            Ok(p) => p,
+            Err(e) => {
+                reservation.abandon();
+                return Err(e);
+            }
+        };
+        // The check runs to its end and decides its reservation even if the client
+        // hangs up meanwhile: dropping the request gives back neither the core nor the
+        // failed-login place, and the failure is still recorded.
+        let generation = record.as_ref().map(|u| u.generation);
+        let known = record.as_ref().map(|u| u.name.clone());
+        let (meta, failures) = (Arc::clone(&self.meta), Arc::clone(&self.failures));
+        let runtime = tokio::runtime::Handle::current();
+        let job = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let ok = secret::verify_password(pw.expose(), &hash);
+            match (ok, generation) {
+                (true, Some(g)) => reservation.succeeded(g),
+                _ => {
+                    reservation.failed();
+                    let rows = failures.record(
+                        "login.failed",
+                        known.as_deref(),
+                        client,
+                        if known.is_some() { "password" } else { "unknown user" },
+                        now_ms(),
+                    );
+                    runtime.spawn(async move {
+                        for e in rows {
+                            if let Err(err) = meta.audit_add(e).await {
+                                tracing::warn!(error = %err, "could not record a failed login in the audit log");
+                            }
+                        }
+                    });
+                    None
+                }
+            }
+            .map_or((ok, None), |c| (ok, Some(c)))
+        });
+        let (ok, news) = job.await.map_err(|e| AuthError::Internal(e.to_string()))?;
         if let (true, Some(k)) = (ok, cache_key) {
             let mut cache = self.verified.lock().expect("verified cache");
             if cache.len() >= VERIFIED_MAX {
@@ -532,14 +602,43 @@ impl Auth {
             cache.insert(k, std::time::Instant::now());
         }
         match record {
-            Some(u) if ok => Ok(Principal::User {
-                name: u.name,
-                admin: u.admin,
-                generation: u.generation,
-                token: None,
-            }),
+            Some(u) if ok => {
+                if let Some(c) = news {
+                    self.keep_trust(&u.name, c, u.generation).await;
+                }
+                Ok(principal(&u))
+            }
             _ => Err(AuthError::BadCredentials),
         }
+    }
+
+    /// Remembers in the database that `client` signed in as `user`, so a restart keeps
+    /// the trust (best effort).
+    async fn keep_trust(&self, user: &str, client: limiter::ClientKey, generation: i64) {
+        if let Err(e) = self
+            .meta
+            .trust_put(user, &client.to_text(), generation, now_ms())
+            .await
+        {
+            tracing::debug!(error = %e, "could not keep a trusted address");
+        }
+    }
+
+    /// Loads the addresses users signed in from (see `limiter`), at start.
+    pub async fn load_trust(&self) -> Result<(), AuthError> {
+        let now = now_ms();
+        let since = now - limiter::TRUST_FOR.as_millis() as i64;
+        for (user, client, generation, at) in self.meta.trust_list(since).await? {
+            let Some(c) = limiter::ClientKey::from_text(&client) else {
+                continue;
+            };
+            let age = Duration::from_millis(u64::try_from(now - at).unwrap_or(0));
+            let when = std::time::Instant::now()
+                .checked_sub(age)
+                .unwrap_or_else(std::time::Instant::now);
+            self.limiter.trust(c, &user, generation, when);
+        }
+        Ok(())
     }
 
     /// Whether a token record is usable now: not revoked, not expired, and for a
@@ -635,15 +734,36 @@ impl Auth {
             expires_at: Some(now.saturating_add(lifetime)),
             revoked_at: None,
         };
-        self.audit_by(
-            p,
-            "token.create",
-            None,
-            Some(format!("refresh token {id} for {name} (docker login)")),
-            client,
-        )
-        .await?;
         self.meta.token_create(&record).await?;
+        // No token without its audit row: if the row cannot be written, the token goes.
+        if let Err(e) = self
+            .audit_by(
+                p,
+                "token.create",
+                None,
+                Some(format!("refresh token {id} for {name} (docker login)")),
+                client,
+            )
+            .await
+        {
+            let _ = self.meta.token_revoke(&id, now).await;
+            return Err(e);
+        }
+        // Each user keeps at most REFRESH_PER_USER live refresh tokens: a loop of logins
+        // cannot grow the table without bound. The oldest go first.
+        let mut live: Vec<TokenRecord> = self
+            .meta
+            .token_list(Some(name))
+            .await?
+            .into_iter()
+            .filter(|t| t.kind == "refresh" && self.token_live(t, now))
+            .collect();
+        if live.len() > REFRESH_PER_USER {
+            live.sort_by_key(|t| (t.last_used_at.unwrap_or(t.created_at), t.created_at));
+            for t in &live[..live.len() - REFRESH_PER_USER] {
+                self.meta.token_revoke(&t.id, now).await?;
+            }
+        }
         Ok(Some(token))
     }
 

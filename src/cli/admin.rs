@@ -67,8 +67,9 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
 }
 
 impl Admin {
-    /// Records the change just made; a failure is the command's error, so an
-    /// unrecorded change never looks done.
+    /// Records a change about to be made: written first, so a change is never made
+    /// unrecorded (if the row cannot be written, the command fails and changes nothing).
+    /// A change that then fails is recorded too, with [`Admin::failed`].
     async fn audit(
         &self,
         action: &str,
@@ -78,7 +79,27 @@ impl Admin {
         self.auth
             .audit(Some(&self.actor), action, repository, Some(detail), None)
             .await
-            .with_context(|| format!("{action} was made but could not be written to the audit log"))
+            .with_context(|| {
+                format!("{action} cannot be written to the audit log, so it was not made")
+            })
+    }
+
+    /// Records that a change recorded with [`Admin::audit`] did not happen, and passes
+    /// its error on.
+    async fn failed<T>(&self, action: &str, r: anyhow::Result<T>) -> anyhow::Result<T> {
+        if let Err(e) = &r {
+            let _ = self
+                .auth
+                .audit(
+                    Some(&self.actor),
+                    &format!("{action}.failed"),
+                    None,
+                    Some(format!("{e:#}")),
+                    None,
+                )
+                .await;
+        }
+        r
     }
 }
 
@@ -140,15 +161,17 @@ pub async fn user(a: Admin, cmd: UserCmd) -> anyhow::Result<()> {
         } => {
             valid_user_name(&name)?;
             let (pw, generated) = new_password(password_stdin)?;
-            a.meta
-                .user_create(&name, &secret::hash_password(pw.expose()), admin)
-                .await?;
             a.audit(
                 "user.create",
                 None,
                 format!("{name}{}", if admin { " (admin)" } else { "" }),
             )
             .await?;
+            let made = a
+                .meta
+                .user_create(&name, &secret::hash_password(pw.expose()), admin)
+                .await;
+            a.failed("user.create", made.map_err(Into::into)).await?;
             if generated {
                 out!("{}", pw.expose());
                 eprintln!("created user {name}; the password above is shown only once");
@@ -168,10 +191,13 @@ pub async fn user(a: Admin, cmd: UserCmd) -> anyhow::Result<()> {
             }
         }
         UserCmd::Remove { name } => {
-            if !a.meta.user_remove(&name).await? {
-                bail!("no user {name}");
-            }
             a.audit("user.remove", None, name.clone()).await?;
+            let removed = match a.meta.user_remove(&name).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(anyhow::anyhow!("no user {name}")),
+                Err(e) => Err(e.into()),
+            };
+            a.failed("user.remove", removed).await?;
             eprintln!("removed user {name} with their tokens and grants");
         }
         UserCmd::Passwd {
@@ -179,14 +205,17 @@ pub async fn user(a: Admin, cmd: UserCmd) -> anyhow::Result<()> {
             password_stdin,
         } => {
             let (pw, generated) = new_password(password_stdin)?;
-            if !a
+            a.audit("user.passwd", None, name.clone()).await?;
+            let changed = match a
                 .meta
                 .user_set_password(&name, &secret::hash_password(pw.expose()))
-                .await?
+                .await
             {
-                bail!("no user {name}");
-            }
-            a.audit("user.passwd", None, name.clone()).await?;
+                Ok(true) => Ok(()),
+                Ok(false) => Err(anyhow::anyhow!("no user {name}")),
+                Err(e) => Err(e.into()),
+            };
+            a.failed("user.passwd", changed).await?;
             if generated {
                 out!("{}", pw.expose());
             }
@@ -285,13 +314,14 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
                 expires_at: lifetime.map(|l| now_ms + l),
                 revoked_at: None,
             };
-            a.meta.token_create(&record).await?;
             a.audit(
                 "token.create",
                 None,
                 format!("{id} {name} for {user}: {}", record.scopes.join(" ")),
             )
             .await?;
+            let made = a.meta.token_create(&record).await;
+            a.failed("token.create", made.map_err(Into::into)).await?;
             out!("{}", token.expose());
             eprintln!(
                 "token {id} ({name}) for {user}, {}, expires {}; shown only this once",
@@ -351,10 +381,13 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
             }
         }
         TokenCmd::Revoke { id } => {
-            if !a.meta.token_revoke(&id, now_ms).await? {
-                bail!("no active token {id}");
-            }
             a.audit("token.revoke", None, id.clone()).await?;
+            let revoked = match a.meta.token_revoke(&id, now_ms).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(anyhow::anyhow!("no active token {id}")),
+                Err(e) => Err(e.into()),
+            };
+            a.failed("token.revoke", revoked).await?;
             eprintln!("revoked token {id}");
         }
     }
@@ -383,10 +416,11 @@ pub async fn repo(a: Admin, cmd: RepoCmd) -> anyhow::Result<()> {
     } = cmd;
     let p = Pattern::parse(&pattern)?;
     let public = matches!(visibility, Visibility::Public);
-    a.meta.visibility_set(&p.to_string(), public).await?;
     let word = if public { "public" } else { "private" };
     a.audit("repo.visibility", Some(&p.to_string()), word.to_owned())
         .await?;
+    let set = a.meta.visibility_set(&p.to_string(), public).await;
+    a.failed("repo.visibility", set.map_err(Into::into)).await?;
     eprintln!("{p} is now {word}");
     Ok(())
 }
@@ -416,12 +450,15 @@ pub async fn policy(a: Admin, cmd: PolicyCmd) -> anyhow::Result<()> {
         PolicyCmd::Immutable { pattern, tags } => {
             let p = Pattern::parse(&pattern)?;
             let globs = parse_tag_globs(&tags)?;
-            let id = a
-                .registry
-                .policy_add(&p.to_string(), &globs, Some(&a.actor))
-                .await?;
             let what = format!("{p} tags {}", globs.join(","));
             a.audit("policy.immutable", Some(&p.to_string()), what.clone())
+                .await?;
+            let added = a
+                .registry
+                .policy_add(&p.to_string(), &globs, Some(&a.actor))
+                .await;
+            let id = a
+                .failed("policy.immutable", added.map_err(Into::into))
                 .await?;
             out!("{id}");
             eprintln!("policy {id}: existing tags of {what} can no longer be moved or deleted");
@@ -456,10 +493,13 @@ pub async fn policy(a: Admin, cmd: PolicyCmd) -> anyhow::Result<()> {
             }
         }
         PolicyCmd::Remove { id } => {
-            if !a.registry.policy_remove(id).await? {
-                bail!("no policy {id}");
-            }
             a.audit("policy.remove", None, id.to_string()).await?;
+            let removed = match a.registry.policy_remove(id).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(anyhow::anyhow!("no policy {id}")),
+                Err(e) => Err(e.into()),
+            };
+            a.failed("policy.remove", removed).await?;
             eprintln!("policy {id} removed");
         }
     }
@@ -480,27 +520,31 @@ pub async fn grant(a: Admin, g: GrantArgs) -> anyhow::Result<()> {
     if a.meta.user_get(&g.user).await?.is_none() {
         bail!("no user {}", g.user);
     }
-    if g.level == "none" {
-        if !a.meta.grant_remove(&g.user, &p.to_string()).await? {
-            bail!("{} has no grant on {p}", g.user);
-        }
-    } else {
-        let level = Level::parse(&g.level).with_context(|| {
-            format!(
-                "invalid level {:?}: pull, push, delete, admin or none",
-                g.level
-            )
-        })?;
-        a.meta
-            .grant_set(&g.user, &p.to_string(), level.name())
-            .await?;
-    }
+    let level = match g.level.as_str() {
+        "none" => None,
+        other => Some(Level::parse(other).with_context(|| {
+            format!("invalid level {other:?}: pull, push, delete, admin or none")
+        })?),
+    };
     a.audit(
         "grant",
         Some(&p.to_string()),
         format!("{} {}", g.user, g.level),
     )
     .await?;
+    let changed = match level {
+        None => match a.meta.grant_remove(&g.user, &p.to_string()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(anyhow::anyhow!("{} has no grant on {p}", g.user)),
+            Err(e) => Err(e.into()),
+        },
+        Some(level) => a
+            .meta
+            .grant_set(&g.user, &p.to_string(), level.name())
+            .await
+            .map_err(Into::into),
+    };
+    a.failed("grant", changed).await?;
     eprintln!("{} now has {} on {p}", g.user, g.level);
     Ok(())
 }
@@ -531,16 +575,34 @@ pub async fn audit(a: Admin, args: AuditArgs) -> anyhow::Result<()> {
         out!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
+    // Fields may hold what a client sent: control characters are shown escaped, so
+    // nothing in the log can move the terminal's cursor or forge a line.
+    let shown = |v: Option<String>, none: &str| -> String {
+        let v = v.unwrap_or_else(|| none.to_owned());
+        if v.chars().any(char::is_control) {
+            v.chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        } else {
+            v
+        }
+    };
     for e in entries {
         out!(
             "{}  {:<18} {:<16} {:<13} {:<24} {:<15} {}",
             rfc3339(e.at),
-            e.action,
-            e.actor.unwrap_or_else(|| "-".into()),
-            e.credential.unwrap_or_else(|| "-".into()),
-            e.repository.unwrap_or_else(|| "-".into()),
-            e.client.unwrap_or_else(|| "-".into()),
-            e.detail.unwrap_or_default()
+            shown(Some(e.action), "-"),
+            shown(e.actor, "-"),
+            shown(e.credential, "-"),
+            shown(e.repository, "-"),
+            shown(e.client, "-"),
+            shown(e.detail, "")
         );
     }
     Ok(())
@@ -647,9 +709,10 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
             let mut id = [0u8; 6];
             getrandom::fill(&mut id).expect("system randomness");
             let record = validate(format!("wh-{}", hex::encode(id)), &config, "cli")?;
-            a.events.webhook_put(&record).await?;
             a.audit("webhook.add", None, format!("{} {}", record.id, record.url))
                 .await?;
+            let added = a.events.webhook_put(&record).await;
+            a.failed("webhook.add", added.map_err(Into::into)).await?;
             out!("{}", record.id);
             if generated {
                 out!("{secret}");
@@ -704,8 +767,10 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
             if hook.source == "config" {
                 bail!("webhook {id} comes from the config file; remove it there");
             }
-            a.events.webhook_remove(&id).await?;
             a.audit("webhook.remove", None, id.clone()).await?;
+            let removed = a.events.webhook_remove(&id).await;
+            a.failed("webhook.remove", removed.map_err(Into::into))
+                .await?;
             eprintln!("webhook {id} removed");
         }
         WebhookCmd::Test { id } => {

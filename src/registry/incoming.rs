@@ -190,33 +190,60 @@ impl Incoming {
         &self.deadline
     }
 
-    /// After the handler: reads and drops what it left of the body, if that is little,
-    /// and says whether the connection can still be used for another request.
+    /// After the handler: what to do with what it left of the body.
     /// `expects_continue`: the client waits for `100 Continue` before sending the body,
-    /// so a body never asked for is not there to drain.
-    pub async fn finish(self, expects_continue: bool, limit: u64) -> bool {
+    /// so a body never asked for is not coming, and hyper closes the connection.
+    pub fn leftover(self, expects_continue: bool, limit: u64) -> Leftover {
         let (body, polled) = {
             let mut sh = self.shared.lock().expect("request body");
             if sh.ended {
-                return true;
+                return Leftover::Nothing;
             }
             if sh.failed {
-                return false;
+                return Leftover::Close;
             }
             (sh.body.take(), sh.polled)
         };
-        let Some(body) = body else { return true };
+        let Some(body) = body else {
+            return Leftover::Nothing;
+        };
         if body.is_end_stream() {
-            return true;
+            return Leftover::Nothing;
         }
-        if expects_continue && !polled {
-            return true; // hyper answers without the body and keeps the connection
+        if (expects_continue && !polled) || body.size_hint().lower() > limit {
+            return Leftover::Close;
         }
-        if body.size_hint().lower() > limit {
-            return false;
-        }
-        let idle = self.deadline.get();
-        // The same rule as for the handler: PROGRESS bytes per timeout, or give up.
+        Leftover::Drain(Drain {
+            body,
+            idle: self.deadline.get(),
+            limit,
+        })
+    }
+}
+
+/// What a handler left of a request body.
+pub enum Leftover {
+    /// It read it all (or there was none).
+    Nothing,
+    /// Too much, failed, or never coming: the answer says `Connection: close`.
+    Close,
+    /// A little: read and dropped while the answer goes out, so the connection can
+    /// carry the next request.
+    Drain(Drain),
+}
+
+pub struct Drain {
+    body: Body,
+    idle: Duration,
+    limit: u64,
+}
+
+impl Drain {
+    /// Reads the rest of the body and drops it, on the same rule as the handler had
+    /// (16 KiB per timeout), up to the limit and a minute at most; true if it ended.
+    /// Giving up drops the body, and hyper then closes the connection.
+    pub async fn run(self) -> bool {
+        let Drain { body, idle, limit } = self;
         let drain = async {
             use futures_util::StreamExt;
             let mut seen = 0u64;
@@ -247,7 +274,6 @@ impl Incoming {
                 }
             }
         };
-        // However slowly it comes, draining ends within a bound.
         tokio::time::timeout(Duration::from_secs(60), drain)
             .await
             .unwrap_or(false)
@@ -284,16 +310,24 @@ mod tests {
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 3 * PROGRESS);
     }
 
+    async fn finish(incoming: Incoming, limit: u64) -> bool {
+        match incoming.leftover(false, limit) {
+            Leftover::Nothing => true,
+            Leftover::Close => false,
+            Leftover::Drain(d) => d.run().await,
+        }
+    }
+
     #[tokio::test]
     async fn an_unread_body_is_drained_if_small() {
         let (incoming, body) = Incoming::wrap(Body::from(vec![1u8; 1000]), Duration::from_secs(1));
         drop(body);
-        assert!(incoming.finish(false, DRAIN_LIMIT_ANONYMOUS).await);
+        assert!(finish(incoming, DRAIN_LIMIT_ANONYMOUS).await);
         let big = Body::from(vec![1u8; DRAIN_LIMIT_ANONYMOUS as usize + 1]);
         let (incoming, body) = Incoming::wrap(big, Duration::from_secs(1));
         drop(body);
         assert!(
-            !incoming.finish(false, DRAIN_LIMIT_ANONYMOUS).await,
+            !finish(incoming, DRAIN_LIMIT_ANONYMOUS).await,
             "too much to drain: close"
         );
         let (incoming, body) = Incoming::wrap(
@@ -302,7 +336,7 @@ mod tests {
         );
         drop(body);
         assert!(
-            !incoming.finish(false, DRAIN_LIMIT).await,
+            !finish(incoming, DRAIN_LIMIT).await,
             "a body that never comes: close"
         );
     }

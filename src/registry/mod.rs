@@ -141,9 +141,16 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
     } else {
         incoming::DRAIN_LIMIT_ANONYMOUS
     };
-    if !incoming.finish(expects_continue, drain).await {
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    match incoming.leftover(expects_continue, drain) {
+        incoming::Leftover::Nothing => {}
+        incoming::Leftover::Close => {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        // The answer goes out now; hyper reads the next request once this is done.
+        incoming::Leftover::Drain(d) => {
+            tokio::spawn(d.run());
+        }
     }
     state.metrics.count(seen.route, &method, resp.status());
     resp.headers_mut().insert(
@@ -304,8 +311,15 @@ async fn handle(
                 Method::GET | Method::HEAD => {
                     manifest_get(store, &name, reference, h, m == Method::HEAD).await
                 }
-                // The audit row is written in the transaction of the change.
-                Method::PUT => manifest_put(store, &name, reference, &q, h, body, by).await,
+                // The audit row is written in the transaction of the change. A body of
+                // up to 4 MiB is held whole, so it counts among the uploads.
+                Method::PUT => {
+                    let _user = state
+                        .uploaders
+                        .enter(&caller, state.limits.max_uploads_per_user)?;
+                    let _writing = store.writing_permit()?;
+                    manifest_put(store, &name, reference, &q, h, body, by).await
+                }
                 Method::DELETE => manifest_delete(store, &name, reference, &by).await,
                 _ => Err(method_not_allowed()),
             }
@@ -341,7 +355,7 @@ async fn handle(
                 }
                 _ => true,
             };
-            upload_start(store, &repo(name)?, &q, h, body, from_ok).await
+            upload_start(store, &repo(name)?, &q, h, body, from_ok, &by).await
         }
         Endpoint::Upload { name, id } => {
             let name = repo(name)?;
@@ -466,7 +480,9 @@ fn chunk_bounds(h: &HeaderMap) -> Result<(Option<u64>, Option<u64>)> {
         .ok()
         .and_then(parse_content_range)
         .ok_or_else(|| ApiError::upload_invalid("Content-Range must be <start>-<end>"))?;
-    let range_len = end - start + 1;
+    let range_len = (end - start).checked_add(1).ok_or_else(|| {
+        ApiError::upload_invalid("Content-Range covers more bytes than can be counted")
+    })?;
     if let Some(len) = len {
         if len != range_len {
             return Err(ApiError::new(
@@ -614,6 +630,7 @@ async fn upload_start(
     h: &HeaderMap,
     body: Body,
     from_readable: bool,
+    by: &crate::store::Who,
 ) -> Result<Response> {
     if let Some(mount) = q.get("mount") {
         let digest: Digest = mount.parse()?;
@@ -621,7 +638,7 @@ async fn upload_start(
             // A source the caller may not read is treated as not holding the blob.
             Some(from) => {
                 let from = repo(from)?;
-                from_readable && store.blob_mount(name, &from, &digest).await?.is_some()
+                from_readable && store.blob_mount(name, &from, &digest, by).await?.is_some()
             }
             // Without `from`, only a blob this repository already holds counts: knowing a
             // digest is not access to it.

@@ -110,6 +110,7 @@ impl From<MetaError> for StoreError {
                 "descriptor of {digest} gives size {declared} but the content is {actual} bytes"
             ))),
             MetaError::Busy => StoreError::Busy,
+            MetaError::Limit(why) => StoreError::Overloaded(why),
             MetaError::Full => StoreError::StorageFull,
             MetaError::InUse {
                 what,
@@ -217,6 +218,8 @@ pub struct Store {
     /// One per upload request writing now (PATCH, PUT or POST with a body).
     writing: Arc<tokio::sync::Semaphore>,
     max_uploads: usize,
+    /// Uploads being re-read to verify their digest, at most one per core.
+    rehashing: tokio::sync::Semaphore,
 }
 
 impl Store {
@@ -228,6 +231,7 @@ impl Store {
             max_manifest: DEFAULT_MAX_MANIFEST,
             writing: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_UPLOADS)),
             max_uploads: DEFAULT_MAX_UPLOADS,
+            rehashing: tokio::sync::Semaphore::new(crate::auth::parallelism()),
         }
     }
 
@@ -239,8 +243,8 @@ impl Store {
         self
     }
 
-    /// A place among the uploads writing now, or 503.
-    fn writing_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, StoreError> {
+    /// A place among the uploads writing now, or 503 (manifest bodies take one too).
+    pub fn writing_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, StoreError> {
         Arc::clone(&self.writing).try_acquire_owned().map_err(|_| {
             StoreError::Overloaded(format!(
                 "{} uploads are being written at once, the most this registry takes; retry in a moment",
@@ -364,10 +368,11 @@ impl Store {
         repo: &RepoName,
         from: &RepoName,
         digest: &Digest,
+        by: &Who,
     ) -> Result<Option<u64>, StoreError> {
         Ok(self
             .meta
-            .mount_blob(repo.as_str(), from.as_str(), digest.as_str())
+            .mount_blob(repo.as_str(), from.as_str(), digest.as_str(), by)
             .await?)
     }
 
@@ -461,6 +466,8 @@ impl Store {
                     // Nothing of it is stored and the client starts over: no empty row.
                     let _ = self.meta.upload_delete(id).await;
                     let _ = self.blobs.upload_delete(id).await;
+                    state.hasher = None;
+                    self.forget(id);
                 }
                 return Err(e);
             }
@@ -491,20 +498,34 @@ impl Store {
                 .append_locked(&mut state, id, size, start, len, body)
                 .await?;
         }
-        let cached = match state.hasher.take() {
-            Some((at, h)) if at == size && h.algorithm() == digest.algorithm() => Some(h.finish()),
-            other => {
-                state.hasher = other;
-                None
+        // The running hash answers at once; it stays, so a wrong digest given first
+        // does not cost a re-read of the upload at the next try.
+        let cached = match &state.hasher {
+            Some((at, h)) if *at == size && h.algorithm() == digest.algorithm() => {
+                Some(h.clone().finish())
             }
+            _ => None,
         };
         let computed = match cached {
             Some(d) => Some(d),
             None => match self.blobs.upload_read(id, size).await {
                 Ok(mut bytes) => {
+                    // Re-reading (after a restart, or for another algorithm) hashes on
+                    // the blocking pool, a few uploads at a time.
+                    let _permit = self
+                        .rehashing
+                        .acquire()
+                        .await
+                        .map_err(|_| StoreError::Internal("rehashing closed".into()))?;
                     let mut h = digest.algorithm().hasher();
                     while let Some(chunk) = bytes.next().await {
-                        h.update(&chunk.map_err(|e| StoreError::Internal(e.to_string()))?);
+                        let chunk = chunk.map_err(|e| StoreError::Internal(e.to_string()))?;
+                        h = tokio::task::spawn_blocking(move || {
+                            h.update(&chunk);
+                            h
+                        })
+                        .await
+                        .map_err(|e| StoreError::Internal(e.to_string()))?;
                     }
                     Some(h.finish())
                 }

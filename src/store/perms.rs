@@ -41,6 +41,8 @@ fn too_open(path: &Path) -> io::Result<bool> {
 /// If `dir` or its top entries are readable by others, makes everything under it private
 /// (folders 0700, files 0600); returns how many entries were changed.
 pub fn make_private(dir: &Path) -> io::Result<usize> {
+    // A data directory given as a symbolic link: its target is what must be private.
+    let dir = &std::fs::canonicalize(dir)?;
     let mut check = vec![dir.to_owned()];
     for name in [
         "meta.db",
@@ -111,5 +113,11 @@ mod tests {
         assert_eq!(mode("blobs/sha256/ab/abcd"), 0o600);
         assert_eq!(mode("meta.db"), 0o600);
         assert_eq!(make_private(&dir).unwrap(), 0, "nothing left to change");
+        // Through a symbolic link, the target is made private.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(make_private(&link).unwrap() >= 1);
+        assert_eq!(mode(""), 0o700);
     }
 }

@@ -530,3 +530,187 @@ async fn one_user_cannot_hold_every_upload_place() {
         s.abort();
     }
 }
+
+/// Guesses whose clients hang up while the password is being hashed still count as
+/// failures: hanging up gives back neither the failed-login place nor the core.
+#[tokio::test]
+async fn hanging_up_during_the_password_check_does_not_undo_the_failure() {
+    let reg = TestRegistry::start();
+    crate::common::add_user(&reg, "bob", "bob-password-1");
+    let host = reg.host().to_owned();
+    tokio::task::spawn_blocking(move || {
+        use base64::Engine as _;
+        let mut open = Vec::new();
+        for i in 0..30 {
+            let cred = base64::engine::general_purpose::STANDARD.encode(format!("bob:guess{i}"));
+            let mut s = TcpStream::connect(&host).unwrap();
+            write!(
+                s,
+                "GET /v2/ HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {cred}\r\n\r\n"
+            )
+            .unwrap();
+            open.push(s);
+        }
+        // The checks are under way (hashing, or queued for a core): all hang up.
+        std::thread::sleep(Duration::from_millis(30));
+        drop(open);
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = crate::common::client_as("bob", "bob-password-1")
+        .get(reg.url("/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the guesses of clients that hung up were given back"
+    );
+    let log: Vec<Value> = serde_json::from_str(&crate::common::wharf(
+        &reg,
+        &["audit", "--json", "--limit", "100"],
+    ))
+    .unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e["action"] == "login.failed" && e["actor"] == "bob")
+    );
+}
+
+/// A client that stops reading an answer, and a connection that never sends a request,
+/// are closed once idle; one address cannot take every connection.
+#[tokio::test]
+async fn idle_connections_are_closed_and_one_address_has_a_share() {
+    let reg = TestRegistry::start_tuned(|c| {
+        c.limits.connection_idle_timeout = Duration::from_secs(1);
+        c.limits.max_connections_per_client = 10;
+    });
+    let data = crate::common::pattern(32 << 20, 3);
+    let digest = reg.push_blob("team/api", &data).await;
+    let host = reg.host().to_owned();
+    let auth = basic();
+    tokio::task::spawn_blocking(move || {
+        // Ask for 32 MiB and read nothing: the socket fills, the server stalls, then
+        // closes.
+        let mut s = TcpStream::connect(&host).unwrap();
+        write!(
+            s,
+            "GET /v2/team/api/blobs/{digest} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {auth}\r\n\r\n"
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(4));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        let ended = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => total += n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(_) => break false,
+            }
+        };
+        assert!(ended, "the stalled download's connection was not closed");
+        assert!(total < 32 << 20, "the whole blob arrived ({total} bytes)");
+
+        // Ten connections from 127.0.0.1 are its share; the eleventh is refused, while
+        // another address is served.
+        let idle: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(&host).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let s = TcpStream::connect(&host).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (status, _, _) = read_answer(&mut BufReader::new(s));
+        assert_eq!(status, 503);
+        let other = std::net::TcpStream::connect_timeout(&host.parse().unwrap(), Duration::from_secs(5));
+        drop(other);
+        drop(idle);
+    })
+    .await
+    .unwrap();
+    // Another address gets in (the share is per client).
+    let c = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    assert_eq!(
+        c.get(reg.url("/v2/")).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+/// Bounds that make no sense are refused before any arithmetic: a Content-Range of the
+/// whole u64 range, a user name of 100 KB.
+#[tokio::test]
+async fn absurd_ranges_and_names_get_clear_errors() {
+    let reg = TestRegistry::start();
+    let r = reg
+        .client
+        .post(reg.url("/v2/team/api/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = header(&r, "location").unwrap().to_owned();
+    let r = reg
+        .client
+        .patch(reg.url(&loc))
+        .header("content-range", "0-18446744073709551615")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(r).await.0, StatusCode::BAD_REQUEST);
+    let huge = "a".repeat(100_000);
+    let r = crate::common::client_as(&huge, "wharf_AAAAAAAAAAAA_x")
+        .get(reg.url("/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let log = crate::common::wharf(&reg, &["audit", "--json", "--limit", "100"]);
+    assert!(
+        !log.contains(&huge[..1000]),
+        "the name went into the audit log"
+    );
+    // Control characters that reach the log are shown escaped.
+    crate::common::client_as("bad\u{1b}[2Jname", "x")
+        .get(reg.url("/v2/"))
+        .send()
+        .await
+        .unwrap();
+    let text = crate::common::wharf(&reg, &["audit", "--limit", "100"]);
+    assert!(!text.contains('\u{1b}'), "{text}");
+}
+
+/// One user's logins keep at most 20 refresh tokens; the oldest go.
+#[tokio::test]
+async fn refresh_tokens_per_user_are_bounded() {
+    let reg = TestRegistry::start();
+    for _ in 0..25 {
+        let r = reg
+            .anon
+            .post(reg.url("/token"))
+            .form(&[
+                ("grant_type", "password"),
+                ("username", "admin"),
+                ("password", ADMIN_PASSWORD),
+                ("access_type", "offline"),
+                ("service", "wharf"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let listed: Vec<Value> = serde_json::from_str(&crate::common::wharf(
+        &reg,
+        &["token", "list", "--user", "admin", "--json"],
+    ))
+    .unwrap();
+    let active = listed
+        .iter()
+        .filter(|t| t["kind"] == "refresh" && t["status"] == "active")
+        .count();
+    assert_eq!(active, wharf::auth::REFRESH_PER_USER);
+}

@@ -85,6 +85,22 @@ pub trait AuthMeta: Send + Sync + 'static {
     async fn visibility_list(&self) -> Result<Vec<(String, bool)>, MetaError>;
 
     async fn audit_add(&self, e: AuditEntry) -> Result<(), MetaError>;
+
+    /// Remembers that `client` (a limiter key) signed in as `user` with the password of
+    /// `generation` at `at` (unix milliseconds).
+    async fn trust_put(
+        &self,
+        user: &str,
+        client: &str,
+        generation: i64,
+        at: i64,
+    ) -> Result<(), MetaError>;
+    /// (user, client, generation, at) of sign-ins since `since`, of the users' current
+    /// passwords.
+    async fn trust_list(&self, since: i64) -> Result<Vec<(String, String, i64, i64)>, MetaError>;
+    /// Deletes tokens revoked or expired before `before` (unix milliseconds); returns
+    /// how many.
+    async fn tokens_purge(&self, before: i64) -> Result<u64, MetaError>;
     /// The latest `limit` entries, oldest first.
     async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError>;
 }

@@ -48,6 +48,9 @@ pub enum MetaError {
     },
     #[error("the metadata database is busy")]
     Busy,
+    /// A bound on what may be open at once (uploads of a repository) was reached.
+    #[error("{0}")]
+    Limit(String),
     /// The disk under the database is full.
     #[error("the metadata database's disk is full")]
     Full,
@@ -64,6 +67,9 @@ pub struct Who {
     pub credential: Option<String>,
     pub client: Option<String>,
 }
+
+/// Uploads open at once in one repository, at most.
+pub const MAX_OPEN_UPLOADS: i64 = 1000;
 
 /// A stored manifest.
 #[derive(Debug, Clone)]
@@ -154,12 +160,14 @@ pub struct UploadRow {
 pub trait MetaStore: Send + Sync + 'static {
     /// The blob's size if `repo` links it.
     async fn linked_blob(&self, repo: &str, digest: &str) -> Result<Option<u64>, MetaError>;
-    /// Links `digest` into `repo` if `from` links it; returns its size, or None.
+    /// Links `digest` into `repo` if `from` links it; returns its size, or None. A mount
+    /// reads across repositories, so it is audited (in its transaction).
     async fn mount_blob(
         &self,
         repo: &str,
         from: &str,
         digest: &str,
+        by: &Who,
     ) -> Result<Option<u64>, MetaError>;
     /// Removes `repo`'s link to `digest`; false if there was none. Refused with
     /// `InUse` if a manifest reachable from a tag of `repo` references the blob.
@@ -300,9 +308,16 @@ pub(crate) mod tests {
         assert_eq!(m.tags("team/api", None, 10).await.unwrap(), Some(vec![]));
 
         // Mount needs a link in the source.
-        assert_eq!(m.mount_blob("other", "nowhere", &d(1)).await.unwrap(), None);
         assert_eq!(
-            m.mount_blob("other", "team/api", &d(1)).await.unwrap(),
+            m.mount_blob("other", "nowhere", &d(1), &Who::default())
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            m.mount_blob("other", "team/api", &d(1), &Who::default())
+                .await
+                .unwrap(),
             Some(10)
         );
         assert_eq!(m.linked_blob("other", &d(1)).await.unwrap(), Some(10));

@@ -33,6 +33,9 @@ const INLINE_ROWS: u32 = 1000;
 pub struct SqliteMeta {
     path: std::path::PathBuf,
     writer: Arc<Mutex<Connection>>,
+    /// Writers queue here, holding no thread, for their turn on the blocking pool: a
+    /// burst of writes never parks hundreds of pool threads on the writer's lock.
+    turn: Arc<tokio::sync::Mutex<()>>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -88,6 +91,7 @@ impl SqliteMeta {
         Ok(SqliteMeta {
             path: path.to_owned(),
             writer: Arc::new(Mutex::new(writer)),
+            turn: Arc::new(tokio::sync::Mutex::new(())),
             readers: Mutex::new(Vec::new()),
         })
     }
@@ -163,8 +167,12 @@ impl SqliteMeta {
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
     {
+        // Held by the task, so a caller that goes away does not let the next writer in
+        // while this one still runs.
+        let turn = Arc::clone(&self.turn).lock_owned().await;
         let writer = Arc::clone(&self.writer);
         tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             let mut conn = writer.lock().expect("writer lock");
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
@@ -455,13 +463,30 @@ impl MetaStore for SqliteMeta {
         repo: &str,
         from: &str,
         digest: &str,
+        by: &Who,
     ) -> Result<Option<u64>, MetaError> {
-        let (repo, from, digest) = (repo.to_owned(), from.to_owned(), digest.to_owned());
+        let (repo, from, digest, by) = (
+            repo.to_owned(),
+            from.to_owned(),
+            digest.to_owned(),
+            by.clone(),
+        );
         self.write(move |tx| {
             let Some(size) = linked_size(tx, &from, &digest)? else {
                 return Ok(None);
             };
-            link(tx, &repo, &digest, now_ms())?;
+            let now = now_ms();
+            if linked_size(tx, &repo, &digest)?.is_none() {
+                link(tx, &repo, &digest, now)?;
+                audit_row(
+                    tx,
+                    "mount",
+                    &repo,
+                    &format!("{digest} from {from}"),
+                    &by,
+                    now,
+                )?;
+            }
             Ok(Some(to_u64(size)))
         })
         .await
@@ -488,6 +513,14 @@ impl MetaStore for SqliteMeta {
         let (id, repo) = (id.to_owned(), repo.to_owned());
         self.write(move |tx| {
             let now = now_ms();
+            let open: i64 = tx
+                .prepare_cached("SELECT count(*) FROM uploads WHERE repository = ?1")?
+                .query_row(params![repo], |r| r.get(0))?;
+            if open >= super::MAX_OPEN_UPLOADS {
+                return Err(MetaError::Limit(format!(
+                    "{repo} has {open} uploads open, the most one repository may; finish or cancel some (idle ones end after 24 h)"
+                )));
+            }
             tx.execute(
                 "INSERT INTO uploads (id, repository, size, created_at, updated_at, monolithic) VALUES (?1, ?2, 0, ?3, ?3, ?4)",
                 params![id, repo, now, monolithic],

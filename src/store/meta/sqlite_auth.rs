@@ -278,6 +278,56 @@ impl AuthMeta for SqliteMeta {
         .await
     }
 
+    async fn trust_put(
+        &self,
+        user: &str,
+        client: &str,
+        generation: i64,
+        at: i64,
+    ) -> Result<(), MetaError> {
+        let (user, client) = (user.to_owned(), client.to_owned());
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT INTO login_trust (user_name, client, generation, at)
+                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM users WHERE name = ?1)
+                 ON CONFLICT (user_name, client) DO UPDATE SET generation = excluded.generation, at = excluded.at",
+                params![user, client, generation, at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn trust_list(&self, since: i64) -> Result<Vec<(String, String, i64, i64)>, MetaError> {
+        self.scan(move |c| {
+            let mut s = c.prepare(
+                "SELECT t.user_name, t.client, t.generation, t.at FROM login_trust t
+                 JOIN users u ON u.name = t.user_name AND u.generation = t.generation
+                 WHERE t.at >= ?1",
+            )?;
+            let rows = s.query_map(params![since], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn tokens_purge(&self, before: i64) -> Result<u64, MetaError> {
+        self.write(move |tx| {
+            let n = tx.execute(
+                "DELETE FROM access_tokens WHERE revoked_at < ?1 OR expires_at < ?1",
+                params![before],
+            )?;
+            tx.execute(
+                "DELETE FROM login_trust WHERE at < ?1 OR generation <> (SELECT generation FROM users WHERE name = user_name)",
+                params![before],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError> {
         self.scan(move |c| {
             let mut s = c.prepare(
