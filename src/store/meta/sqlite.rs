@@ -36,6 +36,8 @@ pub struct SqliteMeta {
     /// Writers queue here, holding no thread, for their turn on the blocking pool: a
     /// burst of writes never parks hundreds of pool threads on the writer's lock.
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// Scans running at once, at most `READERS`.
+    scans: Arc<tokio::sync::Semaphore>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -92,6 +94,7 @@ impl SqliteMeta {
             path: path.to_owned(),
             writer: Arc::new(Mutex::new(writer)),
             turn: Arc::new(tokio::sync::Mutex::new(())),
+            scans: Arc::new(tokio::sync::Semaphore::new(READERS)),
             readers: Mutex::new(Vec::new()),
         })
     }
@@ -146,9 +149,16 @@ impl SqliteMeta {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
     {
+        // At most READERS scans at once: others wait here, holding no thread and no
+        // database connection.
+        let turn = Arc::clone(&self.scans)
+            .acquire_owned()
+            .await
+            .map_err(|_| MetaError::Db("scans closed".into()))?;
         let conn = self.readers.lock().expect("reader pool lock").pop();
         let path = self.path.clone();
         let (conn, result) = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             let conn = match conn {
                 Some(c) => c,
                 None => open_connection(&path)?,
