@@ -451,9 +451,9 @@ async fn sync_config_webhooks(
     Ok(())
 }
 
-/// Writes the audit summaries of repeated failures once their minute has ended.
+/// Writes the refused requests' audit rows once a second, in one transaction.
 async fn flush_audit(auth: Arc<Auth>) {
-    let mut every = tokio::time::interval(Duration::from_secs(10));
+    let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         every.tick().await;
         auth.flush_failures().await;

@@ -1,7 +1,11 @@
 //! Failures in the audit log without letting them fill it: refused logins, refused
 //! tokens, denials and rate limits are recorded, but repeats are aggregated.
 //!
-//! In each minute the first failure of a kind (action, user, client) is written at once;
+//! Rows are not written one by one: they wait here, and the server writes what is
+//! waiting once a second in one transaction, so a flood of refusals costs the database
+//! one commit a second, not one per refusal, and pushes do not queue behind them.
+//!
+//! In each minute the first failure of a kind (action, user, client) is recorded at once;
 //! its repeats in that minute are counted and written as one summary row when the minute
 //! ends. At most [`ROWS_PER_MINUTE`] kinds naming a user, and as many naming none, get
 //! rows of their own in a minute (two budgets, so a flood of failures that name no user
@@ -30,6 +34,8 @@ struct State {
     named: u32,
     /// Failures of kinds past the cap.
     suppressed: u32,
+    /// Rows waiting to be written.
+    waiting: Vec<AuditEntry>,
 }
 
 pub struct Failures {
@@ -44,6 +50,7 @@ impl Default for Failures {
                 repeats: HashMap::new(),
                 named: 0,
                 suppressed: 0,
+                waiting: Vec::new(),
             }),
         }
     }
@@ -89,7 +96,7 @@ impl State {
 }
 
 impl Failures {
-    /// The rows to write for one failure (none if it only counts as a repeat).
+    /// Records one failure: a row to write, unless it only counts as a repeat.
     pub fn record(
         &self,
         action: &str,
@@ -97,7 +104,7 @@ impl Failures {
         client: Option<IpAddr>,
         detail: &str,
         at: i64,
-    ) -> Vec<AuditEntry> {
+    ) {
         let now = Instant::now();
         let mut st = self
             .state
@@ -128,21 +135,21 @@ impl Failures {
         } else {
             st.suppressed += 1;
         }
-        out
+        st.waiting.append(&mut out);
     }
 
-    /// The summary rows of a minute that has ended with no failure since.
-    pub fn flush(&self, at: i64) -> Vec<AuditEntry> {
+    /// The rows waiting to be written, with the summaries of a minute that has ended.
+    pub fn drain(&self, at: i64) -> Vec<AuditEntry> {
         let now = Instant::now();
         let mut st = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if now.duration_since(st.start) >= WINDOW {
-            st.roll(now, at)
-        } else {
-            Vec::new()
+            let mut summaries = st.roll(now, at);
+            st.waiting.append(&mut summaries);
         }
+        std::mem::take(&mut st.waiting)
     }
 }
 
@@ -154,28 +161,23 @@ mod tests {
     fn repeats_and_floods_are_bounded() {
         let f = Failures::default();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        assert_eq!(
-            f.record("login.failed", Some("a"), Some(ip), "pw", 1).len(),
-            1
-        );
+        f.record("login.failed", Some("a"), Some(ip), "pw", 1);
+        assert_eq!(f.drain(1).len(), 1);
         for _ in 0..1000 {
-            assert!(
-                f.record("login.failed", Some("a"), Some(ip), "pw", 1)
-                    .is_empty()
-            );
+            f.record("login.failed", Some("a"), Some(ip), "pw", 1);
         }
-        let mut rows = 1;
+        assert!(f.drain(1).is_empty(), "repeats are counted, not written");
         for i in 0..10_000 {
-            rows += f
-                .record("login.failed", Some(&format!("u{i}")), Some(ip), "pw", 1)
-                .len();
+            f.record("login.failed", Some(&format!("u{i}")), Some(ip), "pw", 1);
         }
+        let mut rows = 1 + f.drain(1).len();
         assert_eq!(rows as u32, ROWS_PER_MINUTE);
         // Failures naming no user have a budget of their own.
         for i in 0..10_000 {
             let client: IpAddr = format!("10.1.{}.{}", i / 250, i % 250).parse().unwrap();
-            rows += f.record("login.failed", None, Some(client), "x", 1).len();
+            f.record("login.failed", None, Some(client), "x", 1);
         }
+        rows += f.drain(1).len();
         assert_eq!(rows as u32, 2 * ROWS_PER_MINUTE);
         let st = f.state.lock().unwrap();
         assert_eq!(st.repeats.len() as u32, 2 * ROWS_PER_MINUTE);
@@ -188,16 +190,17 @@ mod tests {
         for _ in 0..3 {
             f.record("token.refused", None, None, "bad signature", 1);
         }
+        assert_eq!(f.drain(1).len(), 1);
         {
             let mut st = f.state.lock().unwrap();
             st.start -= WINDOW;
         }
-        let rows = f.flush(2);
+        let rows = f.drain(2);
         assert_eq!(rows.len(), 1);
         assert_eq!(
             rows[0].detail.as_deref(),
             Some("2 more in the minute after the first")
         );
-        assert!(f.flush(3).is_empty());
+        assert!(f.drain(3).is_empty());
     }
 }

@@ -236,6 +236,21 @@ impl Limiter {
         Decision::Go(keys, trusted)
     }
 
+    /// Drops windows that have ended, and trust that has lapsed (also done as attempts
+    /// come; this is for quiet times after a burst).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.windows
+            .retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+        st.trusted.retain(|_, ts| {
+            ts.retain(|t| now.duration_since(t.at) < TRUST_FOR);
+            !ts.is_empty()
+        });
+        st.windows.shrink_to_fit();
+        st.swept = now;
+    }
+
     /// Trusts `client` for `user` at `generation` (a sign-in that happened at `at`, as
     /// the database remembers it). Returns true if this is news worth keeping (a new
     /// address, or one last kept a day ago or more).

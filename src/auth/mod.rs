@@ -11,6 +11,7 @@
 //! exceeds its owner and loses what the owner loses.
 
 pub mod audit;
+mod hashing;
 pub mod jwt;
 pub mod limiter;
 pub mod scope;
@@ -176,7 +177,7 @@ impl Default for AuthSettings {
     }
 }
 
-/// Admission to the password hash: one check per core at a time, a bounded queue
+/// Admission to the password hash: one check per password thread at a time, a bounded queue
 /// behind them, and the rest turned away at once. Waiting holds no thread.
 struct PasswordGate {
     running: Arc<tokio::sync::Semaphore>,
@@ -325,7 +326,7 @@ impl Auth {
             key,
             service: service.to_owned(),
             gate: PasswordGate {
-                running: Arc::new(tokio::sync::Semaphore::new(parallelism())),
+                running: Arc::new(tokio::sync::Semaphore::new(hashing::threads())),
                 waiting: std::sync::atomic::AtomicUsize::new(0),
                 max_waiting: settings.password_queue,
             },
@@ -445,19 +446,21 @@ impl Auth {
         client: Option<IpAddr>,
         detail: &str,
     ) {
-        for e in self.failures.record(action, user, client, detail, now_ms()) {
-            if let Err(err) = self.meta.audit_add(e).await {
-                tracing::warn!(error = %err, action, "could not record a refused request in the audit log");
-            }
-        }
+        // Written with the others once a second (see `audit`).
+        self.failures.record(action, user, client, detail, now_ms());
     }
 
-    /// Writes the summaries of refused requests whose minute has ended.
+    /// Writes the summaries of refused requests whose minute has ended, and forgets
+    /// failed-login windows that have ended.
     pub async fn flush_failures(&self) {
-        for e in self.failures.flush(now_ms()) {
-            if let Err(err) = self.meta.audit_add(e).await {
-                tracing::warn!(error = %err, "could not write the audit log");
-            }
+        self.limiter.sweep();
+        let rows = self.failures.drain(now_ms());
+        if rows.is_empty() {
+            return;
+        }
+        let n = rows.len();
+        if let Err(err) = self.meta.audit_add_all(rows).await {
+            tracing::warn!(error = %err, "could not write {n} rows of refused requests to the audit log");
         }
     }
 
@@ -562,35 +565,33 @@ impl Auth {
         // failed-login place, and the failure is still recorded.
         let generation = record.as_ref().map(|u| u.generation);
         let known = record.as_ref().map(|u| u.name.clone());
-        let (meta, failures) = (Arc::clone(&self.meta), Arc::clone(&self.failures));
-        let runtime = tokio::runtime::Handle::current();
-        let job = tokio::task::spawn_blocking(move || {
+        let failures = Arc::clone(&self.failures);
+        let job = hashing::run(move || {
             let _permit = permit;
             let ok = secret::verify_password(pw.expose(), &hash);
             match (ok, generation) {
                 (true, Some(g)) => reservation.succeeded(g),
                 _ => {
                     reservation.failed();
-                    let rows = failures.record(
+                    failures.record(
                         "login.failed",
                         known.as_deref(),
                         client,
-                        if known.is_some() { "password" } else { "unknown user" },
+                        if known.is_some() {
+                            "password"
+                        } else {
+                            "unknown user"
+                        },
                         now_ms(),
                     );
-                    runtime.spawn(async move {
-                        for e in rows {
-                            if let Err(err) = meta.audit_add(e).await {
-                                tracing::warn!(error = %err, "could not record a failed login in the audit log");
-                            }
-                        }
-                    });
                     None
                 }
             }
             .map_or((ok, None), |c| (ok, Some(c)))
         });
-        let (ok, news) = job.await.map_err(|e| AuthError::Internal(e.to_string()))?;
+        let (ok, news) = job
+            .await
+            .ok_or_else(|| AuthError::Internal("the password check stopped".into()))?;
         if let (true, Some(k)) = (ok, cache_key) {
             let mut cache = self.verified.lock().expect("verified cache");
             if cache.len() >= VERIFIED_MAX {

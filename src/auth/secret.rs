@@ -61,7 +61,7 @@ const ARGON2_P: u32 = 1;
 const HASH_LEN: usize = 32;
 
 /// Argon2's working memories, allocated once each and reused by every hash and check.
-/// The server runs at most one check per core at a time (see `Auth`), so at most that
+/// The server runs at most one check per password thread at a time (see `Auth`), so at most that
 /// many exist; each fresh multi-MiB allocation would otherwise stay in the allocator's
 /// arenas and grow the resident size with every burst of logins.
 static WORK_AREAS: std::sync::Mutex<Vec<Vec<argon2::Block>>> = std::sync::Mutex::new(Vec::new());
@@ -82,7 +82,7 @@ fn argon2_raw(params: argon2::Params, password: &[u8], salt: &[u8], out: &mut [u
         .hash_password_into_with_memory(password, salt, out, &mut area[..blocks])
         .is_ok();
     let mut p = pool();
-    if p.len() < crate::auth::parallelism() {
+    if p.len() < crate::auth::parallelism().max(2) {
         p.push(area);
     }
     ok

@@ -808,6 +808,8 @@ async fn audit_log_records_who_did_what_where_from() {
             "ci",
         ],
     );
+    // Refused requests are written once a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let log = wharf(&reg, &["audit", "--limit", "100"]);
     for (action, needle) in [
         ("push", "team/api"),

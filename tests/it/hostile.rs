@@ -568,6 +568,7 @@ async fn hanging_up_during_the_password_check_does_not_undo_the_failure() {
         StatusCode::TOO_MANY_REQUESTS,
         "the guesses of clients that hung up were given back"
     );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // refusals are written each second
     let log: Vec<Value> = serde_json::from_str(&crate::common::wharf(
         &reg,
         &["audit", "--json", "--limit", "100"],
@@ -668,6 +669,7 @@ async fn absurd_ranges_and_names_get_clear_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let log = crate::common::wharf(&reg, &["audit", "--json", "--limit", "100"]);
     assert!(
         !log.contains(&huge[..1000]),
@@ -679,6 +681,7 @@ async fn absurd_ranges_and_names_get_clear_errors() {
         .send()
         .await
         .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let text = crate::common::wharf(&reg, &["audit", "--limit", "100"]);
     assert!(!text.contains('\u{1b}'), "{text}");
 }

@@ -540,6 +540,8 @@ async fn the_audit_log_names_credentials_and_bounds_failures() {
         .await
         .unwrap();
     }
+    // Refusals are written once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let log: Vec<Value> =
         serde_json::from_str(&wharf(&reg, &["audit", "--json", "--limit", "10000"])).unwrap();
     let find = |action: &'static str| log.iter().filter(move |e| e["action"] == action);

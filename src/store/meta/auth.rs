@@ -85,6 +85,8 @@ pub trait AuthMeta: Send + Sync + 'static {
     async fn visibility_list(&self) -> Result<Vec<(String, bool)>, MetaError>;
 
     async fn audit_add(&self, e: AuditEntry) -> Result<(), MetaError>;
+    /// Several entries in one transaction.
+    async fn audit_add_all(&self, entries: Vec<AuditEntry>) -> Result<(), MetaError>;
 
     /// Remembers that `client` (a limiter key) signed in as `user` with the password of
     /// `generation` at `at` (unix milliseconds).

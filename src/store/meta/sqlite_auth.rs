@@ -267,6 +267,19 @@ impl AuthMeta for SqliteMeta {
         .await
     }
 
+    async fn audit_add_all(&self, entries: Vec<AuditEntry>) -> Result<(), MetaError> {
+        self.write(move |tx| {
+            let mut s = tx.prepare_cached(
+                "INSERT INTO audit_log (at, actor, action, repository, detail, client, credential) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for e in &entries {
+                s.execute(params![e.at, e.actor, e.action, e.repository, e.detail, e.client, e.credential])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn audit_add(&self, e: AuditEntry) -> Result<(), MetaError> {
         self.write(move |tx| {
             tx.execute(
