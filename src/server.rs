@@ -371,6 +371,9 @@ impl Drop for Share {
             *n -= 1;
             if *n == 0 {
                 map.remove(&self.client);
+                if map.is_empty() {
+                    map.shrink_to_fit();
+                }
             }
         }
     }

@@ -71,9 +71,8 @@ fn entry(kind: &Kind, detail: String, at: i64) -> AuditEntry {
 impl State {
     /// The summary rows of the minute that ended, and a new minute.
     fn roll(&mut self, now: Instant, at: i64) -> Vec<AuditEntry> {
-        let mut out: Vec<AuditEntry> = self
-            .repeats
-            .drain()
+        let mut out: Vec<AuditEntry> = std::mem::take(&mut self.repeats)
+            .into_iter()
             .filter(|(_, n)| *n > 0)
             .map(|(k, n)| entry(&k, format!("{n} more in the minute after the first"), at))
             .collect();

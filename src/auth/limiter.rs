@@ -248,6 +248,8 @@ impl Limiter {
             !ts.is_empty()
         });
         st.windows.shrink_to_fit();
+        st.pending.shrink_to_fit();
+        st.trusted.shrink_to_fit();
         st.swept = now;
     }
 

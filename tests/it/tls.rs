@@ -133,6 +133,28 @@ fn serves_https_with_the_given_certificate() {
         "{metrics}"
     );
     p.kill9();
+
+    // A key others can read is named at start (openssl wrote this one 0600).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut p = Process::start_with(
+        &data,
+        &[
+            ("WHARF_TLS_CERT", cert.to_str().unwrap()),
+            ("WHARF_TLS_KEY", key.to_str().unwrap()),
+        ],
+        &[],
+    );
+    let _ = p.child.kill();
+    let mut err = String::new();
+    use std::io::Read;
+    p.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("is readable by other users"), "{err}");
 }
 
 #[test]
