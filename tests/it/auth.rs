@@ -10,16 +10,8 @@ use serde_json::Value;
 
 use crate::common::{
     ADMIN_PASSWORD, Process, TestRegistry, add_user, bearer, claims_of, client_as, error_of,
-    header, token, wharf, wharf_cmd, wharf_fails, wharf_stdin,
+    header, start_upload, token, wharf, wharf_cmd, wharf_fails, wharf_stdin,
 };
-
-async fn start_upload(reg: &TestRegistry, c: &Client, repo: &str) -> StatusCode {
-    c.post(reg.url(&format!("/v2/{repo}/blobs/uploads/")))
-        .send()
-        .await
-        .unwrap()
-        .status()
-}
 
 #[tokio::test]
 async fn anonymous_callers_are_challenged_and_repositories_are_private_by_default() {

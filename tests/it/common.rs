@@ -19,6 +19,16 @@ pub const ADMIN_PASSWORD: &str = "test-admin-password";
 
 /// An HTTP client that sends `user:password` as Basic credentials on every request.
 pub fn client_as(user: &str, password: &str) -> Client {
+    basic_client(None, user, password)
+}
+
+/// A client sending Basic credentials whose connections come from `ip` (any address of
+/// 127.0.0.0/8 is local), to play many clients at once.
+pub fn client_from(ip: &str, user: &str, password: &str) -> Client {
+    basic_client(Some(ip.parse().unwrap()), user, password)
+}
+
+fn basic_client(ip: Option<std::net::IpAddr>, user: &str, password: &str) -> Client {
     use base64::Engine as _;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     let mut headers = reqwest::header::HeaderMap::new();
@@ -26,7 +36,32 @@ pub fn client_as(user: &str, password: &str) -> Client {
         reqwest::header::AUTHORIZATION,
         format!("Basic {basic}").parse().unwrap(),
     );
-    Client::builder().default_headers(headers).build().unwrap()
+    let mut b = Client::builder().default_headers(headers);
+    if let Some(ip) = ip {
+        b = b.local_address(ip);
+    }
+    b.build().unwrap()
+}
+
+/// A number from `/proc/PID/status` (`VmRSS:` in KiB, `Threads:`...).
+pub fn proc_status(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The status of `POST /v2/<repo>/blobs/uploads/` by `c`.
+pub async fn start_upload(reg: &TestRegistry, c: &Client, repo: &str) -> StatusCode {
+    c.post(reg.url(&format!("/v2/{repo}/blobs/uploads/")))
+        .send()
+        .await
+        .unwrap()
+        .status()
 }
 
 /// A client logged in as the admin.
@@ -133,6 +168,18 @@ impl TestRegistry {
     pub fn with_client(mut self, client: Client) -> TestRegistry {
         self.client = client;
         self
+    }
+
+    /// Opens an upload in `repo` as the admin; returns its location.
+    pub async fn open_upload(&self, repo: &str) -> String {
+        let r = self
+            .client
+            .post(self.url(&format!("/v2/{repo}/blobs/uploads/")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "upload start");
+        header(&r, "location").unwrap().to_owned()
     }
 
     /// The `host:port` clients name the registry by.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::common::{ADMIN_PASSWORD, Process, TestRegistry, admin_client, error_of, header};
+use crate::common::{
+    ADMIN_PASSWORD, Process, TestRegistry, admin_client, error_of, header, proc_status,
+};
 
 fn basic() -> String {
     use base64::Engine as _;
@@ -58,13 +60,7 @@ fn has(headers: &[(String, String)], k: &str, v: &str) -> bool {
 #[tokio::test]
 async fn a_request_refused_before_its_body_keeps_the_connection_usable() {
     let reg = TestRegistry::start();
-    let r = reg
-        .client
-        .post(reg.url("/v2/team/api/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    let loc = header(&r, "location").unwrap().to_owned();
+    let loc = reg.open_upload("team/api").await;
     let host = reg.host().to_owned();
     let auth = basic();
     tokio::task::spawn_blocking(move || {
@@ -180,13 +176,7 @@ async fn trickled_bodies_are_cut_off() {
         });
         reqwest::Body::wrap_stream(s)
     };
-    let r = reg
-        .client
-        .post(reg.url("/v2/team/api/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    let loc = header(&r, "location").unwrap().to_owned();
+    let loc = reg.open_upload("team/api").await;
     let r = reg
         .client
         .patch(reg.url(&loc))
@@ -214,17 +204,6 @@ async fn trickled_bodies_are_cut_off() {
             "the token form is cut off"
         );
     }
-}
-
-fn proc_status(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 fn fds(pid: u32) -> usize {
@@ -646,13 +625,7 @@ async fn idle_connections_are_closed_and_one_address_has_a_share() {
 #[tokio::test]
 async fn absurd_ranges_and_names_get_clear_errors() {
     let reg = TestRegistry::start();
-    let r = reg
-        .client
-        .post(reg.url("/v2/team/api/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    let loc = header(&r, "location").unwrap().to_owned();
+    let loc = reg.open_upload("team/api").await;
     let r = reg
         .client
         .patch(reg.url(&loc))

@@ -2,29 +2,15 @@
 //! credentials, reads across repositories, floods of logins, slow and huge bodies,
 //! injected headers, and what the audit log records of them.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 
-use crate::common::{TestRegistry, add_user, bearer, claims_of, client_as, header, token, wharf};
-
-/// A client whose connections come from `ip` (any 127.0.0.0/8 address is local).
-fn client_from(ip: &str, user: &str, password: &str) -> Client {
-    use base64::Engine as _;
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Basic {basic}").parse().unwrap(),
-    );
-    Client::builder()
-        .local_address(ip.parse::<IpAddr>().unwrap())
-        .default_headers(h)
-        .build()
-        .unwrap()
-}
+use crate::common::{
+    TestRegistry, add_user, bearer, claims_of, client_as, client_from, header, proc_status,
+    start_upload, token, wharf,
+};
 
 /// `docker login`'s request: the OAuth2 password grant, asking for a refresh token.
 async fn password_grant(
@@ -95,14 +81,6 @@ fn bearer_client(jwt: &str) -> Client {
         format!("Bearer {jwt}").parse().unwrap(),
     );
     Client::builder().default_headers(h).build().unwrap()
-}
-
-async fn start_upload(reg: &TestRegistry, c: &Client, repo: &str) -> StatusCode {
-    c.post(reg.url(&format!("/v2/{repo}/blobs/uploads/")))
-        .send()
-        .await
-        .unwrap()
-        .status()
 }
 
 /// Hole 1: a scoped access token used as `docker login`'s password gets no refresh
@@ -435,14 +413,7 @@ async fn an_attack_from_elsewhere_does_not_lock_out_the_user() {
 
 /// The number of threads of this process (the registry runs in it).
 fn threads() -> usize {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    proc_status(std::process::id(), "Threads:") as usize
 }
 
 /// Hole 4: 700 simultaneous bad logins from many addresses hold no pool thread while
@@ -647,13 +618,7 @@ async fn an_upload_finishes_only_as_the_blob_its_own_bytes_are() {
     // place (the server records the digest first), then a crash before the commit.
     let mine = crate::common::pattern(4096, 9);
     let digest = crate::common::sha256(&mine);
-    let r = reg
-        .client
-        .post(reg.url("/v2/team/api/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    let loc = header(&r, "location").unwrap().to_owned();
+    let loc = reg.open_upload("team/api").await;
     let id = loc.rsplit('/').next().unwrap().to_owned();
     reg.client
         .patch(reg.url(&loc))
@@ -699,14 +664,7 @@ async fn an_upload_finishes_only_as_the_blob_its_own_bytes_are() {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap()
+    proc_status(pid, "VmRSS:")
 }
 
 /// Hole 5: requests for upload ids that do not exist keep nothing in memory.
@@ -845,13 +803,7 @@ async fn nothing_a_tag_needs_can_be_deleted_under_it() {
 async fn an_empty_upload_is_the_empty_blob_and_manifests_need_their_type() {
     let reg = TestRegistry::start();
     let empty = crate::common::sha256(b"");
-    let r = reg
-        .client
-        .post(reg.url("/v2/team/api/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    let loc = header(&r, "location").unwrap().to_owned();
+    let loc = reg.open_upload("team/api").await;
     let r = reg
         .client
         .put(reg.url(&format!("{loc}?digest={empty}")))
@@ -881,13 +833,7 @@ async fn an_empty_upload_is_the_empty_blob_and_manifests_need_their_type() {
 #[tokio::test]
 async fn a_chunk_cut_off_part_way_is_cut_back_at_once() {
     let reg = TestRegistry::start();
-    let r = reg
-        .client
-        .post(reg.url("/v2/team/api/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
-    let loc = header(&r, "location").unwrap().to_owned();
+    let loc = reg.open_upload("team/api").await;
     let id = loc.rsplit('/').next().unwrap().to_owned();
     let r = reg
         .client
