@@ -38,6 +38,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/stacks/{stack}/history", get(history))
         .route("/api/stacks/{stack}/deploy", post(deploy_now))
         .route("/api/stacks/{stack}/rollback", post(rollback))
+        .route("/api/stacks/{stack}/resume", post(resume))
+        .route("/api/stacks/{stack}/pause", post(pause))
         .with_state(state)
 }
 
@@ -94,11 +96,14 @@ async fn registry_hook(State(s): State<Arc<ApiState>>, h: HeaderMap, body: Bytes
     };
     match s.agent.history.first_sight(&e.id) {
         Ok(true) => {}
+        // A retry or a second webhook with the same event: done already, and saying so
+        // with 2xx keeps the registry from retrying it for a day.
         Ok(false) => {
-            return error(
-                StatusCode::CONFLICT,
-                format!("event {} was already received", e.id),
-            );
+            return (
+                StatusCode::OK,
+                axum::Json(json!({ "duplicate": true, "id": e.id })),
+            )
+                .into_response();
         }
         Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
     }
@@ -125,6 +130,9 @@ struct DeployBody {
     services: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     actor: Option<String>,
+    /// Deploy even a quarantined digest, even while the stack is held.
+    #[serde(default)]
+    force: bool,
 }
 
 fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, String> {
@@ -164,10 +172,16 @@ async fn run_deploy(
     trigger: &'static str,
     body: DeployBody,
 ) -> Response {
+    // A version named is explicit (and holds the stack there); none is the followed tags.
+    let explicit = body.tag.is_some() || !body.services.is_empty();
     let target = Target {
         tag: body.tag,
         services: body.services,
         pins: None,
+        follow: !explicit,
+        force: body.force,
+        hold: explicit,
+        quarantine_current: false,
     };
     detached(&s.agent, stack, trigger, body.actor, target).await
 }
@@ -206,12 +220,18 @@ async fn status(State(s): State<Arc<ApiState>>, h: HeaderMap) -> Response {
             .ok()
             .and_then(|l| l.into_iter().next());
         let healthy = s.agent.history.last_healthy(&c.name).ok().flatten();
+        let held = s.agent.history.held(&c.name).ok().flatten();
+        let quarantined = s.agent.history.quarantined(&c.name).unwrap_or_default();
+        let seen = held.as_ref().and_then(|_| s.agent.seen_while_held(&c.name));
         stacks.push(json!({
             "stack": c.name,
             "project": c.project(),
             "follows": c.services,
             "running": healthy.map(|d| d.after),
             "last": last,
+            "held": held,
+            "followed_now": seen,
+            "quarantined": quarantined,
         }));
     }
     axum::Json(json!({ "stacks": stacks })).into_response()
@@ -246,6 +266,75 @@ async fn deploy_now(
     match parse_body::<DeployBody>(&body) {
         Ok(b) => run_deploy(&s, &stack, "cli", b).await,
         Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ActorBody {
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+/// Ends a hold and deploys the followed tags at once (what they point at, unless it is
+/// quarantined).
+async fn resume(
+    State(s): State<Arc<ApiState>>,
+    Path(stack): Path<String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(denied) = api_denied(&s, &h) {
+        return denied;
+    }
+    let b: ActorBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if s.agent.config.stack(&stack).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no stack {stack}"));
+    }
+    if let Err(e) = s.agent.history.unhold(&stack) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    detached(
+        &s.agent,
+        &stack,
+        "resume",
+        b.actor.or(Some("cli".into())),
+        Target::follow(),
+    )
+    .await
+}
+
+/// Holds the stack where it is: following waits for `resume`.
+async fn pause(
+    State(s): State<Arc<ApiState>>,
+    Path(stack): Path<String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(denied) = api_denied(&s, &h) {
+        return denied;
+    }
+    let b: ActorBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if s.agent.config.stack(&stack).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no stack {stack}"));
+    }
+    let last = s
+        .agent
+        .history
+        .last_healthy(&stack)
+        .ok()
+        .flatten()
+        .map(|d| d.id);
+    let actor = b.actor.unwrap_or_else(|| "cli".into());
+    match s.agent.history.hold(&stack, last, Some(&actor), "paused") {
+        Ok(()) => axum::Json(json!({ "held": stack, "deploy": last })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

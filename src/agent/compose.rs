@@ -94,7 +94,10 @@ impl Compose {
         for f in &stack.files {
             c.arg("-f").arg(f);
         }
-        c.arg("-f").arg(override_file);
+        // Before the first deploy there is no override: the stack runs from its own files.
+        if override_file.exists() {
+            c.arg("-f").arg(override_file);
+        }
         c.stdin(Stdio::null());
         c
     }
@@ -216,6 +219,27 @@ pub async fn inspect(id: &str) -> anyhow::Result<State> {
         health,
         restarts,
     })
+}
+
+/// The `repo@sha256:...` reference of the image container `id` runs, as the engine knows
+/// it pulled from `repo` (`host/path`); None if it has none from there.
+pub async fn repo_digest(id: &str, repo: &str) -> Option<String> {
+    let image = Command::new("docker")
+        .args(["inspect", "-f", "{{.Image}}", id])
+        .output()
+        .await
+        .ok()
+        .filter(|o| o.status.success())?;
+    let image = String::from_utf8_lossy(&image.stdout).trim().to_owned();
+    let out = Command::new("docker")
+        .args(["image", "inspect", "-f", "{{json .RepoDigests}}", &image])
+        .output()
+        .await
+        .ok()
+        .filter(|o| o.status.success())?;
+    let digests: Vec<String> = serde_json::from_slice(&out.stdout).ok()?;
+    let prefix = format!("{repo}@");
+    digests.into_iter().find(|d| d.starts_with(&prefix))
 }
 
 /// Whether the engine holds every image (`repo@sha256:...`) already.

@@ -30,7 +30,45 @@ CREATE TABLE IF NOT EXISTS seen_events (
     id  TEXT PRIMARY KEY,
     at  INTEGER NOT NULL
 );
+-- Digests a stack was rolled away from (unhealthy, or `rollback` by a person): following
+-- never deploys them again; a deploy with force does, once.
+CREATE TABLE IF NOT EXISTS quarantine (
+    stack    TEXT NOT NULL,
+    service  TEXT NOT NULL,
+    image    TEXT NOT NULL,      -- repo@sha256:...
+    since    INTEGER NOT NULL,
+    reason   TEXT NOT NULL,
+    deploy   INTEGER,            -- the deploy that showed it bad
+    PRIMARY KEY (stack, service, image)
+);
+-- A stack held on an explicit version: following is suspended until `resume`.
+CREATE TABLE IF NOT EXISTS holds (
+    stack    TEXT PRIMARY KEY,
+    deploy   INTEGER,
+    actor    TEXT,
+    since    INTEGER NOT NULL,
+    reason   TEXT NOT NULL
+);
 ";
+
+/// A digest following will not deploy again.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Quarantined {
+    pub service: String,
+    pub image: String,
+    pub since: i64,
+    pub reason: String,
+    pub deploy: Option<i64>,
+}
+
+/// A stack held where an explicit deploy put it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Hold {
+    pub deploy: Option<i64>,
+    pub actor: Option<String>,
+    pub since: i64,
+    pub reason: String,
+}
 
 pub type Pins = BTreeMap<String, String>;
 
@@ -183,6 +221,93 @@ impl History {
             let rows = stmt.query_map([], row)?;
             rows.collect()
         })
+    }
+
+    pub fn quarantine(
+        &self,
+        stack: &str,
+        service: &str,
+        image: &str,
+        reason: &str,
+        deploy: Option<i64>,
+    ) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO quarantine (stack, service, image, since, reason, deploy) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (stack, service, image) DO UPDATE SET since = excluded.since, reason = excluded.reason, deploy = excluded.deploy",
+                params![stack, service, image, crate::store::meta::now_ms(), reason, deploy],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Takes `image` of `service` out of quarantine (it ran healthy, deployed on purpose).
+    pub fn release(&self, stack: &str, service: &str, image: &str) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM quarantine WHERE stack = ?1 AND service = ?2 AND image = ?3",
+                params![stack, service, image],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn quarantined(&self, stack: &str) -> anyhow::Result<Vec<Quarantined>> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT service, image, since, reason, deploy FROM quarantine WHERE stack = ?1 ORDER BY since, service",
+            )?;
+            let rows = s.query_map(params![stack], |r| {
+                Ok(Quarantined {
+                    service: r.get(0)?,
+                    image: r.get(1)?,
+                    since: r.get(2)?,
+                    reason: r.get(3)?,
+                    deploy: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn hold(
+        &self,
+        stack: &str,
+        deploy: Option<i64>,
+        actor: Option<&str>,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO holds (stack, deploy, actor, since, reason) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (stack) DO UPDATE SET deploy = excluded.deploy, actor = excluded.actor, since = excluded.since, reason = excluded.reason",
+                params![stack, deploy, actor, crate::store::meta::now_ms(), reason],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn held(&self, stack: &str) -> anyhow::Result<Option<Hold>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT deploy, actor, since, reason FROM holds WHERE stack = ?1",
+                params![stack],
+                |r| {
+                    Ok(Hold {
+                        deploy: r.get(0)?,
+                        actor: r.get(1)?,
+                        since: r.get(2)?,
+                        reason: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    /// Ends a hold; false if there was none.
+    pub fn unhold(&self, stack: &str) -> anyhow::Result<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM holds WHERE stack = ?1", params![stack])? > 0))
     }
 
     /// Records an event id; false if it was seen before (a replay).

@@ -26,7 +26,15 @@ use compose::Compose;
 use config::{AgentConfig, StackConfig};
 use history::{Deploy, History, NewDeploy, Pins};
 
-/// What a deploy should run.
+/// What a deploy should run, and what it does to following.
+///
+/// | asked for | held? | quarantines |
+/// |---|---|---|
+/// | a webhook, a poll, `deploy now` | skipped while held; never to a quarantined digest | — |
+/// | `deploy now --force` | deploys while held too, quarantined digests included | — |
+/// | `deploy now --tag/--service`, `rollback --to/--tag/--digest` | holds the stack there | nothing |
+/// | plain `rollback` | no | what it rolls away from |
+/// | an unhealthy deploy, rolled back | no | the digests that were unhealthy |
 #[derive(Debug, Clone, Default)]
 pub struct Target {
     /// Run this tag for every service instead of the one it follows.
@@ -35,6 +43,25 @@ pub struct Target {
     pub services: BTreeMap<String, String>,
     /// Exact references (`repo@sha256:...`) per service: a rollback.
     pub pins: Option<Pins>,
+    /// The followed tags (a webhook, a poll, `deploy now` with no version): skipped
+    /// while the stack is held, and never to a quarantined digest unless `force`.
+    pub follow: bool,
+    /// Deploy even a quarantined digest, even while held: on purpose.
+    pub force: bool,
+    /// An explicit version: once deployed, the stack is held there.
+    pub hold: bool,
+    /// A plain rollback: the digests rolled away from are quarantined.
+    pub quarantine_current: bool,
+}
+
+impl Target {
+    /// The followed tags.
+    pub fn follow() -> Target {
+        Target {
+            follow: true,
+            ..Target::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -42,6 +69,16 @@ pub struct Target {
 pub enum Outcome {
     /// The stack already runs these digests.
     Unchanged,
+    /// The followed tags point at digests quarantined for these services (rolled back
+    /// from before); nothing was deployed.
+    Quarantined {
+        services: Vec<String>,
+    },
+    /// The stack is held on an explicit version; following waits for `resume`.
+    Held {
+        deploy: Option<i64>,
+        actor: Option<String>,
+    },
     Deployed {
         id: i64,
     },
@@ -79,6 +116,8 @@ struct StackState {
     wake: tokio::sync::Notify,
     /// What asked first since the last deploy of the followed tags (`webhook`, `poll`).
     asked_by: std::sync::Mutex<Option<&'static str>>,
+    /// While held: what the followed tags pointed at when last looked at.
+    seen: std::sync::Mutex<Option<Pins>>,
 }
 
 pub struct Agent {
@@ -120,6 +159,7 @@ impl Agent {
                     lock: tokio::sync::Mutex::new(()),
                     wake: tokio::sync::Notify::new(),
                     asked_by: std::sync::Mutex::new(None),
+                    seen: std::sync::Mutex::new(None),
                 },
             );
         }
@@ -193,6 +233,50 @@ impl Agent {
         Ok(pins)
     }
 
+    /// What the followed tags point at now, while the stack is held (see `status`).
+    pub fn seen_while_held(&self, stack: &str) -> Option<Pins> {
+        self.stacks
+            .get(stack)
+            .and_then(|s| s.seen.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// With no history for a stack, what its containers run now (healthy or not, as
+    /// docker reports), recorded as a deploy of its own: a first deploy that fails then
+    /// goes back to what ran before the agent took the stack over. None if a service has
+    /// no container with an image from the registry.
+    async fn baseline(&self, stack: &StackConfig) -> anyhow::Result<Option<Deploy>> {
+        let file = self.override_file(&stack.name);
+        let (_, host) = crate::client::endpoint(&self.config.registry)?;
+        let mut pins = Pins::new();
+        for (svc, image) in stack.images()? {
+            let ids = self
+                .compose
+                .containers(stack, &file, &svc)
+                .await
+                .unwrap_or_default();
+            let Some(id) = ids.first() else {
+                return Ok(None);
+            };
+            let Some(pin) = compose::repo_digest(id, &format!("{host}/{}", image.repo)).await
+            else {
+                return Ok(None);
+            };
+            pins.insert(svc, pin);
+        }
+        let id = self.history.begin(NewDeploy {
+            stack: &stack.name,
+            kind: "deploy",
+            trigger: "baseline",
+            actor: Some("agent"),
+            before: None,
+            after: &pins,
+            rollback_of: None,
+        })?;
+        self.history.finish(id, "success", None, None)?;
+        tracing::info!(stack = %stack.name, "agent: recorded what runs now as the baseline (#{id}): {}", describe(&pins));
+        self.history.get(id)
+    }
+
     /// Runs a deploy now; Busy if one is running for the stack.
     pub async fn deploy(
         &self,
@@ -205,17 +289,72 @@ impl Agent {
         let Ok(_guard) = state.lock.try_lock() else {
             return Err(DeployError::Busy(name.to_owned()));
         };
-        let after = self.resolve(stack, &target).await?;
-        let before = self.history.last_healthy(name)?;
+        if target.follow && !target.force {
+            if let Some(h) = self.history.held(name)? {
+                // Still looked at, so `status` can say how far the tags have moved.
+                if let Ok(p) = self.resolve(stack, &target).await {
+                    *state.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                }
+                return Ok(Outcome::Held {
+                    deploy: h.deploy,
+                    actor: h.actor,
+                });
+            }
+        }
+        let mut after = self.resolve(stack, &target).await?;
+        let mut before = self.history.last_healthy(name)?;
+        if before.is_none() && self.history.list(name, 1)?.is_empty() {
+            before = self.baseline(stack).await?;
+        }
         let kind = if target.pins.is_some() {
             "rollback"
         } else {
             "deploy"
         };
-        if before.as_ref().is_some_and(|b| b.after == after) && target.pins.is_none() {
-            return Ok(Outcome::Unchanged);
-        }
         let before_pins = before.map(|b| b.after);
+        // Following never goes to a digest the stack was rolled back from: such a service
+        // stays on what it runs.
+        let mut skipped = Vec::new();
+        if target.follow && !target.force {
+            let quarantined = self.history.quarantined(name)?;
+            for (svc, image) in after.iter_mut() {
+                if quarantined
+                    .iter()
+                    .any(|q| q.service == *svc && q.image == *image)
+                {
+                    match before_pins.as_ref().and_then(|b| b.get(svc)) {
+                        Some(current) => *image = current.clone(),
+                        None => {
+                            return Ok(Outcome::Quarantined {
+                                services: vec![svc.clone()],
+                            });
+                        }
+                    }
+                    skipped.push(svc.clone());
+                }
+            }
+        }
+        if before_pins.as_ref() == Some(&after) && target.pins.is_none() {
+            return Ok(if skipped.is_empty() {
+                Outcome::Unchanged
+            } else {
+                Outcome::Quarantined { services: skipped }
+            });
+        }
+        if target.quarantine_current {
+            // A person says the running release is bad: what changes is quarantined.
+            for (svc, image) in before_pins.iter().flatten() {
+                if after.get(svc) != Some(image) {
+                    self.history.quarantine(
+                        name,
+                        svc,
+                        image,
+                        &format!("rolled back by {}", actor.unwrap_or(trigger)),
+                        None,
+                    )?;
+                }
+            }
+        }
         let id = self.history.begin(NewDeploy {
             stack: name,
             kind,
@@ -228,6 +367,20 @@ impl Agent {
         match self.apply(stack, before_pins.as_ref(), &after).await {
             Ok(()) => {
                 self.history.finish(id, "success", None, None)?;
+                if target.force {
+                    // Deployed on purpose and healthy: no longer under suspicion.
+                    for (svc, image) in &after {
+                        self.history.release(name, svc, image)?;
+                    }
+                }
+                if target.hold {
+                    self.history.hold(
+                        name,
+                        Some(id),
+                        actor,
+                        &format!("{kind} #{id} of an explicit version ({trigger})"),
+                    )?;
+                }
                 self.notify(&format!(
                     "wharf: {name} deployed ({kind} #{id}, {trigger}): {}",
                     describe(&after)
@@ -238,6 +391,18 @@ impl Agent {
             Err((error, logs)) => {
                 self.history
                     .finish(id, "failed", Some(&error), logs.as_deref())?;
+                // What was unhealthy is not deployed again by following.
+                for (svc, image) in &after {
+                    if before_pins.as_ref().and_then(|b| b.get(svc)) != Some(image) {
+                        self.history.quarantine(
+                            name,
+                            svc,
+                            image,
+                            &format!("unhealthy in deploy #{id}: {error}"),
+                            Some(id),
+                        )?;
+                    }
+                }
                 let Some(previous) = before_pins else {
                     self.notify(&format!("wharf: {name} deploy #{id} FAILED and has no healthy version to go back to: {error}"))
                         .await;
@@ -466,10 +631,11 @@ impl Agent {
                 .unwrap_or("poll");
             loop {
                 match self
-                    .deploy(&stack, trigger, Some(trigger), Target::default())
+                    .deploy(&stack, trigger, Some(trigger), Target::follow())
                     .await
                 {
-                    Ok(Outcome::Unchanged) => {}
+                    Ok(Outcome::Unchanged | Outcome::Held { .. } | Outcome::Quarantined { .. }) => {
+                    }
                     Ok(o) => tracing::info!(stack = %stack, "agent: {o:?}"),
                     Err(DeployError::Busy(_)) => {
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -585,8 +751,11 @@ impl Agent {
         tag: Option<String>,
         digest: Option<String>,
     ) -> Result<Target, DeployError> {
+        // A version named holds the stack there; a plain rollback says the running
+        // release is bad, and quarantines it instead.
         let pinned = |pins: Pins| Target {
             pins: Some(pins),
+            hold: true,
             ..Target::default()
         };
         let (config, _) = self.stack(stack)?;
@@ -619,7 +788,11 @@ impl Agent {
                 "{stack} has no earlier healthy deploy to go back to"
             ))
         })?;
-        Ok(pinned(previous.after.clone()))
+        Ok(Target {
+            pins: Some(previous.after.clone()),
+            quarantine_current: true,
+            ..Target::default()
+        })
     }
 
     /// A rollback to one image digest: the services whose repository holds it (at the

@@ -104,14 +104,22 @@ enum DeployCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Deploy now: the followed tags, or --tag for every service, or --service svc=tag.
+    /// Deploy now: the followed tags, or --tag for every service, or --service svc=tag
+    /// (a version named holds the stack there until `resume`).
     Now {
         stack: String,
         #[arg(long)]
         tag: Option<String>,
         #[arg(long = "service", value_name = "SERVICE=TAG")]
         services: Vec<String>,
+        /// Deploy even a quarantined digest, even while the stack is held.
+        #[arg(long)]
+        force: bool,
     },
+    /// Follow the tags again after a hold, deploying what they point at now.
+    Resume { stack: String },
+    /// Hold the stack where it is: following waits for `resume`.
+    Pause { stack: String },
     /// Go back: to a past deploy (--to ID), a tag (--tag), a digest (--digest), or by
     /// default to the healthy deploy before the current one.
     Rollback {
@@ -213,11 +221,34 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                             "{:<12} running {}  last #{} {} {} ({})",
                             s["stack"].as_str().unwrap_or(""),
                             short(&s["running"]),
-                            last["id"],
+                            last["id"].as_i64().map_or("-".into(), |i| i.to_string()),
                             last["kind"].as_str().unwrap_or("-"),
                             last["state"].as_str().unwrap_or("-"),
                             last["started_at"].as_i64().map(rfc3339).unwrap_or_default()
                         );
+                        let held = &s["held"];
+                        if held.is_object() {
+                            out!(
+                                "{:<12} held at #{} by {} since {}; the followed tags point at {}",
+                                "",
+                                held["deploy"].as_i64().map_or("-".into(), |i| i.to_string()),
+                                held["actor"].as_str().unwrap_or("-"),
+                                held["since"].as_i64().map(rfc3339).unwrap_or_default(),
+                                short(&s["followed_now"])
+                            );
+                        }
+                        for q in s["quarantined"].as_array().into_iter().flatten() {
+                            let image = q["image"].as_str().unwrap_or("");
+                            let d = image.rsplit_once('@').map_or(image, |(_, d)| d);
+                            out!(
+                                "{:<12} quarantined {}={} since {}: {}",
+                                "",
+                                q["service"].as_str().unwrap_or(""),
+                                d.get(..19).unwrap_or(d),
+                                q["since"].as_i64().map(rfc3339).unwrap_or_default(),
+                                q["reason"].as_str().unwrap_or("")
+                            );
+                        }
                     }
                 }
             }
@@ -262,10 +293,29 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                     }
                 }
             }
+            DeployCmd::Resume { stack } => {
+                let v = call(
+                    reqwest::Method::POST,
+                    format!("/api/stacks/{stack}/resume"),
+                    Some(serde_json::json!({ "actor": actor })),
+                )
+                .await?;
+                print_outcome(&v)?;
+            }
+            DeployCmd::Pause { stack } => {
+                let v = call(
+                    reqwest::Method::POST,
+                    format!("/api/stacks/{stack}/pause"),
+                    Some(serde_json::json!({ "actor": actor })),
+                )
+                .await?;
+                out!("{}", serde_json::to_string_pretty(&v)?);
+            }
             DeployCmd::Now {
                 stack,
                 tag,
                 services,
+                force,
             } => {
                 let mut map = serde_json::Map::new();
                 for s in &services {
@@ -274,7 +324,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                         .with_context(|| format!("--service {s:?}: expected SERVICE=TAG"))?;
                     map.insert(svc.to_owned(), Value::String(t.to_owned()));
                 }
-                let body = serde_json::json!({ "tag": tag, "services": map, "actor": actor });
+                let body = serde_json::json!({ "tag": tag, "services": map, "actor": actor, "force": force });
                 let v = call(
                     reqwest::Method::POST,
                     format!("/api/stacks/{stack}/deploy"),
