@@ -908,3 +908,208 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
         .args(["v1", "v2", "noready", "slow", "crash"].map(image))
         .output();
 }
+
+/// What the agent's status says of stack `web`.
+fn status_of(cfg: &Path) -> Value {
+    let out = run(wharf(&["deploy", "status", "--json", "--agent-config"]).arg(cfg));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stack"] == "web")
+        .unwrap()
+        .clone()
+}
+
+/// Deploys of the image pinned as `pin` in the history.
+fn deploys_of(h: &[Value], pin: &Value) -> usize {
+    h.iter()
+        .filter(|d| d["kind"] == "deploy" && d["after"]["web"] == *pin)
+        .count()
+}
+
+/// Issue 15, left running: a hand-started stack is the agent's baseline; a release
+/// that failed its health check is quarantined and never comes back with the polls; a
+/// version named holds the stack until `resume`; a plain rollback quarantines what it
+/// leaves; `--force` deploys a quarantined release on purpose.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_releases_stay_away_explicit_versions_hold_and_running_stacks_are_the_baseline() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    require_tool("curl", "apt-get install -y curl");
+    let reg = TestRegistry::start();
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = nonce();
+    let repo = format!("team/q{nonce}");
+    for (v, kind) in [
+        ("v1", Kind::Healthy),
+        ("v2", Kind::Failing),
+        ("v3", Kind::Healthy),
+        ("v4", Kind::Healthy),
+        ("v5", Kind::Healthy),
+    ] {
+        build_version(
+            &d,
+            dir.path(),
+            &format!("{}/{repo}:{v}", reg.host()),
+            &format!("{v}-{nonce}"),
+            kind,
+        );
+    }
+    let pin = |v: &str| -> Value {
+        let out = run(
+            wharf(&["tags", "list", &format!("{}/{repo}", reg.host()), "--json"])
+                .env("WHARF_USERNAME", "admin")
+                .env("WHARF_PASSWORD", ADMIN_PASSWORD)
+                .env("DOCKER_CONFIG", "/nonexistent"),
+        );
+        let tags: Value = serde_json::from_str(&out).unwrap();
+        let digest = tags
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tag"] == v || t["name"] == v)
+            .unwrap_or_else(|| panic!("{v} not in {tags}"))["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        Value::String(format!("{}/{repo}@{digest}", reg.host()))
+    };
+    let (app_port, agent_port) = (free_port(), free_port());
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    std::fs::write(
+        stack_dir.join("compose.yml"),
+        format!(
+            "services:\n  web:\n    image: {}/{repo}:prod\n    ports: [\"127.0.0.1:{app_port}:8080\"]\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let project = format!("wharf-q-{nonce}");
+    // Started by hand, before the agent: v1.
+    promote(&reg, &repo, "v1");
+    run(Command::new("docker-compose")
+        .current_dir(&stack_dir)
+        .env("DOCKER_CONFIG", d.config_dir())
+        .args(["-p", &project, "-f", "compose.yml", "up", "-d"]));
+    wait_serving(app_port, &format!("v1-{nonce}"));
+
+    std::fs::write(dir.path().join("token"), ADMIN_PASSWORD).unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\nregistry = \"{}\"\nusername = \"admin\"\ntoken_file = \"token\"\n\
+             poll_interval_s = 1\ncoalesce_ms = 100\n\n[[stacks]]\nname = \"web\"\nproject = \"{project}\"\nworkdir = \"stack\"\n\
+             files = [\"compose.yml\"]\nhealth_timeout_s = 30\n[stacks.services]\nweb = \"{repo}:prod\"\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let _stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+
+    // The running containers are the baseline: nothing to deploy.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let h = loop {
+        let h = settled(&cfg);
+        if !h.is_empty() {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "no baseline recorded");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(h.len(), 1, "{h:#?}");
+    assert_eq!(h[0]["trigger"], "baseline");
+    assert_eq!(h[0]["after"]["web"], pin("v1"));
+
+    // v2 fails its health check: rolled back to the baseline, once, and quarantined.
+    promote(&reg, &repo, "v2");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let h = settled(&cfg);
+        if h.iter()
+            .any(|d| d["kind"] == "rollback" && d["trigger"] == "unhealthy")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "v2 was not rolled back: {h:#?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    std::thread::sleep(Duration::from_secs(6)); // six polls see prod at v2
+    let h = settled(&cfg);
+    assert_eq!(
+        deploys_of(&h, &pin("v2")),
+        1,
+        "v2 came back with the polls: {h:#?}"
+    );
+    let st = status_of(&cfg);
+    let q = st["quarantined"].as_array().unwrap();
+    assert!(
+        q.iter().any(|q| q["image"] == pin("v2") && q["reason"].as_str().unwrap().contains("unhealthy")),
+        "{st:#}"
+    );
+    // On purpose, it is deployed again (and rolled back again).
+    let out = deploy_fails(&cfg, &["now", "web", "--force"]);
+    assert!(
+        out.contains("rolled back") || out.contains("rolled_back"),
+        "{out}"
+    );
+    assert_eq!(deploys_of(&settled(&cfg), &pin("v2")), 2);
+    wait_serving(app_port, &format!("v1-{nonce}"));
+
+    // A new digest on the tag deploys as usual.
+    promote(&reg, &repo, "v3");
+    wait_serving(app_port, &format!("v3-{nonce}"));
+    settled(&cfg);
+
+    // A version named holds: prod moves to v4, the stack stays on v1 over six polls.
+    let out = deploy_ok(&cfg, &["rollback", "web", "--tag", "v1"]);
+    assert!(out.contains("deployed"), "{out}");
+    promote(&reg, &repo, "v4");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        serves(app_port).as_deref(),
+        Some(format!("v1-{nonce}").as_str())
+    );
+    let st = status_of(&cfg);
+    assert!(st["held"].is_object(), "{st:#}");
+    assert_eq!(st["followed_now"]["web"], pin("v4"), "{st:#}");
+    // `resume` follows the tag again at once.
+    let out = deploy_ok(&cfg, &["resume", "web"]);
+    assert!(out.contains("deployed"), "{out}");
+    wait_serving(app_port, &format!("v4-{nonce}"));
+    settled(&cfg);
+    assert!(status_of(&cfg)["held"].is_null());
+
+    // A plain rollback says v4 is bad: back to v1, no hold, v4 quarantined; the next
+    // new digest on the tag deploys.
+    let out = deploy_ok(&cfg, &["rollback", "web"]);
+    assert!(out.contains("deployed"), "{out}");
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        serves(app_port).as_deref(),
+        Some(format!("v1-{nonce}").as_str())
+    );
+    let st = status_of(&cfg);
+    assert!(st["held"].is_null(), "{st:#}");
+    assert!(
+        st["quarantined"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["image"] == pin("v4")),
+        "{st:#}"
+    );
+    promote(&reg, &repo, "v5");
+    wait_serving(app_port, &format!("v5-{nonce}"));
+    for v in ["v1", "v2", "v3", "v4", "v5"] {
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &format!("{}/{repo}:{v}", reg.host())])
+            .output();
+    }
+}
