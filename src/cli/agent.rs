@@ -278,7 +278,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                         };
                         out!(
                             "{:<5} {:<9} {:<12} {:<10} {:<20} {:<8} {}{}",
-                            d["id"],
+                            d["id"].as_i64().map_or("-".into(), |i| i.to_string()),
                             d["kind"].as_str().unwrap_or(""),
                             d["trigger"].as_str().unwrap_or(""),
                             d["state"].as_str().unwrap_or(""),

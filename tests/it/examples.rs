@@ -192,4 +192,33 @@ fn workflows_build_multi_arch_with_registry_cache_and_compute_the_seed_tags() {
         &env,
     );
     assert_eq!(tags_of(&out), [img("staging"), img("feature-x-abc1234")]);
+    // Run from a git tag, the environment asked for is pushed too (and then deployed).
+    let mut env = gh("refs/tags/v1.0.0");
+    env.push(("GITHUB_REF_NAME", "v1.0.0"));
+    env[2] = ("GITHUB_EVENT_NAME", "workflow_dispatch");
+    let out = run_step(
+        &manual,
+        "meta",
+        &[("matrix.service", "api"), ("inputs.environment", "staging")],
+        &env,
+    );
+    assert!(tags_of(&out).contains(&img("staging")), "{out}");
+    // The token line of build.yml's header runs as written (with a user that exists).
+    let build_text = std::fs::read_to_string(examples().join("github-actions/build.yml")).unwrap();
+    let line = build_text
+        .lines()
+        .find(|l| l.contains("wharf token create"))
+        .unwrap();
+    let cmd = line.split('`').nth(1).unwrap();
+    let reg = crate::common::TestRegistry::start();
+    crate::common::add_user(&reg, "ci", "ci-password-123");
+    crate::common::wharf_stdin(&reg, &["grant", "ci", "team/*", "push"], "");
+    let args: Vec<String> = cmd
+        .split_whitespace()
+        .skip(1)
+        .map(|a| a.trim_matches('\'').to_owned())
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::common::wharf(&reg, &args);
+    assert!(out.trim().starts_with("wharf_"), "{out}");
 }
