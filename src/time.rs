@@ -1,5 +1,14 @@
 //! Timestamps as RFC 3339 text, without a calendar dependency.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Now, in milliseconds since the unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Formats unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 pub fn rfc3339(ms: i64) -> String {
     let secs = ms.div_euclid(1000);

@@ -52,6 +52,8 @@ pub struct TokenRef {
     /// An access token's scopes; None for a refresh token, which carries its user's
     /// rights (it is made only by a password login).
     pub scopes: Option<Vec<Scope>>,
+    /// When the token stops working (ms since the epoch); None if it never expires.
+    pub expires_at: Option<i64>,
 }
 
 /// Who is calling.
@@ -82,6 +84,15 @@ impl Principal {
             Principal::Anonymous => None,
             Principal::User { token: None, .. } => Some("password"),
             Principal::User { token: Some(t), .. } => Some(&t.id),
+        }
+    }
+
+    /// When the credential behind the call stops working (ms since the epoch): an access
+    /// or refresh token's expiry; None for a password or a token that never expires.
+    pub fn credential_expires_at(&self) -> Option<i64> {
+        match self {
+            Principal::User { token: Some(t), .. } => t.expires_at,
+            _ => None,
         }
     }
 
@@ -131,11 +142,7 @@ pub fn now_secs() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use crate::time::now_ms;
 
 /// Whether `name` could be a user's name (as `wharf user add` allows them): short,
 /// lowercase letters, digits and `.`, `_`, `-`.
@@ -684,7 +691,11 @@ impl Auth {
             name: u.name,
             admin: u.admin,
             generation: u.generation,
-            token: Some(TokenRef { id: t.id, scopes }),
+            token: Some(TokenRef {
+                id: t.id,
+                scopes,
+                expires_at: t.expires_at,
+            }),
         })
     }
 
@@ -849,6 +860,7 @@ impl Auth {
                     Some(TokenRef {
                         id: t.id.clone(),
                         scopes,
+                        expires_at: t.expires_at,
                     }),
                     t.expires_at,
                 )
@@ -1225,7 +1237,8 @@ mod tests {
                         generation: 1,
                         token: token.map(|scopes| TokenRef {
                             id: "t".into(),
-                            scopes
+                            scopes,
+                            expires_at: None,
                         }),
                     }
                 ),

@@ -95,15 +95,25 @@ async fn get(
         .issue(&principal, &scopes)
         .await
         .map_err(|e| auth_error(site, e))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "token": issued.token,
-            "access_token": issued.token,
-            "expires_in": issued.expires_in,
-            "issued_at": rfc3339(issued.issued_at),
-        }),
-    ))
+    let mut answer = json!({
+        "token": issued.token,
+        "access_token": issued.token,
+        "expires_in": issued.expires_in,
+        "issued_at": rfc3339(issued.issued_at),
+    });
+    credential_expiry(&mut answer, &principal);
+    Ok(json_response(StatusCode::OK, &answer))
+}
+
+/// Tells the caller when the credential it logged in with (an access or refresh token)
+/// stops working, so a deploy agent can warn before its token expires: two fields
+/// beside the standard ones, which other clients ignore.
+fn credential_expiry(answer: &mut serde_json::Value, p: &Principal) {
+    if let Some(at) = p.credential_expires_at() {
+        let now = crate::time::now_ms();
+        answer["credential_expires_at"] = json!(rfc3339(at));
+        answer["credential_expires_in"] = json!((at - now).max(0) / 1000);
+    }
 }
 
 async fn post(
@@ -203,5 +213,6 @@ async fn post(
     if let Some(r) = refresh_token {
         answer["refresh_token"] = json!(r.expose());
     }
+    credential_expiry(&mut answer, &principal);
     Ok(json_response(StatusCode::OK, &answer))
 }

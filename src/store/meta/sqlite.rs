@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -41,11 +40,7 @@ pub struct SqliteMeta {
     readers: Mutex<Vec<Connection>>,
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use crate::time::now_ms;
 
 impl From<rusqlite::Error> for MetaError {
     fn from(e: rusqlite::Error) -> Self {
