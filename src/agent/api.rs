@@ -5,8 +5,10 @@
 //!   against `webhook_secret`, refused outside the time window or when its event id was
 //!   seen before; deploys the stacks following the tag (coalesced).
 //! - `POST /hooks/deploy/<stack>` with `Authorization: Bearer <deploy_token>`, body
-//!   optional `{"tag": "v1.0.0"}` or `{"services": {"api": "v1.0.0"}}`: deploys now and
-//!   answers with the outcome; 409 if a deploy of the stack is running.
+//!   optional `{"tag": "v1.0.0"}` or `{"services": {"api": "v1.0.0"}}`: deploys after the
+//!   deploy running (a webhook's, say) and answers with the outcome and its job id; with
+//!   `?wait=false` answers 202 with the job id at once. `GET /api/deploys/<job>` (either
+//!   token) says where the job is and, once done, its answer.
 //! - `/api/...` with `Authorization: Bearer <api token>` (in `<data>/api.token`):
 //!   `GET /api/status`, `GET /api/stacks/<s>/history`, `POST /api/stacks/<s>/deploy`,
 //!   `POST /api/stacks/<s>/rollback` (`{"to": id}` | `{"tag": t}` | `{"digest": d}`).
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -35,6 +37,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/hooks/registry", post(registry_hook))
         .route("/hooks/deploy/{stack}", post(deploy_hook))
         .route("/api/status", get(status))
+        .route("/api/deploys/{job}", get(job))
         .route("/api/stacks/{stack}/history", get(history))
         .route("/api/stacks/{stack}/deploy", post(deploy_now))
         .route("/api/stacks/{stack}/rollback", post(rollback))
@@ -63,12 +66,8 @@ fn api_denied(s: &ApiState, h: &HeaderMap) -> Option<Response> {
 }
 
 fn deploy_error(e: DeployError) -> Response {
-    match e {
-        DeployError::Busy(_) => error(StatusCode::CONFLICT, e.to_string()),
-        DeployError::UnknownStack(_) => error(StatusCode::NOT_FOUND, e.to_string()),
-        DeployError::Invalid(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        DeployError::Other(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
-    }
+    let (status, body) = answer(Err(e));
+    (status, axum::Json(body)).into_response()
 }
 
 async fn registry_hook(State(s): State<Arc<ApiState>>, h: HeaderMap, body: Bytes) -> Response {
@@ -142,27 +141,113 @@ fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T,
     serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
-/// Runs a deploy to its end and answers with its outcome. The deploy is its own task:
-/// a client that hangs up does not cut it off half-applied.
+/// `?wait=false`: answer 202 with the job at once instead of the outcome.
+fn waits(uri: &Uri) -> Result<bool, String> {
+    for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        if k == "wait" {
+            return match v.as_ref() {
+                "true" | "1" | "" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(format!("wait must be true or false, not {v:?}")),
+            };
+        }
+    }
+    Ok(true)
+}
+
+/// The answer to a deploy, as the job records it.
+fn answer(r: Result<super::Outcome, DeployError>) -> (StatusCode, serde_json::Value) {
+    match r {
+        Ok(o) => (StatusCode::OK, json!(o)),
+        Err(e) => {
+            let status = match &e {
+                DeployError::Busy(_) => StatusCode::CONFLICT,
+                DeployError::UnknownStack(_) => StatusCode::NOT_FOUND,
+                DeployError::Invalid(_) => StatusCode::BAD_REQUEST,
+                DeployError::Other(_) => StatusCode::BAD_GATEWAY,
+            };
+            let message = match e {
+                DeployError::Other(e) => format!("{e:#}"),
+                e => e.to_string(),
+            };
+            (status, json!({ "error": message }))
+        }
+    }
+}
+
+/// Queues a deploy as a job behind the one running for the stack, and answers with its
+/// outcome (or at once with 202 and the job, if the client does not wait). The deploy
+/// is its own task: a client that hangs up does not cut it off half-applied.
 async fn detached(
     agent: &Arc<Agent>,
     stack: &str,
     trigger: &'static str,
     actor: Option<String>,
     target: Target,
+    wait: bool,
 ) -> Response {
+    if agent.config.stack(stack).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no stack {stack}"));
+    }
+    let id = match agent.history.job_create(stack, trigger) {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    };
     let (agent, stack) = (Arc::clone(agent), stack.to_owned());
     let task = tokio::spawn(async move {
         let actor = actor.as_deref().or(Some(trigger));
-        agent.deploy(&stack, trigger, actor, target).await
+        let history = &agent.history;
+        let r = agent
+            .deploy_queued(&stack, trigger, actor, target, || {
+                if let Err(e) = history.job_running(id) {
+                    tracing::warn!(error = %e, "agent: cannot record job {id}");
+                }
+            })
+            .await;
+        let (status, mut body) = answer(r);
+        body["job"] = json!(id);
+        if let Err(e) = agent.history.job_done(id, status.as_u16(), &body) {
+            tracing::warn!(error = %e, "agent: cannot record job {id}");
+        }
+        (status, body)
     });
+    if !wait {
+        return (
+            StatusCode::ACCEPTED,
+            axum::Json(
+                json!({ "job": id, "state": "queued", "url": format!("/api/deploys/{id}") }),
+            ),
+        )
+            .into_response();
+    }
     match task.await {
-        Ok(Ok(o)) => (StatusCode::OK, axum::Json(json!(o))).into_response(),
-        Ok(Err(e)) => deploy_error(e),
+        Ok((status, body)) => (status, axum::Json(body)).into_response(),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the deploy stopped: {e}"),
         ),
+    }
+}
+
+/// A job: queued, running, done (with the answer the deploy got) or interrupted.
+async fn job(State(s): State<Arc<ApiState>>, Path(id): Path<String>, h: HeaderMap) -> Response {
+    let hook = s.agent.config.deploy_token.as_deref().unwrap_or("");
+    if !bearer_ok(&h, &s.api_token) && !bearer_ok(&h, hook) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "reading a deploy job needs the agent API token or the deploy token",
+        );
+    }
+    let Ok(id) = id.parse::<i64>() else {
+        return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a job id"));
+    };
+    match s.agent.history.job(id) {
+        Ok(Some(j)) => axum::Json(json!(j)).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no deploy job {id} (jobs are kept a week)"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }
 
@@ -171,6 +256,7 @@ async fn run_deploy(
     stack: &str,
     trigger: &'static str,
     body: DeployBody,
+    wait: bool,
 ) -> Response {
     // A version named is explicit (and holds the stack there); none is the followed tags.
     let explicit = body.tag.is_some() || !body.services.is_empty();
@@ -183,12 +269,13 @@ async fn run_deploy(
         hold: explicit,
         quarantine_current: false,
     };
-    detached(&s.agent, stack, trigger, body.actor, target).await
+    detached(&s.agent, stack, trigger, body.actor, target, wait).await
 }
 
 async fn deploy_hook(
     State(s): State<Arc<ApiState>>,
     Path(stack): Path<String>,
+    uri: Uri,
     h: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -202,7 +289,10 @@ async fn deploy_hook(
         return error(StatusCode::UNAUTHORIZED, "a valid deploy token is required");
     }
     match parse_body::<DeployBody>(&body) {
-        Ok(b) => run_deploy(&s, &stack, "hook", b).await,
+        Ok(b) => match waits(&uri) {
+            Ok(wait) => run_deploy(&s, &stack, "hook", b, wait).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        },
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
@@ -234,7 +324,7 @@ async fn status(State(s): State<Arc<ApiState>>, h: HeaderMap) -> Response {
             "quarantined": quarantined,
         }));
     }
-    axum::Json(json!({ "stacks": stacks })).into_response()
+    axum::Json(json!({ "stacks": stacks, "registry": s.agent.access.status() })).into_response()
 }
 
 async fn history(
@@ -257,6 +347,7 @@ async fn history(
 async fn deploy_now(
     State(s): State<Arc<ApiState>>,
     Path(stack): Path<String>,
+    uri: Uri,
     h: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -264,7 +355,10 @@ async fn deploy_now(
         return denied;
     }
     match parse_body::<DeployBody>(&body) {
-        Ok(b) => run_deploy(&s, &stack, "cli", b).await,
+        Ok(b) => match waits(&uri) {
+            Ok(wait) => run_deploy(&s, &stack, "cli", b, wait).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        },
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
@@ -303,6 +397,7 @@ async fn resume(
         "resume",
         b.actor.or(Some("cli".into())),
         Target::follow(),
+        true,
     )
     .await
 }
@@ -382,6 +477,7 @@ async fn rollback(
         "rollback",
         b.actor.or(Some("cli".into())),
         target,
+        true,
     )
     .await
 }

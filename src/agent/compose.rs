@@ -131,16 +131,6 @@ impl Compose {
             .map(|_| ())
     }
 
-    pub async fn pull(
-        &self,
-        stack: &StackConfig,
-        override_file: &Path,
-        services: &[String],
-    ) -> anyhow::Result<()> {
-        self.services_cmd(stack, override_file, &["pull"], services)
-            .await
-    }
-
     pub async fn up(
         &self,
         stack: &StackConfig,
@@ -257,6 +247,24 @@ pub async fn present_locally(images: &[&String]) -> bool {
         }
     }
     true
+}
+
+/// `docker pull` of one image with the agent's docker config (its registry login).
+pub async fn pull_image(docker_config: &Path, image: &str) -> anyhow::Result<()> {
+    let out = Command::new("docker")
+        .env("DOCKER_CONFIG", docker_config)
+        .args(["pull", "--quiet", image])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running docker pull")?;
+    if !out.status.success() {
+        bail!(
+            "docker pull {image} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// The last lines of a container's log (both streams).

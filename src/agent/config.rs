@@ -167,20 +167,22 @@ impl AgentConfig {
                 return Ok(crate::auth::Secret::new(t));
             }
         }
-        let path = self
-            .token_file
-            .as_ref()
-            .context("give the registry token in token_file or WHARF_AGENT_REGISTRY_TOKEN")?;
-        let t =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let t = t.trim();
-        if t.is_empty() {
-            bail!("{} is empty", path.display());
-        }
-        Ok(crate::auth::Secret::new(t))
+        read_token_file(self.token_file.as_deref())
     }
 
     pub fn stack(&self, name: &str) -> Option<&StackConfig> {
         self.stacks.iter().find(|s| s.name == name)
     }
+}
+
+/// The token in `path`, trimmed.
+pub fn read_token_file(path: Option<&Path>) -> anyhow::Result<crate::auth::Secret> {
+    let path =
+        path.context("give the registry token in token_file or WHARF_AGENT_REGISTRY_TOKEN")?;
+    let t = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let t = t.trim();
+    if t.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(crate::auth::Secret::new(t))
 }

@@ -41,6 +41,18 @@ CREATE TABLE IF NOT EXISTS quarantine (
     deploy   INTEGER,            -- the deploy that showed it bad
     PRIMARY KEY (stack, service, image)
 );
+-- A deploy asked for over HTTP (the hook, the CLI): queued behind a running deploy, then
+-- running, then done with the answer it got; `GET /api/deploys/<id>` reads it.
+CREATE TABLE IF NOT EXISTS jobs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    stack       TEXT NOT NULL,
+    trigger     TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'interrupted')),
+    status      INTEGER,             -- the HTTP status of the answer
+    answer      TEXT,                -- JSON: the outcome, or an error
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER
+);
 -- A stack held on an explicit version: following is suspended until `resume`.
 CREATE TABLE IF NOT EXISTS holds (
     stack    TEXT PRIMARY KEY,
@@ -71,6 +83,22 @@ pub struct Hold {
 }
 
 pub type Pins = BTreeMap<String, String>;
+
+/// A deploy asked for over HTTP, and what came of it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Job {
+    pub id: i64,
+    pub stack: String,
+    pub trigger: String,
+    pub state: String,
+    pub status: Option<u16>,
+    pub answer: Option<serde_json::Value>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+/// How long a finished job stays readable.
+const JOB_DAYS: i64 = 7;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Deploy {
@@ -131,6 +159,11 @@ impl History {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
         conn.execute_batch(SCHEMA)?;
+        // A job the last run of the agent did not finish never will.
+        conn.execute(
+            "UPDATE jobs SET state = 'interrupted', finished_at = ?1 WHERE state IN ('queued', 'running')",
+            params![crate::store::meta::now_ms()],
+        )?;
         Ok(History {
             conn: Mutex::new(conn),
         })
@@ -323,6 +356,65 @@ impl History {
                 "INSERT INTO seen_events (id, at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                 params![id, now],
             )? > 0)
+        })
+    }
+
+    /// A new queued job; jobs finished more than a week ago are forgotten.
+    pub fn job_create(&self, stack: &str, trigger: &str) -> anyhow::Result<i64> {
+        self.with(|c| {
+            let now = crate::store::meta::now_ms();
+            c.execute(
+                "DELETE FROM jobs WHERE finished_at < ?1",
+                params![now - JOB_DAYS * 86_400_000],
+            )?;
+            c.execute(
+                "INSERT INTO jobs (stack, trigger, state, created_at) VALUES (?1, ?2, 'queued', ?3)",
+                params![stack, trigger, now],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    pub fn job_running(&self, id: i64) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE jobs SET state = 'running' WHERE id = ?1",
+                params![id],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn job_done(&self, id: i64, status: u16, answer: &serde_json::Value) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE jobs SET state = 'done', status = ?2, answer = ?3, finished_at = ?4 WHERE id = ?1",
+                params![id, status, answer.to_string(), crate::store::meta::now_ms()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn job(&self, id: i64) -> anyhow::Result<Option<Job>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, stack, trigger, state, status, answer, created_at, finished_at FROM jobs WHERE id = ?1",
+                params![id],
+                |r| {
+                    let answer: Option<String> = r.get(5)?;
+                    Ok(Job {
+                        id: r.get(0)?,
+                        stack: r.get(1)?,
+                        trigger: r.get(2)?,
+                        state: r.get(3)?,
+                        status: r.get(4)?,
+                        answer: answer.and_then(|a| serde_json::from_str(&a).ok()),
+                        created_at: r.get(6)?,
+                        finished_at: r.get(7)?,
+                    })
+                },
+            )
+            .optional()
         })
     }
 }

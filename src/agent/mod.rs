@@ -7,6 +7,7 @@
 //! the last healthy deploy. One deploy at a time per stack; every deploy and rollback is
 //! recorded in the agent's database with what ran before and after.
 
+pub mod access;
 pub mod api;
 pub mod compose;
 pub mod config;
@@ -20,7 +21,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::client::{Client, Credentials};
 use crate::oci::Reference;
 use compose::Compose;
 use config::{AgentConfig, StackConfig};
@@ -67,12 +67,16 @@ impl Target {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Outcome {
-    /// The stack already runs these digests.
-    Unchanged,
+    /// The stack already runs these digests, since this deploy.
+    Unchanged {
+        deploy: Option<i64>,
+    },
     /// The followed tags point at digests quarantined for these services (rolled back
-    /// from before); nothing was deployed.
+    /// from before: `deploy` showed them bad, for `reason`); nothing was deployed.
     Quarantined {
         services: Vec<String>,
+        deploy: Option<i64>,
+        reason: Option<String>,
     },
     /// The stack is held on an explicit version; following waits for `resume`.
     Held {
@@ -122,7 +126,7 @@ struct StackState {
 
 pub struct Agent {
     pub config: AgentConfig,
-    client: Client,
+    pub access: access::Access,
     compose: Compose,
     pub history: History,
     stacks: BTreeMap<String, StackState>,
@@ -135,22 +139,19 @@ impl Agent {
         std::fs::create_dir_all(&config.data)
             .with_context(|| format!("creating {}", config.data.display()))?;
         let history = History::open(&config.data.join("agent.db"))?;
-        let token = config.registry_token()?;
-        let (_, host) = crate::client::endpoint(&config.registry)?;
+        // A token that cannot be read is a mistake in the setup: said at once. A
+        // registry that is away or refuses it is waited for (see `access`).
+        config.registry_token()?;
         let docker_config = config.data.join("docker");
-        compose::login(&docker_config, &host, &config.username, token.expose()).await?;
         let compose = Compose::detect(&docker_config).await?;
-        let mut client = Client::new(
-            &config.registry,
-            Some(Credentials::Basic {
-                user: config.username.clone(),
-                password: token,
-            }),
-        )?;
+        let mut scopes = Vec::new();
         let mut stacks = BTreeMap::new();
         for s in &config.stacks {
             for image in s.images()?.values() {
-                client = client.with_scope(format!("repository:{}:pull", image.repo));
+                let scope = format!("repository:{}:pull", image.repo);
+                if !scopes.contains(&scope) {
+                    scopes.push(scope);
+                }
             }
             std::fs::create_dir_all(config.data.join("stacks").join(&s.name))?;
             stacks.insert(
@@ -164,10 +165,11 @@ impl Agent {
             );
         }
         tracing::info!("agent: compose is `{}`", compose.name());
+        let access = access::Access::new(&config, scopes, &docker_config)?;
         let agent = Arc::new(Agent {
             dir: config.data.clone(),
             config,
-            client,
+            access,
             compose,
             history,
             stacks,
@@ -175,7 +177,10 @@ impl Agent {
                 .timeout(Duration::from_secs(10))
                 .build()?,
         });
+        let login = agent.access.docker_login().await;
+        agent.registry(login).await.ok();
         agent.recover().await;
+        tokio::spawn(Arc::clone(&agent).watch_access());
         for name in agent.stacks.keys() {
             tokio::spawn(Arc::clone(&agent).worker(name.clone()));
         }
@@ -221,13 +226,11 @@ impl Agent {
             let reference = Reference::parse(&tag).map_err(|e| {
                 DeployError::Invalid(format!("service {svc}: {tag:?} is not a tag: {e}"))
             })?;
-            let digest = self
-                .client
-                .manifest_digest(&image.repo, &reference)
-                .await?
-                .ok_or_else(|| {
-                    DeployError::Invalid(format!("{}:{tag} is not in the registry", image.repo))
-                })?;
+            let client = self.client().await?;
+            let found = client.manifest_digest(&image.repo, &reference).await;
+            let digest = self.registry(found).await?.ok_or_else(|| {
+                DeployError::Invalid(format!("{}:{tag} is not in the registry", image.repo))
+            })?;
             pins.insert(svc, format!("{host}/{}@{digest}", image.repo));
         }
         Ok(pins)
@@ -289,6 +292,36 @@ impl Agent {
         let Ok(_guard) = state.lock.try_lock() else {
             return Err(DeployError::Busy(name.to_owned()));
         };
+        self.deploy_locked(stack, state, trigger, actor, target)
+            .await
+    }
+
+    /// Runs a deploy after the ones running or queued for the stack (in the order asked);
+    /// `started` is called when its turn comes.
+    pub async fn deploy_queued(
+        &self,
+        name: &str,
+        trigger: &str,
+        actor: Option<&str>,
+        target: Target,
+        started: impl FnOnce(),
+    ) -> Result<Outcome, DeployError> {
+        let (stack, state) = self.stack(name)?;
+        let _guard = state.lock.lock().await;
+        started();
+        self.deploy_locked(stack, state, trigger, actor, target)
+            .await
+    }
+
+    async fn deploy_locked(
+        &self,
+        stack: &StackConfig,
+        state: &StackState,
+        trigger: &str,
+        actor: Option<&str>,
+        target: Target,
+    ) -> Result<Outcome, DeployError> {
+        let name = stack.name.as_str();
         if target.follow && !target.force {
             if let Some(h) = self.history.held(name)? {
                 // Still looked at, so `status` can say how far the tags have moved.
@@ -311,22 +344,27 @@ impl Agent {
         } else {
             "deploy"
         };
+        let before_id = before.as_ref().map(|b| b.id);
         let before_pins = before.map(|b| b.after);
         // Following never goes to a digest the stack was rolled back from: such a service
         // stays on what it runs.
         let mut skipped = Vec::new();
+        let mut why = None;
         if target.follow && !target.force {
             let quarantined = self.history.quarantined(name)?;
             for (svc, image) in after.iter_mut() {
-                if quarantined
+                if let Some(q) = quarantined
                     .iter()
-                    .any(|q| q.service == *svc && q.image == *image)
+                    .find(|q| q.service == *svc && q.image == *image)
                 {
+                    why.get_or_insert_with(|| q.clone());
                     match before_pins.as_ref().and_then(|b| b.get(svc)) {
                         Some(current) => *image = current.clone(),
                         None => {
                             return Ok(Outcome::Quarantined {
                                 services: vec![svc.clone()],
+                                deploy: q.deploy,
+                                reason: Some(q.reason.clone()),
                             });
                         }
                     }
@@ -335,12 +373,23 @@ impl Agent {
             }
         }
         if before_pins.as_ref() == Some(&after) && target.pins.is_none() {
-            return Ok(if skipped.is_empty() {
-                Outcome::Unchanged
-            } else {
-                Outcome::Quarantined { services: skipped }
+            return Ok(match why {
+                None => Outcome::Unchanged { deploy: before_id },
+                Some(q) => Outcome::Quarantined {
+                    services: skipped,
+                    deploy: q.deploy,
+                    reason: Some(q.reason),
+                },
             });
         }
+        // Every new image is on this server before anything changes: a registry that is
+        // away or refuses the token leaves the stack as it is, and quarantines nothing.
+        let new_images: Vec<&String> = after
+            .iter()
+            .filter(|(svc, image)| before_pins.as_ref().and_then(|b| b.get(*svc)) != Some(*image))
+            .map(|(_, image)| image)
+            .collect();
+        self.fetch_images(&new_images).await?;
         if target.quarantine_current {
             // A person says the running release is bad: what changes is quarantined.
             for (svc, image) in before_pins.iter().flatten() {
@@ -465,16 +514,9 @@ impl Agent {
             changed
         };
         let plain = |e: anyhow::Error| (format!("{e:#}"), None);
+        // The images were pulled by `deploy` (a rollback's are still here from when they
+        // ran; compose pulls one that is not).
         compose::write_override(&file, after).map_err(plain)?;
-        if let Err(e) = self.compose.pull(stack, &file, &changed).await {
-            // Images of earlier deploys stay on the server: a rollback to them needs no
-            // registry.
-            let images: Vec<&String> = changed.iter().filter_map(|s| after.get(s)).collect();
-            if !compose::present_locally(&images).await {
-                return Err(plain(e));
-            }
-            tracing::warn!("agent: pull failed ({e:#}); the images are on this server, going on");
-        }
         self.compose
             .up(stack, &file, &changed)
             .await
@@ -578,6 +620,76 @@ impl Agent {
         }
     }
 
+    /// Pulls each image (`repo@sha256:...`) the engine does not hold yet.
+    async fn fetch_images(&self, images: &[&String]) -> Result<(), DeployError> {
+        for image in images {
+            if compose::present_locally(&[*image]).await {
+                continue;
+            }
+            let login = self.access.docker_login().await;
+            self.registry(login)
+                .await
+                .map_err(|e| DeployError::Other(e.context("the stack was not changed")))?;
+            let pulled = compose::pull_image(&self.dir.join("docker"), image).await;
+            self.registry(pulled).await.map_err(|e| {
+                DeployError::Other(
+                    e.context(format!("cannot pull {image}; the stack was not changed")),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The registry client of the current token (an error, and a failure of access, if
+    /// there is none).
+    async fn client(&self) -> anyhow::Result<Arc<crate::client::Client>> {
+        let c = self.access.client();
+        if let Err(e) = &c {
+            if let Some(m) = self.access.failed(&format!("{e:#}")) {
+                self.notify(&m).await;
+            }
+        }
+        c
+    }
+
+    /// Passes on the result of talking to the registry, and tells `access` (which
+    /// notifies once when access stops working, once when it works again, and once
+    /// before the token expires).
+    async fn registry<T>(&self, r: anyhow::Result<T>) -> anyhow::Result<T> {
+        match &r {
+            Ok(_) => {
+                for m in self.access.succeeded() {
+                    self.notify(&m).await;
+                }
+            }
+            Err(e) => {
+                if let Some(m) = self.access.failed(&format!("{e:#}")) {
+                    self.notify(&m).await;
+                }
+            }
+        }
+        r
+    }
+
+    /// Every few seconds: reads the token file again (a new token is used at once),
+    /// and after a failure asks the stacks to try again when the pause has passed.
+    async fn watch_access(self: Arc<Self>) {
+        let every = Duration::from_secs(self.config.poll_interval_s.clamp(1, 5));
+        loop {
+            tokio::time::sleep(every).await;
+            let changed = self.access.refresh_token();
+            if changed || (self.access.failing() && self.access.may_try()) {
+                if changed {
+                    let login = self.access.docker_login().await;
+                    self.registry(login).await.ok();
+                }
+                for s in self.stacks.keys() {
+                    self.request(s, "poll");
+                }
+            }
+        }
+    }
+
     async fn probe(&self, url: &str) -> bool {
         self.http
             .get(url)
@@ -623,6 +735,11 @@ impl Agent {
         loop {
             state.wake.notified().await;
             tokio::time::sleep(settle).await;
+            if !self.access.may_try() {
+                // The registry failed a moment ago: `watch_access` asks again when the
+                // pause has passed.
+                continue;
+            }
             let trigger = state
                 .asked_by
                 .lock()
@@ -634,8 +751,11 @@ impl Agent {
                     .deploy(&stack, trigger, Some(trigger), Target::follow())
                     .await
                 {
-                    Ok(Outcome::Unchanged | Outcome::Held { .. } | Outcome::Quarantined { .. }) => {
-                    }
+                    Ok(
+                        Outcome::Unchanged { .. }
+                        | Outcome::Held { .. }
+                        | Outcome::Quarantined { .. },
+                    ) => {}
                     Ok(o) => tracing::info!(stack = %stack, "agent: {o:?}"),
                     Err(DeployError::Busy(_)) => {
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -811,11 +931,14 @@ impl Agent {
         let mut matched = 0;
         for (svc, image) in stack.images()? {
             let pin = format!("{host}/{}@{d}", image.repo);
-            let here = match self
-                .client
-                .manifest_digest(&image.repo, &Reference::Digest(d.clone()))
-                .await
-            {
+            let found = match self.client().await {
+                Ok(c) => {
+                    c.manifest_digest(&image.repo, &Reference::Digest(d.clone()))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let here = match self.registry(found).await {
                 Ok(found) => found.is_some(),
                 Err(_) => compose::present_locally(&[&pin]).await,
             };

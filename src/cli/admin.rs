@@ -342,6 +342,7 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
                             "created": rfc3339(t.created_at),
                             "last_used": t.last_used_at.map(rfc3339),
                             "expires": t.expires_at.map(rfc3339),
+                            "days_left": t.expires_at.map(|e| (e - now_ms).max(0) / 86_400_000),
                             "status": token_status(&a.auth, t, now_ms),
                         })
                     })
@@ -349,7 +350,7 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
                 out!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 out!(
-                    "{:<13} {:<12} {:<8} {:<14} {:<8} {:<21} {:<21} {:<21} SCOPES",
+                    "{:<13} {:<12} {:<8} {:<14} {:<8} {:<21} {:<21} {:<21} {:<5} SCOPES",
                     "ID",
                     "USER",
                     "KIND",
@@ -357,7 +358,8 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
                     "STATUS",
                     "CREATED",
                     "LAST USED",
-                    "EXPIRES"
+                    "EXPIRES",
+                    "LEFT"
                 );
                 for t in &tokens {
                     let scopes = if t.kind == "refresh" {
@@ -366,7 +368,7 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
                         t.scopes.join(" ")
                     };
                     out!(
-                        "{:<13} {:<12} {:<8} {:<14} {:<8} {:<21} {:<21} {:<21} {}",
+                        "{:<13} {:<12} {:<8} {:<14} {:<8} {:<21} {:<21} {:<21} {:<5} {}",
                         t.id,
                         t.user_name,
                         t.kind,
@@ -375,6 +377,10 @@ pub async fn token(a: Admin, cmd: TokenCmd) -> anyhow::Result<()> {
                         rfc3339(t.created_at),
                         t.last_used_at.map_or("never".into(), rfc3339),
                         t.expires_at.map_or("never".into(), rfc3339),
+                        t.expires_at.map_or("-".into(), |e| format!(
+                            "{}d",
+                            (e - now_ms).max(0) / 86_400_000
+                        )),
                         scopes
                     );
                 }

@@ -206,6 +206,13 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
             match v.get("result").and_then(|r| r.as_str()) {
                 Some("failed") => bail!("the deploy failed"),
                 Some("rolled_back") => bail!("the deploy was unhealthy and was rolled back"),
+                Some("quarantined") => bail!(
+                    "not deployed: the release was unhealthy before{} and is quarantined (`deploy now --force` deploys it anyway)",
+                    v["deploy"]
+                        .as_i64()
+                        .map(|d| format!(" (deploy #{d})"))
+                        .unwrap_or_default()
+                ),
                 _ => Ok(()),
             }
         };
@@ -215,6 +222,30 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                 if json {
                     out!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
+                    let r = &v["registry"];
+                    let left = r["token_days_left"]
+                        .as_i64()
+                        .map(|d| format!(", token expires in {d} day(s)"))
+                        .unwrap_or_default();
+                    if r["ok"].as_bool() == Some(true) {
+                        out!(
+                            "registry     {} as {}: ok{left}",
+                            r["url"].as_str().unwrap_or(""),
+                            r["username"].as_str().unwrap_or("")
+                        );
+                    } else {
+                        out!(
+                            "registry     {} as {}: FAILING since {} ({} tries, next in {}s){left}",
+                            r["url"].as_str().unwrap_or(""),
+                            r["username"].as_str().unwrap_or(""),
+                            r["failing_since"].as_i64().map(rfc3339).unwrap_or("-".into()),
+                            r["failures"].as_i64().unwrap_or(0),
+                            r["next_try_in_s"].as_i64().unwrap_or(0)
+                        );
+                    }
+                    if let Some(w) = r["warning"].as_str() {
+                        out!("{:<12} WARNING: {w}", "");
+                    }
                     for s in v["stacks"].as_array().into_iter().flatten() {
                         let last = &s["last"];
                         out!(

@@ -131,6 +131,9 @@ pub struct Client {
     /// Scopes asked for with every token, so one token covers a whole command.
     scopes: Vec<String>,
     token: tokio::sync::Mutex<Option<String>>,
+    /// When the credential behind the last token expires (unix seconds), as the token
+    /// service said.
+    credential_expires_at: std::sync::Mutex<Option<i64>>,
 }
 
 fn accept_manifests() -> String {
@@ -153,7 +156,18 @@ impl Client {
             creds,
             scopes: Vec::new(),
             token: tokio::sync::Mutex::new(None),
+            credential_expires_at: std::sync::Mutex::new(None),
         })
+    }
+
+    /// When the credential this client logs in with expires (unix seconds), once a
+    /// token has been fetched with it and the registry said; None if it never expires
+    /// or nothing is known yet.
+    pub fn credential_expires_at(&self) -> Option<i64> {
+        *self
+            .credential_expires_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Asks for `scope` (e.g. `repository:team/api:pull,push`) in every token.
@@ -296,6 +310,13 @@ impl Client {
             );
         }
         let v: serde_json::Value = r.json().await.context("the token answer is not JSON")?;
+        *self
+            .credential_expires_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = v
+            .get("credential_expires_in")
+            .and_then(|s| s.as_i64())
+            .map(|s| crate::auth::now_secs() + s);
         v.get("token")
             .or_else(|| v.get("access_token"))
             .and_then(|t| t.as_str())

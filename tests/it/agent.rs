@@ -759,8 +759,8 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
     );
     assert_eq!(h[0]["after"], v2_pins);
 
-    // 3. One deploy at a time: while `slow` waits for health, a second one is refused
-    // with a clear answer, by the CLI and by the hook.
+    // 3. One deploy at a time: while `slow` waits for health, the hook's deploy is
+    // queued behind it; with `?wait=false` the hook answers at once with its job.
     let mut slow = wharf(&["deploy", "now", "web", "--tag", "slow", "--agent-config"])
         .arg(&cfg)
         .stdout(Stdio::null())
@@ -785,24 +785,39 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
         assert!(Instant::now() < deadline, "slow never came up");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let err = deploy_fails(&cfg, &["now", "web"]);
-    assert!(
-        err.contains("409") && err.contains("a deploy of web is running"),
-        "{err}"
-    );
-    let r = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{agent_port}/hooks/deploy/web"))
+    let hook = reqwest::Client::new();
+    let r = hook
+        .post(format!(
+            "http://127.0.0.1:{agent_port}/hooks/deploy/web?wait=false"
+        ))
         .bearer_auth("deploy-token-0123")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 409);
+    assert_eq!(r.status(), 202);
+    let queued = r.json::<Value>().await.unwrap()["job"].as_i64().unwrap();
+    let job_of = |id: i64| {
+        let hook = hook.clone();
+        async move {
+            let r = hook
+                .get(format!("http://127.0.0.1:{agent_port}/api/deploys/{id}"))
+                .bearer_auth("deploy-token-0123")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    assert_eq!(job_of(queued).await["state"], "queued");
 
     // The agent dies mid-deploy. At its restart the deploy is recorded as interrupted
     // and the stack goes back to v2, the last healthy deploy.
     stack.kill_and_restart(&cfg, agent_port);
     let _ = slow.wait();
     wait_serving(app_port, "v2");
+    // The queued job never ran: it says so.
+    assert_eq!(job_of(queued).await["state"], "interrupted");
     let h = settled(&cfg);
     let interrupted = h.iter().find(|d| d["id"] == slow_id).unwrap();
     assert_eq!(interrupted["state"], "interrupted", "{h:#?}");
@@ -1112,4 +1127,415 @@ async fn failed_releases_stay_away_explicit_versions_hold_and_running_stacks_are
             .args(["rmi", "-f", &format!("{}/{repo}:{v}", reg.host())])
             .output();
     }
+}
+
+/// The texts the agent has notified so far.
+fn notes(r: &Receiver) -> Vec<String> {
+    r.at("/notify")
+        .iter()
+        .map(|n| {
+            serde_json::from_slice::<Value>(&n.body).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The agent's status of its registry access.
+fn registry_status(cfg: &Path) -> Value {
+    let out = run(wharf(&["deploy", "status", "--json", "--agent-config"]).arg(cfg));
+    serde_json::from_str::<Value>(&out).unwrap()["registry"].clone()
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Issue 15, credentials: an agent started while the registry is down waits for it; a
+/// revoked token is said once (not at every poll) and does not lock the user's other
+/// tokens out; a new token in the token file is used without a restart; a token about
+/// to expire is warned about in `status` and once by notification; `token list` shows
+/// the days left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_that_stops_working_is_said_once_and_a_new_one_is_used_without_a_restart() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    require_tool("curl", "apt-get install -y curl");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("registry");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let reg = TestRegistry::start_at(&addr, &data, |_| {});
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let nonce = nonce();
+    let repo = format!("team/cred{nonce}");
+    for v in ["v1", "v2"] {
+        let image = format!("{}/{repo}:{v}", reg.host());
+        build_version(
+            &d,
+            dir.path(),
+            &image,
+            &format!("{v}-{nonce}"),
+            Kind::Healthy,
+        );
+    }
+    promote(&reg, &repo, "v1");
+    add_user(&reg, "deployer", "deployer password 1");
+    run(wharf_cmd(&data).args(["grant", "deployer", "team/*", "pull"]));
+    let create = |name: &str, expires: &str| -> String {
+        run(wharf_cmd(&data).args([
+            "token",
+            "create",
+            "--user",
+            "deployer",
+            "--scope",
+            "repository:team/*:pull",
+            "--expires",
+            expires,
+            "--name",
+            name,
+        ]))
+        .trim()
+        .to_owned()
+    };
+    // The server's token expires in three days; CI has a token of its own.
+    let first = create("prod-1", "3d");
+    let ci = create("ci", "90d");
+    std::fs::write(dir.path().join("token"), &first).unwrap();
+
+    let (app_port, agent_port) = (free_port(), free_port());
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    std::fs::write(
+        stack_dir.join("compose.yml"),
+        format!(
+            "services:\n  web:\n    image: {}/{repo}:prod\n    ports: [\"127.0.0.1:{app_port}:8080\"]\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let notify = Receiver::start();
+    let project = format!("wharf-cred-{nonce}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\nregistry = \"{addr}\"\nusername = \"deployer\"\n\
+             token_file = \"token\"\npoll_interval_s = 1\nnotify_url = \"{}/notify\"\n\n\
+             [[stacks]]\nname = \"web\"\nproject = \"{project}\"\nworkdir = \"stack\"\n\
+             files = [\"compose.yml\"]\n[stacks.services]\nweb = \"{repo}:prod\"\n",
+            notify.url
+        ),
+    )
+    .unwrap();
+
+    // The registry is down (a reboot): the agent starts anyway and says so.
+    reg.stop();
+    let _stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+    wait_until("the agent sees the registry is down", 30, || {
+        registry_status(&cfg)["ok"] == false
+    });
+    let out = run(wharf(&["deploy", "status", "--agent-config"]).arg(&cfg));
+    assert!(out.contains("FAILING"), "{out}");
+    std::thread::sleep(Duration::from_secs(3));
+    let down: Vec<String> = notes(&notify);
+    assert_eq!(
+        down.iter()
+            .filter(|n| n.contains("cannot be reached"))
+            .count(),
+        1,
+        "{down:?}"
+    );
+    // Back up: the agent deploys by itself and says the registry works again.
+    let reg = TestRegistry::start_at(&addr, &data, |_| {});
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    wait_until("the recovery is notified", 30, || {
+        notes(&notify)
+            .iter()
+            .any(|n| n.contains("works for the agent again"))
+    });
+    // The token expires in less than a week: said in status, and notified once.
+    let st = registry_status(&cfg);
+    assert_eq!(st["ok"], true, "{st}");
+    assert_eq!(st["token_days_left"], 2, "{st}");
+    assert!(
+        st["warning"].as_str().unwrap().contains("expires in 2 day"),
+        "{st}"
+    );
+    let out = run(wharf(&["deploy", "status", "--agent-config"]).arg(&cfg));
+    assert!(
+        out.contains("WARNING") && out.contains("expires in 2 day"),
+        "{out}"
+    );
+    let expiring = |n: &Vec<String>| n.iter().filter(|n| n.contains("expires at")).count();
+    assert_eq!(expiring(&notes(&notify)), 1, "{:?}", notes(&notify));
+    let out = run(wharf_cmd(&data).args(["token", "list", "--user", "deployer"]));
+    assert!(out.contains("LEFT") && out.contains(" 2d "), "{out}");
+
+    // Revoked: said once over many polls; the stack keeps running v1.
+    let list: Value = serde_json::from_str(&run(
+        wharf_cmd(&data).args(["token", "list", "--user", "deployer", "--json"])
+    ))
+    .unwrap();
+    let id_of = |name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    run(wharf_cmd(&data).args(["token", "revoke", &id_of("prod-1")]));
+    promote(&reg, &repo, "v2");
+    wait_until("the agent sees the token refused", 30, || {
+        registry_status(&cfg)["error"].is_string()
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    let n = notes(&notify);
+    assert_eq!(
+        n.iter().filter(|n| n.contains("refuses")).count(),
+        1,
+        "{n:?}"
+    );
+    assert_eq!(serves(app_port), Some(format!("v1-{nonce}")));
+    let st = registry_status(&cfg);
+    assert_eq!(st["ok"], false, "{st}");
+    assert!(st["failures"].as_i64().unwrap() >= 2, "{st}");
+    // The agent's failures lock nobody out: the user's CI token still works.
+    let ci_client = client_as("deployer", &ci);
+    let r = token(&reg, &ci_client, &[&format!("repository:{repo}:pull")]).await;
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    // Nothing was deployed or quarantined meanwhile.
+    assert!(
+        status_of(&cfg)["quarantined"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let before = history(&cfg).len();
+
+    // A new token in the file: used without a restart, the new release goes out.
+    let second = create("prod-2", "1y");
+    std::fs::write(dir.path().join("token"), format!("{second}\n")).unwrap();
+    wait_serving(app_port, &format!("v2-{nonce}"));
+    let h = settled(&cfg);
+    assert_eq!(h.len(), before + 1, "{h:?}");
+    assert_eq!(h[0]["state"], "success");
+    let st = registry_status(&cfg);
+    assert_eq!(st["ok"], true, "{st}");
+    assert_eq!(st["token_days_left"], 364, "{st}");
+    assert!(st["warning"].is_null(), "{st}");
+    let n = notes(&notify);
+    assert_eq!(
+        n.iter()
+            .filter(|n| n.contains("works for the agent again"))
+            .count(),
+        2,
+        "{n:?}"
+    );
+    assert_eq!(expiring(&n), 1, "{n:?}");
+    let list: Value = serde_json::from_str(&run(
+        wharf_cmd(&data).args(["token", "list", "--user", "deployer", "--json"])
+    ))
+    .unwrap();
+    let prod2 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "prod-2")
+        .unwrap();
+    assert_eq!(prod2["days_left"], 364, "{prod2}");
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(
+        !log.contains(&first) && !log.contains(&second),
+        "a token in the log"
+    );
+    let _ = Command::new("docker")
+        .arg("rmi")
+        .arg("-f")
+        .args(["v1", "v2"].map(|v| format!("{}/{repo}:{v}", reg.host())))
+        .output();
+}
+
+/// Issue 15, the CI deploy job: its hook call waits for the deploy the registry's
+/// webhook started and answers with that release's real outcome (the example job fails
+/// on an unhealthy release and passes on a healthy one, never on a 409); `?wait=false`
+/// answers 202 with a job to read at `/api/deploys/<id>`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    require_tool("curl", "apt-get install -y curl");
+    let reg = TestRegistry::start();
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = nonce();
+    let repo = format!("team/ci{nonce}");
+    for (v, kind) in [
+        ("v1", Kind::Healthy),
+        ("v2", Kind::Failing),
+        ("v3", Kind::Healthy),
+    ] {
+        let image = format!("{}/{repo}:{v}", reg.host());
+        build_version(&d, dir.path(), &image, &format!("{v}-{nonce}"), kind);
+    }
+    let (app_port, agent_port) = (free_port(), free_port());
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    std::fs::write(
+        stack_dir.join("compose.yml"),
+        format!(
+            "services:\n  web:\n    image: {}/{repo}:prod\n    ports: [\"127.0.0.1:{app_port}:8080\"]\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("token"), ADMIN_PASSWORD).unwrap();
+    let project = format!("wharf-ci-{nonce}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\nregistry = \"{}\"\nusername = \"admin\"\n\
+             token_file = \"token\"\nwebhook_secret = \"webhook-secret-0123\"\n\
+             deploy_token = \"deploy-token-0123\"\npoll_interval_s = 0\n\n\
+             [[stacks]]\nname = \"prod\"\nproject = \"{project}\"\nworkdir = \"stack\"\n\
+             files = [\"compose.yml\"]\nhealth_timeout_s = 20\n[stacks.services]\nweb = \"{repo}:prod\"\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let _stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+    run(wharf_cmd(&reg.data).args([
+        "webhook",
+        "add",
+        &format!("http://127.0.0.1:{agent_port}/hooks/registry"),
+        "--secret",
+        "webhook-secret-0123",
+        "--tags",
+        "prod",
+    ]));
+    let url = format!("http://127.0.0.1:{agent_port}");
+    let history = || {
+        let out = run(wharf(&["deploy", "history", "prod", "--json", "--agent-config"]).arg(&cfg));
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let wait_running = || {
+        wait_until("the webhook's deploy starts", 30, || {
+            history().first().is_some_and(|d| d["state"] == "running")
+        })
+    };
+
+    // A healthy release: CI pushes, the webhook starts the deploy, CI's hook call
+    // comes during it and gets its outcome.
+    promote(&reg, &repo, "v1");
+    wait_running();
+    for file in ["build.yml", "manual.yml"] {
+        let (ok, out) = crate::examples::run_deploy_step(file, &url, "deploy-token-0123", "prod");
+        assert!(ok, "{file}: {out}");
+        assert!(
+            out.contains("\"result\":\"unchanged\"") || out.contains("\"result\":\"deployed\""),
+            "{out}"
+        );
+    }
+    assert_eq!(serves(app_port), Some(format!("v1-{nonce}")));
+    let h = history();
+    assert_eq!(h.len(), 1, "one deploy of v1: {h:?}");
+    assert_eq!(h[0]["trigger"], "webhook");
+
+    // An unhealthy release: the job fails, on the real outcome (the webhook's deploy
+    // rolled back, so the release is quarantined), and deploys it no second time.
+    promote(&reg, &repo, "v2");
+    wait_running();
+    let (ok, out) =
+        crate::examples::run_deploy_step("build.yml", &url, "deploy-token-0123", "prod");
+    assert!(!ok, "{out}");
+    assert!(out.contains("\"result\":\"quarantined\""), "{out}");
+    assert!(out.contains("did not go out healthy"), "{out}");
+    assert_eq!(serves(app_port), Some(format!("v1-{nonce}")));
+    let h = history();
+    assert_eq!(h.len(), 3, "v2 deployed once, then rolled back: {h:?}");
+    assert_eq!(
+        (h[1]["state"].as_str(), h[0]["kind"].as_str()),
+        (Some("failed"), Some("rollback"))
+    );
+    let unhealthy = h[1]["id"].as_i64().unwrap();
+    assert!(out.contains(&format!("\"deploy\":{unhealthy}")), "{out}");
+
+    // Without waiting: 202 and a job that ends with the outcome.
+    let http = reqwest::Client::new();
+    promote(&reg, &repo, "v3");
+    let r = http
+        .post(format!("{url}/hooks/deploy/prod?wait=false"))
+        .bearer_auth("deploy-token-0123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let job = r.json::<Value>().await.unwrap()["job"].as_i64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let done = loop {
+        let r = http
+            .get(format!("{url}/api/deploys/{job}"))
+            .bearer_auth("deploy-token-0123")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let j: Value = r.json().await.unwrap();
+        if j["state"] == "done" {
+            break j;
+        }
+        assert!(
+            ["queued", "running"].contains(&j["state"].as_str().unwrap()),
+            "{j}"
+        );
+        assert!(Instant::now() < deadline, "the job never ended: {j}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(done["status"], 200, "{done}");
+    assert!(
+        ["deployed", "unchanged"].contains(&done["answer"]["result"].as_str().unwrap()),
+        "{done}"
+    );
+    wait_serving(app_port, &format!("v3-{nonce}"));
+    // Jobs are read with a token, exist or are said not to, and bad input is refused.
+    for (path, token, want) in [
+        (format!("/api/deploys/{job}"), None, 401),
+        (format!("/api/deploys/{job}"), Some("wrong-token-0123"), 401),
+        ("/api/deploys/999999".into(), Some("deploy-token-0123"), 404),
+        ("/api/deploys/abc".into(), Some("deploy-token-0123"), 400),
+    ] {
+        let mut rb = http.get(format!("{url}{path}"));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), want, "{path}");
+        assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    }
+    let before = history().len();
+    let r = http
+        .post(format!("{url}/hooks/deploy/prod?wait=maybe"))
+        .bearer_auth("deploy-token-0123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(history().len(), before);
+    let _ = Command::new("docker")
+        .arg("rmi")
+        .arg("-f")
+        .args(["v1", "v2", "v3"].map(|v| format!("{}/{repo}:{v}", reg.host())))
+        .output();
 }

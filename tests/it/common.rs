@@ -111,7 +111,13 @@ impl TestRegistry {
     }
 
     fn start_with(data: &Path, tune: impl FnOnce(&mut Config)) -> TestRegistry {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        TestRegistry::start_at("127.0.0.1:0", data, tune)
+    }
+
+    /// A registry listening on `addr` (to stop and start it again where its clients
+    /// look for it).
+    pub fn start_at(addr: &str, data: &Path, tune: impl FnOnce(&mut Config)) -> TestRegistry {
+        let std_listener = std::net::TcpListener::bind(addr).expect("bind");
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -63,16 +63,53 @@ fn compose_file_names_images_by_registry_namespace_and_tag_per_environment() {
     }
 }
 
-/// Runs the `run:` script of the step with `id` as GitHub would: bash, with the
-/// workflow's expressions filled in and the given environment.
-fn run_step(workflow: &Value, id: &str, exprs: &[(&str, &str)], env: &[(&str, &str)]) -> String {
-    let steps = workflow["jobs"]["image"]["steps"].as_array().unwrap();
+/// The `run:` script of the step with `id` in `job`, the expressions filled in.
+fn script_of(workflow: &Value, job: &str, id: &str, exprs: &[(&str, &str)]) -> String {
+    let steps = workflow["jobs"][job]["steps"].as_array().unwrap();
     let step = steps.iter().find(|s| s["id"] == id).unwrap();
     let mut script = step["run"].as_str().unwrap().to_owned();
     for (expr, value) in exprs {
         script = script.replace(&format!("${{{{ {expr} }}}}"), value);
     }
     assert!(!script.contains("${{"), "unfilled expression in {script}");
+    script
+}
+
+/// The deploy step of `examples/github-actions/<file>`, run as GitHub would run it
+/// against the deploy hook at `url`: its exit status and output.
+pub fn run_deploy_step(file: &str, url: &str, token: &str, stack: &str) -> (bool, String) {
+    let workflow = yaml(&examples().join("github-actions").join(file));
+    let script = script_of(
+        &workflow,
+        "deploy",
+        "deploy",
+        &[
+            ("secrets.WHARF_DEPLOY_TOKEN", token),
+            ("vars.WHARF_DEPLOY_URL", url),
+            ("steps.stack.outputs.name", stack),
+            ("inputs.environment", stack),
+        ],
+    );
+    let out = Command::new("bash")
+        .arg("-e")
+        .arg("-c")
+        .arg(&script)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Runs the `run:` script of the step with `id` as GitHub would: bash, with the
+/// workflow's expressions filled in and the given environment.
+fn run_step(workflow: &Value, id: &str, exprs: &[(&str, &str)], env: &[(&str, &str)]) -> String {
+    let script = script_of(workflow, "image", id, exprs);
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("output");
     let bin = Path::new(env!("CARGO_BIN_EXE_wharf")).parent().unwrap();
