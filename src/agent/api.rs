@@ -162,6 +162,7 @@ fn answer(r: Result<super::Outcome, DeployError>) -> (StatusCode, serde_json::Va
         Err(e) => {
             let status = match &e {
                 DeployError::Busy(_) => StatusCode::CONFLICT,
+                DeployError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
                 DeployError::UnknownStack(_) => StatusCode::NOT_FOUND,
                 DeployError::Invalid(_) => StatusCode::BAD_REQUEST,
                 DeployError::Other(_) => StatusCode::BAD_GATEWAY,

@@ -103,6 +103,8 @@ pub enum Outcome {
 pub enum DeployError {
     #[error("a deploy of {0} is running; try again when it ends")]
     Busy(String),
+    #[error("{MAX_QUEUED} deploys of {0} are waiting already; try again when they end")]
+    QueueFull(String),
     #[error("no stack {0}")]
     UnknownStack(String),
     /// The request names something that is not there (a service, a tag, a deploy).
@@ -112,8 +114,13 @@ pub enum DeployError {
     Other(#[from] anyhow::Error),
 }
 
+/// Deploys asked over HTTP that may wait for a stack at once; more are refused (429).
+pub const MAX_QUEUED: usize = 16;
+
 struct StackState {
     lock: tokio::sync::Mutex<()>,
+    /// Deploys waiting for `lock` (see `MAX_QUEUED`).
+    queued: std::sync::atomic::AtomicUsize,
     /// Wakes the stack's worker: a webhook or poll asks for a deploy of the followed
     /// tags. Asks while the worker is busy leave one permit, so a burst gives one more
     /// deploy at most, never one per ask.
@@ -158,6 +165,7 @@ impl Agent {
                 s.name.clone(),
                 StackState {
                     lock: tokio::sync::Mutex::new(()),
+                    queued: std::sync::atomic::AtomicUsize::new(0),
                     wake: tokio::sync::Notify::new(),
                     asked_by: std::sync::Mutex::new(None),
                     seen: std::sync::Mutex::new(None),
@@ -306,8 +314,14 @@ impl Agent {
         target: Target,
         started: impl FnOnce(),
     ) -> Result<Outcome, DeployError> {
+        use std::sync::atomic::Ordering;
         let (stack, state) = self.stack(name)?;
+        if state.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED {
+            state.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(DeployError::QueueFull(name.to_owned()));
+        }
         let _guard = state.lock.lock().await;
+        state.queued.fetch_sub(1, Ordering::SeqCst);
         started();
         self.deploy_locked(stack, state, trigger, actor, target)
             .await

@@ -1381,6 +1381,7 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
         ("v1", Kind::Healthy),
         ("v2", Kind::Failing),
         ("v3", Kind::Healthy),
+        ("slow", Kind::Starting),
     ] {
         let image = format!("{}/{repo}:{v}", reg.host());
         build_version(&d, dir.path(), &image, &format!("{v}-{nonce}"), kind);
@@ -1524,6 +1525,61 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
         assert_eq!(r.status(), want, "{path}");
         assert!(r.json::<Value>().await.unwrap()["error"].is_string());
     }
+
+    // Many at once: while a deploy runs, 16 more wait; past that they are refused (429).
+    let r = http
+        .post(format!("{url}/hooks/deploy/prod?wait=false"))
+        .bearer_auth("deploy-token-0123")
+        .body(r#"{"tag": "slow"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    wait_running();
+    let mut jobs = Vec::new();
+    for _ in 0..20 {
+        let r = http
+            .post(format!("{url}/hooks/deploy/prod?wait=false"))
+            .bearer_auth("deploy-token-0123")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        jobs.push(r.json::<Value>().await.unwrap()["job"].as_i64().unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut statuses = Vec::new();
+    for job in jobs {
+        loop {
+            let j: Value = http
+                .get(format!("{url}/api/deploys/{job}"))
+                .bearer_auth("deploy-token-0123")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if j["state"] == "done" {
+                statuses.push(j["status"].as_i64().unwrap());
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {job} never ended: {j}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        16,
+        "{statuses:?}"
+    );
+    wait_serving(app_port, &format!("v3-{nonce}"));
+
     let before = history().len();
     let r = http
         .post(format!("{url}/hooks/deploy/prod?wait=maybe"))
@@ -1536,6 +1592,6 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
     let _ = Command::new("docker")
         .arg("rmi")
         .arg("-f")
-        .args(["v1", "v2", "v3"].map(|v| format!("{}/{repo}:{v}", reg.host())))
+        .args(["v1", "v2", "v3", "slow"].map(|v| format!("{}/{repo}:{v}", reg.host())))
         .output();
 }
