@@ -318,6 +318,7 @@ async fn status(State(s): State<Arc<ApiState>>, h: HeaderMap) -> Response {
             "stack": c.name,
             "project": c.project(),
             "follows": c.services,
+            "versions": healthy.as_ref().map(|d| d.versions.clone()),
             "running": healthy.map(|d| d.after),
             "last": last,
             "held": held,

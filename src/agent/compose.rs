@@ -249,6 +249,27 @@ pub async fn present_locally(images: &[&String]) -> bool {
     true
 }
 
+/// One label of a local image, if it has it.
+pub async fn image_label(image: &str, label: &str) -> Option<String> {
+    let out = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{json .Config.Labels}}",
+            image,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let labels: BTreeMap<String, String> = serde_json::from_slice(&out.stdout).ok()?;
+    labels.get(label).filter(|v| !v.trim().is_empty()).cloned()
+}
+
 /// `docker pull` of one image with the agent's docker config (its registry login).
 pub async fn pull_image(docker_config: &Path, image: &str) -> anyhow::Result<()> {
     let out = Command::new("docker")

@@ -115,6 +115,9 @@ pub struct Deploy {
     pub rollback_of: Option<i64>,
     pub started_at: i64,
     pub finished_at: Option<i64>,
+    /// The version a person knows each service's image by (`v1.4.2`, `main-abc1234`):
+    /// a release tag pointing at its digest, or the image's version label.
+    pub versions: BTreeMap<String, String>,
 }
 
 /// A deploy or rollback about to start.
@@ -126,6 +129,7 @@ pub struct NewDeploy<'a> {
     pub before: Option<&'a Pins>,
     pub after: &'a Pins,
     pub rollback_of: Option<i64>,
+    pub versions: &'a BTreeMap<String, String>,
 }
 
 pub struct History {
@@ -148,10 +152,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deploy> {
         rollback_of: r.get(10)?,
         started_at: r.get(11)?,
         finished_at: r.get(12)?,
+        versions: json(r.get(13)?).unwrap_or_default(),
     })
 }
 
-const COLUMNS: &str = "id, stack, kind, trigger, actor, state, before, after, error, logs, rollback_of, started_at, finished_at";
+const COLUMNS: &str = "id, stack, kind, trigger, actor, state, before, after, error, logs, rollback_of, started_at, finished_at, versions";
 
 impl History {
     pub fn open(path: &Path) -> anyhow::Result<History> {
@@ -159,6 +164,13 @@ impl History {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
         conn.execute_batch(SCHEMA)?;
+        // Added after the first release: a database from before gets the column.
+        let has_versions = conn
+            .prepare("SELECT 1 FROM pragma_table_info('deploys') WHERE name = 'versions'")?
+            .exists([])?;
+        if !has_versions {
+            conn.execute_batch("ALTER TABLE deploys ADD COLUMN versions TEXT")?;
+        }
         // A job the last run of the agent did not finish never will.
         conn.execute(
             "UPDATE jobs SET state = 'interrupted', finished_at = ?1 WHERE state IN ('queued', 'running')",
@@ -183,14 +195,16 @@ impl History {
             before,
             after,
             rollback_of,
+            versions,
         } = d;
         let before = before.map(|b| serde_json::to_string(b).expect("pins serialize"));
         let after = serde_json::to_string(after).expect("pins serialize");
+        let versions = serde_json::to_string(versions).expect("versions serialize");
         self.with(|c| {
             c.execute(
-                "INSERT INTO deploys (stack, kind, trigger, actor, state, before, after, rollback_of, started_at)
-                 VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8)",
-                params![stack, kind, trigger, actor, before, after, rollback_of, crate::store::meta::now_ms()],
+                "INSERT INTO deploys (stack, kind, trigger, actor, state, before, after, rollback_of, started_at, versions)
+                 VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8, ?9)",
+                params![stack, kind, trigger, actor, before, after, rollback_of, crate::store::meta::now_ms(), versions],
             )?;
             Ok(c.last_insert_rowid())
         })
@@ -242,6 +256,35 @@ impl History {
             ))?;
             let rows = stmt.query_map(params![stack, limit], row)?;
             rows.collect()
+        })
+    }
+
+    /// The version recorded for `image` (`repo@sha256:...`) by the latest deploy of it.
+    pub fn version_of(&self, image: &str) -> anyhow::Result<Option<String>> {
+        // `_` in a repository name matches itself as well as any character; the exact
+        // comparison below decides.
+        let like = format!("%{image}%");
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT after, versions FROM deploys WHERE after LIKE ?1 AND versions IS NOT NULL ORDER BY id DESC LIMIT 20",
+            )?;
+            let rows = stmt.query_map(params![like], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            for row in rows {
+                let (after, versions) = row?;
+                let after: Pins = serde_json::from_str(&after).unwrap_or_default();
+                let versions: BTreeMap<String, String> =
+                    serde_json::from_str(&versions).unwrap_or_default();
+                for (svc, pin) in &after {
+                    if pin == image {
+                        if let Some(v) = versions.get(svc) {
+                            return Ok(Some(v.clone()));
+                        }
+                    }
+                }
+            }
+            Ok(None)
         })
     }
 
@@ -416,5 +459,57 @@ impl History {
             )
             .optional()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_from_before_versions_opens_and_keeps_its_deploys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE deploys (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, stack TEXT NOT NULL, kind TEXT NOT NULL,
+                    trigger TEXT NOT NULL, actor TEXT, state TEXT NOT NULL, before TEXT,
+                    after TEXT NOT NULL, error TEXT, logs TEXT, rollback_of INTEGER,
+                    started_at INTEGER NOT NULL, finished_at INTEGER);
+                 INSERT INTO deploys (stack, kind, trigger, state, after, started_at)
+                 VALUES ('web', 'deploy', 'poll', 'success', '{\"web\":\"r/a@sha256:00\"}', 1);",
+            )
+            .unwrap();
+        }
+        let h = History::open(&path).unwrap();
+        let old = h.list("web", 10).unwrap();
+        assert_eq!(old.len(), 1);
+        assert!(old[0].versions.is_empty());
+        let pins: Pins = [("web".to_owned(), "r/a_b@sha256:11".to_owned())].into();
+        let versions = [("web".to_owned(), "v1.2.3".to_owned())].into();
+        h.begin(NewDeploy {
+            stack: "web",
+            kind: "deploy",
+            trigger: "cli",
+            actor: None,
+            before: None,
+            after: &pins,
+            rollback_of: None,
+            versions: &versions,
+        })
+        .unwrap();
+        assert_eq!(
+            h.version_of("r/a_b@sha256:11").unwrap().as_deref(),
+            Some("v1.2.3")
+        );
+        // `_` is a wildcard to LIKE: a name differing there is not the same image.
+        assert_eq!(h.version_of("r/aXb@sha256:11").unwrap(), None);
+        assert_eq!(h.version_of("r/a@sha256:00").unwrap(), None);
+        drop(h);
+        // Opened again (the column exists now): nothing changes.
+        let h = History::open(&path).unwrap();
+        assert_eq!(h.list("web", 10).unwrap().len(), 2);
     }
 }

@@ -68,9 +68,7 @@ impl Target {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Outcome {
     /// The stack already runs these digests, since this deploy.
-    Unchanged {
-        deploy: Option<i64>,
-    },
+    Unchanged { deploy: Option<i64> },
     /// The followed tags point at digests quarantined for these services (rolled back
     /// from before: `deploy` showed them bad, for `reason`); nothing was deployed.
     Quarantined {
@@ -85,6 +83,8 @@ pub enum Outcome {
     },
     Deployed {
         id: i64,
+        /// service -> the version a person knows (`v1.4.2`), where one is known.
+        versions: BTreeMap<String, String>,
     },
     /// The new version was unhealthy and the stack is back on the previous one.
     RolledBack {
@@ -93,10 +93,7 @@ pub enum Outcome {
         error: String,
     },
     /// Unhealthy, and there was nothing (or nothing healthy) to go back to.
-    Failed {
-        id: i64,
-        error: String,
-    },
+    Failed { id: i64, error: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +271,7 @@ impl Agent {
             };
             pins.insert(svc, pin);
         }
+        let versions = self.versions(&pins).await;
         let id = self.history.begin(NewDeploy {
             stack: &stack.name,
             kind: "deploy",
@@ -282,9 +280,10 @@ impl Agent {
             before: None,
             after: &pins,
             rollback_of: None,
+            versions: &versions,
         })?;
         self.history.finish(id, "success", None, None)?;
-        tracing::info!(stack = %stack.name, "agent: recorded what runs now as the baseline (#{id}): {}", describe(&pins));
+        tracing::info!(stack = %stack.name, "agent: recorded what runs now as the baseline (#{id}): {}", describe(&pins, &versions));
         self.history.get(id)
     }
 
@@ -404,6 +403,7 @@ impl Agent {
             .map(|(_, image)| image)
             .collect();
         self.fetch_images(&new_images).await?;
+        let versions = self.versions(&after).await;
         if target.quarantine_current {
             // A person says the running release is bad: what changes is quarantined.
             for (svc, image) in before_pins.iter().flatten() {
@@ -426,6 +426,7 @@ impl Agent {
             before: before_pins.as_ref(),
             after: &after,
             rollback_of: None,
+            versions: &versions,
         })?;
         match self.apply(stack, before_pins.as_ref(), &after).await {
             Ok(()) => {
@@ -446,10 +447,10 @@ impl Agent {
                 }
                 self.notify(&format!(
                     "wharf: {name} deployed ({kind} #{id}, {trigger}): {}",
-                    describe(&after)
+                    describe(&after, &versions)
                 ))
                 .await;
-                Ok(Outcome::Deployed { id })
+                Ok(Outcome::Deployed { id, versions })
             }
             Err((error, logs)) => {
                 self.history
@@ -467,10 +468,11 @@ impl Agent {
                     }
                 }
                 let Some(previous) = before_pins else {
-                    self.notify(&format!("wharf: {name} deploy #{id} FAILED and has no healthy version to go back to: {error}"))
+                    self.notify(&format!("wharf: {name} deploy #{id} of {} FAILED and has no healthy version to go back to: {error}", describe(&after, &versions)))
                         .await;
                     return Ok(Outcome::Failed { id, error });
                 };
+                let previous_versions = self.versions(&previous).await;
                 let rb = self.history.begin(NewDeploy {
                     stack: name,
                     kind: "rollback",
@@ -479,13 +481,15 @@ impl Agent {
                     before: Some(&after),
                     after: &previous,
                     rollback_of: Some(id),
+                    versions: &previous_versions,
                 })?;
                 match self.apply(stack, None, &previous).await {
                     Ok(()) => {
                         self.history.finish(rb, "success", None, None)?;
                         self.notify(&format!(
-                            "wharf: {name} deploy #{id} was unhealthy ({error}); rolled back to {} (#{rb})",
-                            describe(&previous)
+                            "wharf: {name} deploy #{id} of {} was unhealthy ({error}); rolled back to {} (#{rb})",
+                            describe(&after, &versions),
+                            describe(&previous, &previous_versions)
                         ))
                         .await;
                         Ok(Outcome::RolledBack {
@@ -702,6 +706,47 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// The version of each pinned image a person knows it by, best effort: as recorded
+    /// by an earlier deploy of it, else a release tag pointing at its digest on the
+    /// registry, else its `org.opencontainers.image.version` label.
+    async fn versions(&self, pins: &Pins) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let mut pages: BTreeMap<String, Option<serde_json::Value>> = BTreeMap::new();
+        for (svc, pin) in pins {
+            if let Ok(Some(v)) = self.history.version_of(pin) {
+                out.insert(svc.clone(), v);
+                continue;
+            }
+            let Some((name, digest)) = pin.rsplit_once('@') else {
+                continue;
+            };
+            let repo = name.split_once('/').map_or(name, |(_, r)| r);
+            if !pages.contains_key(repo) {
+                let page = match (self.access.client(), crate::oci::RepoName::parse(repo)) {
+                    (Ok(c), Ok(r)) => c.tag_page(&r, 1, 100, "last_updated").await.ok(),
+                    _ => None,
+                };
+                pages.insert(repo.to_owned(), page);
+            }
+            let tags: Vec<&str> = pages[repo]
+                .as_ref()
+                .and_then(|p| p["results"].as_array())
+                .into_iter()
+                .flatten()
+                .filter(|t| t["digest"] == digest)
+                .filter_map(|t| t["name"].as_str())
+                .collect();
+            let found = match version_tag(&tags) {
+                Some(t) => Some(t.to_owned()),
+                None => compose::image_label(pin, "org.opencontainers.image.version").await,
+            };
+            if let Some(v) = found {
+                out.insert(svc.clone(), v);
+            }
+        }
+        out
     }
 
     async fn probe(&self, url: &str) -> bool {
@@ -976,14 +1021,47 @@ impl Agent {
     }
 }
 
-fn describe(p: &Pins) -> String {
+/// `api=v1.4.2 (sha256:0123456789ab), web=sha256:...`: the version a person knows, and
+/// the digest.
+pub fn describe(p: &Pins, versions: &BTreeMap<String, String>) -> String {
     p.iter()
         .map(|(s, i)| {
             let short = i.rsplit_once('@').map_or(i.as_str(), |(_, d)| d);
-            format!("{s}={}", short.get(..19).unwrap_or(short))
+            let short = short.get(..19).unwrap_or(short);
+            match versions.get(s) {
+                Some(v) => format!("{s}={v} ({short})"),
+                None => format!("{s}={short}"),
+            }
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Of the tags pointing at one digest, the one a person knows the release by: the most
+/// precise version (`v1.4.2` over `v1.4`), else one naming a commit (`main-abc1234`);
+/// moving tags (`prod`, `latest`) are never a version.
+pub fn version_tag<'a>(tags: &[&'a str]) -> Option<&'a str> {
+    let core = |t: &str| {
+        let c = t.strip_prefix('v').unwrap_or(t);
+        c.split(['-', '+']).next().unwrap_or("").to_owned()
+    };
+    let semver = |t: &str| {
+        let core = core(t);
+        !core.is_empty()
+            && core
+                .split('.')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let commit = |t: &str| {
+        t.rsplit_once('-').is_some_and(|(_, h)| {
+            h.len() >= 7 && h.len() <= 40 && h.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+    };
+    tags.iter()
+        .copied()
+        .filter(|t| semver(t))
+        .max_by_key(|t| (core(t).matches('.').count(), !t.contains('-'), t.len()))
+        .or_else(|| tags.iter().copied().find(|t| commit(t)))
 }
 
 /// Checks a webhook's `Wharf-Signature` over `body` and its age.
@@ -1025,6 +1103,24 @@ pub fn verify_signature(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_version_of_a_release_is_its_most_precise_tag() {
+        assert_eq!(
+            version_tag(&["prod", "1", "1.4", "1.4.2", "latest"]),
+            Some("1.4.2")
+        );
+        assert_eq!(version_tag(&["v1.4.2", "v1.4", "prod"]), Some("v1.4.2"));
+        assert_eq!(version_tag(&["v2.0.0-rc.1", "v2.0.0"]), Some("v2.0.0"));
+        assert_eq!(version_tag(&["prod", "main-abc1234"]), Some("main-abc1234"));
+        assert_eq!(version_tag(&["1", "main-abc1234"]), Some("1"));
+        assert_eq!(
+            version_tag(&["prod", "latest", "staging", "buildcache"]),
+            None
+        );
+        assert_eq!(version_tag(&["feature-x", "v"]), None);
+        assert_eq!(version_tag(&[]), None);
+    }
 
     #[test]
     fn signatures_are_checked_with_a_window() {

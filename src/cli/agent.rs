@@ -89,21 +89,17 @@ pub struct DeployArgs {
         hide_env_values = true
     )]
     agent_token: Option<String>,
+    /// Print the agent's answer as JSON (every deploy command).
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
 enum DeployCmd {
     /// What each stack runs and its last deploy.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Every deploy and rollback of a stack, newest first.
-    History {
-        stack: String,
-        #[arg(long)]
-        json: bool,
-    },
+    History { stack: String },
     /// Deploy now: the followed tags, or --tag for every service, or --service svc=tag
     /// (a version named holds the stack there until `resume`).
     Now {
@@ -133,19 +129,77 @@ enum DeployCmd {
     },
 }
 
-fn short(pins: &Value) -> String {
+/// `api=v1.4.2 (sha256:0123456789ab) web=sha256:...`: each service's version where
+/// one is known, and its digest.
+fn short(pins: &Value, versions: &Value) -> String {
     pins.as_object()
         .map(|m| {
             m.iter()
                 .map(|(s, i)| {
                     let i = i.as_str().unwrap_or("");
                     let d = i.rsplit_once('@').map_or(i, |(_, d)| d);
-                    format!("{s}={}", d.get(..19).unwrap_or(d))
+                    let d = d.get(..19).unwrap_or(d);
+                    match versions[s].as_str() {
+                        Some(v) => format!("{s}={v} ({d})"),
+                        None => format!("{s}={d}"),
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(" ")
         })
         .unwrap_or_else(|| "-".into())
+}
+
+/// One line for a deploy's answer.
+fn outcome_text(stack: &str, v: &Value) -> String {
+    let id = |k: &str| v[k].as_i64().map_or("-".into(), |i| format!("#{i}"));
+    let error = v["error"].as_str().unwrap_or("");
+    match v["result"].as_str().unwrap_or("") {
+        "deployed" => {
+            let versions: Vec<String> = v["versions"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(s, ver)| format!("{s}={}", ver.as_str().unwrap_or("")))
+                .collect();
+            if versions.is_empty() {
+                format!("{stack}: deployed ({})", id("id"))
+            } else {
+                format!("{stack}: deployed {} ({})", versions.join(" "), id("id"))
+            }
+        }
+        "unchanged" => format!(
+            "{stack}: unchanged, it runs what deploy {} deployed",
+            id("deploy")
+        ),
+        "held" => format!(
+            "{stack}: held at {} by {}; following waits for `wharf deploy resume {stack}`",
+            id("deploy"),
+            v["actor"].as_str().unwrap_or("-")
+        ),
+        "quarantined" => format!(
+            "{stack}: not deployed: {} quarantined ({})",
+            v["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            v["reason"].as_str().unwrap_or("")
+        ),
+        "rolled_back" => format!(
+            "{stack}: deploy {} was unhealthy ({error}); rolled back ({})",
+            id("id"),
+            id("rollback")
+        ),
+        "failed" => format!("{stack}: deploy {} FAILED: {error}", id("id")),
+        _ if v.get("held").is_some() => format!(
+            "{stack}: held at {}; following waits for `wharf deploy resume {stack}`",
+            id("deploy")
+        ),
+        _ => v.to_string(),
+    }
 }
 
 pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
@@ -201,8 +255,13 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
             "cli:{}",
             std::env::var("USER").unwrap_or_else(|_| "unknown".into())
         );
-        let print_outcome = |v: &Value| -> anyhow::Result<()> {
-            out!("{}", serde_json::to_string_pretty(v)?);
+        let json = a.json;
+        let print_outcome = |stack: &str, v: &Value| -> anyhow::Result<()> {
+            if json {
+                out!("{}", serde_json::to_string_pretty(v)?);
+            } else {
+                out!("{}", outcome_text(stack, v));
+            }
             match v.get("result").and_then(|r| r.as_str()) {
                 Some("failed") => bail!("the deploy failed"),
                 Some("rolled_back") => bail!("the deploy was unhealthy and was rolled back"),
@@ -217,7 +276,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
             }
         };
         match a.cmd {
-            DeployCmd::Status { json } => {
+            DeployCmd::Status => {
                 let v = call(reqwest::Method::GET, "/api/status".into(), None).await?;
                 if json {
                     out!("{}", serde_json::to_string_pretty(&v)?);
@@ -251,7 +310,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                         out!(
                             "{:<12} running {}  last #{} {} {} ({})",
                             s["stack"].as_str().unwrap_or(""),
-                            short(&s["running"]),
+                            short(&s["running"], &s["versions"]),
                             last["id"].as_i64().map_or("-".into(), |i| i.to_string()),
                             last["kind"].as_str().unwrap_or("-"),
                             last["state"].as_str().unwrap_or("-"),
@@ -265,7 +324,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                                 held["deploy"].as_i64().map_or("-".into(), |i| i.to_string()),
                                 held["actor"].as_str().unwrap_or("-"),
                                 held["since"].as_i64().map(rfc3339).unwrap_or_default(),
-                                short(&s["followed_now"])
+                                short(&s["followed_now"], &Value::Null)
                             );
                         }
                         for q in s["quarantined"].as_array().into_iter().flatten() {
@@ -283,7 +342,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            DeployCmd::History { stack, json } => {
+            DeployCmd::History { stack } => {
                 let v = call(
                     reqwest::Method::GET,
                     format!("/api/stacks/{stack}/history"),
@@ -315,7 +374,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                             d["state"].as_str().unwrap_or(""),
                             d["started_at"].as_i64().map(rfc3339).unwrap_or_default(),
                             secs,
-                            short(&d["after"]),
+                            short(&d["after"], &d["versions"]),
                             d["error"]
                                 .as_str()
                                 .map(|e| format!("  ({e})"))
@@ -331,7 +390,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                     Some(serde_json::json!({ "actor": actor })),
                 )
                 .await?;
-                print_outcome(&v)?;
+                print_outcome(&stack, &v)?;
             }
             DeployCmd::Pause { stack } => {
                 let v = call(
@@ -340,7 +399,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                     Some(serde_json::json!({ "actor": actor })),
                 )
                 .await?;
-                out!("{}", serde_json::to_string_pretty(&v)?);
+                print_outcome(&stack, &v)?;
             }
             DeployCmd::Now {
                 stack,
@@ -362,7 +421,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                     Some(body),
                 )
                 .await?;
-                print_outcome(&v)?;
+                print_outcome(&stack, &v)?;
             }
             DeployCmd::Rollback {
                 stack,
@@ -378,7 +437,7 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                     Some(body),
                 )
                 .await?;
-                print_outcome(&v)?;
+                print_outcome(&stack, &v)?;
             }
         }
         Ok(())

@@ -58,6 +58,7 @@ fn build_version(d: &Docker, dir: &Path, image: &str, version: &str, kind: Kind)
              RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
              RUN [\"/bin/sh\", \"-c\", \"mkdir /www && echo {version} > /www/index.html{ready}\"]\n\
              HEALTHCHECK {check}\n\
+             LABEL org.opencontainers.image.version={version}\n\
              CMD {cmd}\n"
         ),
     )
@@ -329,6 +330,15 @@ async fn the_agent_deploys_promotions_rolls_back_unhealthy_releases_and_on_reque
             .iter()
             .any(|n| n.json()["text"].as_str().unwrap().contains("rolled back")),
         "{notes:?}"
+    );
+    // A notification names the release by its version, next to its digest.
+    let text = notes.last().unwrap().json()["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        text.contains("web=v3 (sha256:") && text.contains("rolled back to web=v2 (sha256:"),
+        "{text}"
     );
 
     // 4. Roll back to the v1 deploy by its id.
@@ -735,10 +745,18 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
 
     // 2. The probe gates a deploy: `noready` is healthy by its own healthcheck but has
     // no /ready, so it is rolled back.
-    let out = wharf(&["deploy", "now", "web", "--tag", "noready", "--agent-config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = wharf(&[
+        "deploy",
+        "now",
+        "web",
+        "--tag",
+        "noready",
+        "--json",
+        "--agent-config",
+    ])
+    .arg(&cfg)
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcome["result"], "rolled_back", "{outcome}");
@@ -870,6 +888,8 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
     let err = deploy_fails(&cfg, &["now", "web", "--service", "worker=crash"]);
     assert!(err.contains("rolled back"), "{err}");
     let h = settled(&cfg);
+    // `crash` is no version; the image's version label names it.
+    assert_eq!(h[1]["versions"]["worker"], "crash", "{:?}", h[1]);
     let error = h[1]["error"].as_str().unwrap();
     assert!(error.contains("service worker is unhealthy"), "{error}");
     assert_eq!(h[0]["after"]["worker"], v1_pins["worker"]);
@@ -1082,8 +1102,17 @@ async fn failed_releases_stay_away_explicit_versions_hold_and_running_stacks_are
     settled(&cfg);
 
     // A version named holds: prod moves to v4, the stack stays on v1 over six polls.
+    // What runs is named by its version, next to the digest.
     let out = deploy_ok(&cfg, &["rollback", "web", "--tag", "v1"]);
-    assert!(out.contains("deployed"), "{out}");
+    assert!(out.contains("deployed web=v1 ("), "{out}");
+    assert_eq!(settled(&cfg)[0]["versions"]["web"], "v1");
+    let text = deploy_ok(&cfg, &["status"]);
+    assert!(text.contains("running web=v1 (sha256:"), "{text}");
+    let text = deploy_ok(&cfg, &["history", "web"]);
+    assert!(
+        text.contains("web=v3 (sha256:") && !text.contains("null"),
+        "{text}"
+    );
     promote(&reg, &repo, "v4");
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(
