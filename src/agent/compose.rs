@@ -249,6 +249,50 @@ pub async fn present_locally(images: &[&String]) -> bool {
     true
 }
 
+/// Every image the engine holds by digest, as `repo@sha256:...`.
+pub async fn local_digests() -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let out = Command::new("docker")
+        .args([
+            "images",
+            "--digests",
+            "--format",
+            "{{.Repository}}@{{.Digest}}",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running docker images")?;
+    if !out.status.success() {
+        bail!(
+            "docker images failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("@sha256:"))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// `docker image rm` of one reference: the image goes when nothing else names it; one a
+/// container uses is refused by the engine and stays.
+pub async fn remove_image(image: &str) -> anyhow::Result<()> {
+    let out = Command::new("docker")
+        .args(["image", "rm", image])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running docker image rm")?;
+    if !out.status.success() {
+        bail!(
+            "docker image rm {image} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// One label of a local image, if it has it.
 pub async fn image_label(image: &str, label: &str) -> Option<String> {
     let out = Command::new("docker")

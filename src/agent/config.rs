@@ -43,6 +43,11 @@ pub struct AgentConfig {
     /// release moves (`prod`, `latest`, `main-abc1234`) give one deploy.
     #[serde(default = "default_coalesce")]
     pub coalesce_ms: u64,
+    /// Images the agent pulled that stay on the server per service, the running one
+    /// included, for rollbacks without the registry; older ones are removed after each
+    /// deploy (0: never remove any).
+    #[serde(default = "default_keep_images")]
+    pub keep_images: usize,
     pub stacks: Vec<StackConfig>,
 }
 
@@ -81,6 +86,10 @@ fn default_poll() -> u64 {
 fn default_window() -> i64 {
     300
 }
+fn default_keep_images() -> usize {
+    3
+}
+
 fn default_coalesce() -> u64 {
     1000
 }

@@ -334,6 +334,90 @@ impl Agent {
         actor: Option<&str>,
         target: Target,
     ) -> Result<Outcome, DeployError> {
+        let outcome = self
+            .deploy_unpruned(stack, state, trigger, actor, target)
+            .await;
+        if matches!(
+            outcome,
+            Ok(Outcome::Deployed { .. } | Outcome::RolledBack { .. } | Outcome::Failed { .. })
+        ) {
+            self.prune_images().await;
+        }
+        outcome
+    }
+
+    /// Removes the images the agent pulled that no stack needs: for each service, all
+    /// but the `keep_images` it last ran healthy (the running one first); never one a
+    /// deploy is running with, nor one quarantined in the last day (kept to look at).
+    async fn prune_images(&self) {
+        const DAY_MS: i64 = 86_400_000;
+        let keep_n = self.config.keep_images;
+        if keep_n == 0 {
+            return;
+        }
+        let now = crate::time::now_ms();
+        let mut keep = std::collections::BTreeSet::new();
+        let mut pulled = std::collections::BTreeSet::new();
+        for s in &self.config.stacks {
+            let list = match self.history.list(&s.name, u32::MAX) {
+                Ok(l) => l,
+                Err(e) => return tracing::warn!(error = %e, "agent: not pruning images"),
+            };
+            let mut recent: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for d in &list {
+                if d.state == "running" {
+                    keep.extend(d.after.values().cloned());
+                    keep.extend(d.before.iter().flat_map(|b| b.values().cloned()));
+                }
+                for (svc, image) in &d.after {
+                    if d.trigger != "baseline" {
+                        pulled.insert(image.clone());
+                    }
+                    if d.state == "success" {
+                        let r = recent.entry(svc).or_default();
+                        if !r.contains(&image.as_str()) {
+                            r.push(image);
+                        }
+                    }
+                }
+            }
+            for images in recent.values() {
+                keep.extend(images.iter().take(keep_n).map(|i| (*i).to_owned()));
+            }
+            for q in self.history.quarantined(&s.name).unwrap_or_default() {
+                if now - q.since < DAY_MS {
+                    keep.insert(q.image);
+                }
+            }
+        }
+        let local = match compose::local_digests().await {
+            Ok(l) => l,
+            Err(e) => return tracing::warn!(error = %e, "agent: not pruning images"),
+        };
+        let mut removed = Vec::new();
+        for image in pulled.difference(&keep).filter(|i| local.contains(*i)) {
+            match compose::remove_image(image).await {
+                Ok(()) => removed.push(image.clone()),
+                Err(e) => tracing::debug!(error = %e, "agent: image kept"),
+            }
+        }
+        if !removed.is_empty() {
+            tracing::info!(
+                "agent: removed {} old image(s), keeping {keep_n} per service: {}",
+                removed.len(),
+                removed.join(", ")
+            );
+        }
+    }
+
+    async fn deploy_unpruned(
+        &self,
+        stack: &StackConfig,
+        state: &StackState,
+        trigger: &str,
+        actor: Option<&str>,
+        target: Target,
+    ) -> Result<Outcome, DeployError> {
         let name = stack.name.as_str();
         if target.follow && !target.force {
             if let Some(h) = self.history.held(name)? {

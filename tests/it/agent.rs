@@ -547,9 +547,13 @@ fn process_list() -> Vec<String> {
 
 /// A manifest as docker pushed it: digest, media type, bytes.
 async fn manifest_of(reg: &TestRegistry, tag: &str) -> (String, String, Vec<u8>) {
+    manifest_of_repo(reg, "team/svc", tag).await
+}
+
+async fn manifest_of_repo(reg: &TestRegistry, repo: &str, tag: &str) -> (String, String, Vec<u8>) {
     let r = reg
         .client
-        .get(reg.url(&format!("/v2/team/svc/manifests/{tag}")))
+        .get(reg.url(&format!("/v2/{repo}/manifests/{tag}")))
         .header(
             "accept",
             "application/vnd.docker.distribution.manifest.v2+json",
@@ -1622,5 +1626,121 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
         .arg("rmi")
         .arg("-f")
         .args(["v1", "v2", "v3", "slow"].map(|v| format!("{}/{repo}:{v}", reg.host())))
+        .output();
+}
+
+/// Whether the engine holds `image` (`repo@sha256:...`).
+fn present(image: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", image])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Issue 15, the server's disk: beyond `keep_images` per service, the images the agent
+/// pulled are removed after each deploy, except one quarantined in the last day; a
+/// rollback to a removed one pulls it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn old_images_are_removed_beyond_keep_images_and_a_rollback_pulls_them_back() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    require_tool("curl", "apt-get install -y curl");
+    let reg = TestRegistry::start();
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = nonce();
+    let repo = format!("team/prune{nonce}");
+    let versions = [
+        ("v1", Kind::Healthy),
+        ("v2", Kind::Healthy),
+        ("v3", Kind::Failing),
+        ("v4", Kind::Healthy),
+        ("v5", Kind::Healthy),
+    ];
+    let mut pins = std::collections::BTreeMap::new();
+    for (v, kind) in versions {
+        let image = format!("{}/{repo}:{v}", reg.host());
+        build_version(&d, dir.path(), &image, &format!("{v}-{nonce}"), kind);
+        let (digest, _, _) = manifest_of_repo(&reg, &repo, v).await;
+        pins.insert(v, format!("{}/{repo}@{digest}", reg.host()));
+        // Only what the agent pulls is on the engine.
+        run(d.cmd().args(["image", "rm", &image]));
+    }
+    let (app_port, agent_port) = (free_port(), free_port());
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    std::fs::write(
+        stack_dir.join("compose.yml"),
+        format!(
+            "services:\n  web:\n    image: {}/{repo}:prod\n    ports: [\"127.0.0.1:{app_port}:8080\"]\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("token"), ADMIN_PASSWORD).unwrap();
+    let project = format!("wharf-prune-{nonce}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\nregistry = \"{}\"\nusername = \"admin\"\n\
+             token_file = \"token\"\npoll_interval_s = 1\nkeep_images = 2\n\n\
+             [[stacks]]\nname = \"web\"\nproject = \"{project}\"\nworkdir = \"stack\"\n\
+             files = [\"compose.yml\"]\nhealth_timeout_s = 20\n[stacks.services]\nweb = \"{repo}:prod\"\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let _stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+    for (v, kind) in versions {
+        promote(&reg, &repo, v);
+        if kind == Kind::Healthy {
+            wait_serving(app_port, &format!("{v}-{nonce}"));
+        } else {
+            wait_until("the unhealthy release is rolled back", 90, || {
+                let h = history(&cfg);
+                h.len() >= 2 && h[0]["kind"] == "rollback" && h[0]["state"] == "success"
+            });
+        }
+        settled(&cfg);
+    }
+    wait_serving(app_port, &format!("v5-{nonce}"));
+    // Kept: the running v5 and v4 (two per service), and v3, quarantined today.
+    for (v, want) in [
+        ("v1", false),
+        ("v2", false),
+        ("v3", true),
+        ("v4", true),
+        ("v5", true),
+    ] {
+        assert_eq!(present(&pins[v]), want, "{v} present");
+    }
+    // A rollback to v1 pulls it again; then v4 is the one beyond two.
+    let v1_deploy = history(&cfg)
+        .iter()
+        .rev()
+        .find(|d| d["after"]["web"] == pins["v1"].as_str())
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let out = deploy_ok(&cfg, &["rollback", "web", "--to", &v1_deploy.to_string()]);
+    assert!(out.contains("deployed"), "{out}");
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    for (v, want) in [
+        ("v1", true),
+        ("v2", false),
+        ("v3", true),
+        ("v4", false),
+        ("v5", true),
+    ] {
+        assert_eq!(present(&pins[v]), want, "{v} present after the rollback");
+    }
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("removed"), "{log}");
+    let _ = Command::new("docker")
+        .arg("rmi")
+        .args(pins.values())
         .output();
 }
