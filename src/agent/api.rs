@@ -163,6 +163,7 @@ fn answer(r: Result<super::Outcome, DeployError>) -> (StatusCode, serde_json::Va
             let status = match &e {
                 DeployError::Busy(_) => StatusCode::CONFLICT,
                 DeployError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+                DeployError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
                 DeployError::UnknownStack(_) => StatusCode::NOT_FOUND,
                 DeployError::Invalid(_) => StatusCode::BAD_REQUEST,
                 DeployError::Other(_) => StatusCode::BAD_GATEWAY,
@@ -269,6 +270,7 @@ async fn run_deploy(
         force: body.force,
         hold: explicit,
         quarantine_current: false,
+        repair: true,
     };
     detached(&s.agent, stack, trigger, body.actor, target, wait).await
 }
@@ -311,9 +313,15 @@ async fn status(State(s): State<Arc<ApiState>>, h: HeaderMap) -> Response {
             .ok()
             .and_then(|l| l.into_iter().next());
         let healthy = s.agent.history.last_healthy(&c.name).ok().flatten();
+        let healthy_id = healthy.as_ref().map(|d| d.id);
         let held = s.agent.history.held(&c.name).ok().flatten();
         let quarantined = s.agent.history.quarantined(&c.name).unwrap_or_default();
         let seen = held.as_ref().and_then(|_| s.agent.seen_while_held(&c.name));
+        // What docker says runs now, against what was deployed.
+        let drift = match &healthy {
+            Some(d) => s.agent.drift(c, &d.after, d.config.as_deref()).await,
+            None => Vec::new(),
+        };
         stacks.push(json!({
             "stack": c.name,
             "project": c.project(),
@@ -324,6 +332,8 @@ async fn status(State(s): State<Arc<ApiState>>, h: HeaderMap) -> Response {
             "held": held,
             "followed_now": seen,
             "quarantined": quarantined,
+            "state": if healthy_id.is_none() { "never deployed" } else if drift.is_empty() { "running" } else { "drifted" },
+            "drift": drift,
         }));
     }
     axum::Json(json!({ "stacks": stacks, "registry": s.agent.access.status() })).into_response()

@@ -160,6 +160,27 @@ impl Compose {
     }
 }
 
+/// A fingerprint of what the stack's own files say (each compose file and the env
+/// file, by name and content): a deploy records it, so an edit shows as drift.
+pub fn config_hash(stack: &StackConfig) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    for f in stack.files.iter().chain(stack.env_file.iter()) {
+        let path = stack.workdir.join(f);
+        h.update(path.to_string_lossy().as_bytes());
+        h.update([0]);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            Err(_) => h.update(b"(missing)"),
+        }
+        h.update([0]);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
 /// Writes the override pinning each service to its digest reference, atomically.
 pub fn write_override(path: &Path, pins: &BTreeMap<String, String>) -> anyhow::Result<()> {
     let mut text =
@@ -180,6 +201,10 @@ pub struct State {
     pub status: String,
     pub health: Option<String>,
     pub restarts: u64,
+    /// The image reference the container was created with (the pin, once deployed).
+    pub image: String,
+    /// The id of the image it runs (`sha256:...` of its config).
+    pub image_id: String,
 }
 
 pub async fn inspect(id: &str) -> anyhow::Result<State> {
@@ -187,7 +212,7 @@ pub async fn inspect(id: &str) -> anyhow::Result<State> {
         .args([
             "inspect",
             "-f",
-            "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.RestartCount}}",
+            "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.RestartCount}} {{.Config.Image}} {{.Image}}",
             id,
         ])
         .output()
@@ -204,10 +229,14 @@ pub async fn inspect(id: &str) -> anyhow::Result<State> {
     let status = parts.next().unwrap_or("").to_owned();
     let health = parts.next().filter(|h| *h != "-").map(str::to_owned);
     let restarts = parts.next().and_then(|r| r.parse().ok()).unwrap_or(0);
+    let image = parts.next().unwrap_or("").to_owned();
+    let image_id = parts.next().unwrap_or("").to_owned();
     Ok(State {
         status,
         health,
         restarts,
+        image,
+        image_id,
     })
 }
 
@@ -247,6 +276,19 @@ pub async fn present_locally(images: &[&String]) -> bool {
         }
     }
     true
+}
+
+/// The id of a local image (`sha256:...` of its config), if the engine has it.
+pub async fn image_id(image: &str) -> Option<String> {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", image])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Every image the engine holds by digest, as `repo@sha256:...`.

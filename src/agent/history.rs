@@ -118,6 +118,8 @@ pub struct Deploy {
     /// The version a person knows each service's image by (`v1.4.2`, `main-abc1234`):
     /// a release tag pointing at its digest, or the image's version label.
     pub versions: BTreeMap<String, String>,
+    /// The fingerprint of the stack's compose and env files this deploy applied.
+    pub config: Option<String>,
 }
 
 /// A deploy or rollback about to start.
@@ -130,6 +132,7 @@ pub struct NewDeploy<'a> {
     pub after: &'a Pins,
     pub rollback_of: Option<i64>,
     pub versions: &'a BTreeMap<String, String>,
+    pub config: Option<&'a str>,
 }
 
 pub struct History {
@@ -153,10 +156,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deploy> {
         started_at: r.get(11)?,
         finished_at: r.get(12)?,
         versions: json(r.get(13)?).unwrap_or_default(),
+        config: r.get(14)?,
     })
 }
 
-const COLUMNS: &str = "id, stack, kind, trigger, actor, state, before, after, error, logs, rollback_of, started_at, finished_at, versions";
+const COLUMNS: &str = "id, stack, kind, trigger, actor, state, before, after, error, logs, rollback_of, started_at, finished_at, versions, config";
 
 impl History {
     pub fn open(path: &Path) -> anyhow::Result<History> {
@@ -164,12 +168,14 @@ impl History {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
         conn.execute_batch(SCHEMA)?;
-        // Added after the first release: a database from before gets the column.
-        let has_versions = conn
-            .prepare("SELECT 1 FROM pragma_table_info('deploys') WHERE name = 'versions'")?
-            .exists([])?;
-        if !has_versions {
-            conn.execute_batch("ALTER TABLE deploys ADD COLUMN versions TEXT")?;
+        // Added after the first release: a database from before gets the columns.
+        for column in ["versions", "config"] {
+            let has = conn
+                .prepare("SELECT 1 FROM pragma_table_info('deploys') WHERE name = ?1")?
+                .exists([column])?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE deploys ADD COLUMN {column} TEXT"))?;
+            }
         }
         // A job the last run of the agent did not finish never will.
         conn.execute(
@@ -196,15 +202,16 @@ impl History {
             after,
             rollback_of,
             versions,
+            config,
         } = d;
         let before = before.map(|b| serde_json::to_string(b).expect("pins serialize"));
         let after = serde_json::to_string(after).expect("pins serialize");
         let versions = serde_json::to_string(versions).expect("versions serialize");
         self.with(|c| {
             c.execute(
-                "INSERT INTO deploys (stack, kind, trigger, actor, state, before, after, rollback_of, started_at, versions)
-                 VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8, ?9)",
-                params![stack, kind, trigger, actor, before, after, rollback_of, crate::store::meta::now_ms(), versions],
+                "INSERT INTO deploys (stack, kind, trigger, actor, state, before, after, rollback_of, started_at, versions, config)
+                 VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![stack, kind, trigger, actor, before, after, rollback_of, crate::store::meta::now_ms(), versions, config],
             )?;
             Ok(c.last_insert_rowid())
         })
@@ -498,6 +505,7 @@ mod tests {
             after: &pins,
             rollback_of: None,
             versions: &versions,
+            config: Some("sha256:00"),
         })
         .unwrap();
         assert_eq!(

@@ -52,6 +52,10 @@ pub struct Target {
     pub hold: bool,
     /// A plain rollback: the digests rolled away from are quarantined.
     pub quarantine_current: bool,
+    /// Asked by a person or CI (`deploy now`, the hook): with nothing new to deploy, a
+    /// stack that drifted (a container stopped or replaced, the compose or env files
+    /// edited) is brought back to what its files and pins say.
+    pub repair: bool,
 }
 
 impl Target {
@@ -102,6 +106,8 @@ pub enum DeployError {
     Busy(String),
     #[error("{MAX_QUEUED} deploys of {0} are waiting already; try again when they end")]
     QueueFull(String),
+    #[error("the agent is stopping; deploy again when it is back")]
+    Stopping,
     #[error("no stack {0}")]
     UnknownStack(String),
     /// The request names something that is not there (a service, a tag, a deploy).
@@ -136,6 +142,8 @@ pub struct Agent {
     stacks: BTreeMap<String, StackState>,
     dir: PathBuf,
     http: reqwest::Client,
+    /// Set at SIGTERM: no deploy starts any more (see `drain`).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -181,6 +189,7 @@ impl Agent {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         let login = agent.access.docker_login().await;
         agent.registry(login).await.ok();
@@ -281,6 +290,7 @@ impl Agent {
             after: &pins,
             rollback_of: None,
             versions: &versions,
+            config: None,
         })?;
         self.history.finish(id, "success", None, None)?;
         tracing::info!(stack = %stack.name, "agent: recorded what runs now as the baseline (#{id}): {}", describe(&pins, &versions));
@@ -334,6 +344,9 @@ impl Agent {
         actor: Option<&str>,
         target: Target,
     ) -> Result<Outcome, DeployError> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(DeployError::Stopping);
+        }
         let outcome = self
             .deploy_unpruned(stack, state, trigger, actor, target)
             .await;
@@ -344,6 +357,19 @@ impl Agent {
             self.prune_images().await;
         }
         outcome
+    }
+
+    /// At SIGTERM: no deploy starts any more, and each one running ends (healthy, or
+    /// rolled back) before this returns, so a stop never leaves a stack half applied.
+    pub async fn drain(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for (name, state) in &self.stacks {
+            if state.lock.try_lock().is_err() {
+                tracing::info!(stack = %name, "agent: stopping once the running deploy has ended");
+            }
+            let _done = state.lock.lock().await;
+        }
     }
 
     /// Removes the images the agent pulled that no stack needs: for each service, all
@@ -442,7 +468,9 @@ impl Agent {
             "deploy"
         };
         let before_id = before.as_ref().map(|b| b.id);
+        let before_config = before.as_ref().and_then(|b| b.config.clone());
         let before_pins = before.map(|b| b.after);
+        let config = compose::config_hash(stack);
         // Following never goes to a digest the stack was rolled back from: such a service
         // stays on what it runs.
         let mut skipped = Vec::new();
@@ -469,7 +497,14 @@ impl Agent {
                 }
             }
         }
-        if before_pins.as_ref() == Some(&after) && target.pins.is_none() {
+        let mut repairing = Vec::new();
+        if before_pins.as_ref() == Some(&after) && target.pins.is_none() && target.repair {
+            repairing = self.drift(stack, &after, before_config.as_deref()).await;
+            if !repairing.is_empty() {
+                tracing::info!(stack = %name, "agent: redeploying what drifted: {}", repairing.join("; "));
+            }
+        }
+        if before_pins.as_ref() == Some(&after) && target.pins.is_none() && repairing.is_empty() {
             return Ok(match why {
                 None => Outcome::Unchanged { deploy: before_id },
                 Some(q) => Outcome::Quarantined {
@@ -511,6 +546,7 @@ impl Agent {
             after: &after,
             rollback_of: None,
             versions: &versions,
+            config: Some(&config),
         })?;
         match self.apply(stack, before_pins.as_ref(), &after).await {
             Ok(()) => {
@@ -551,7 +587,9 @@ impl Agent {
                         )?;
                     }
                 }
-                let Some(previous) = before_pins else {
+                // A repair of the same digests has nothing older to go back to: the
+                // stack's own files are what changed.
+                let Some(previous) = before_pins.filter(|p| *p != after) else {
                     self.notify(&format!("wharf: {name} deploy #{id} of {} FAILED and has no healthy version to go back to: {error}", describe(&after, &versions)))
                         .await;
                     return Ok(Outcome::Failed { id, error });
@@ -566,6 +604,7 @@ impl Agent {
                     after: &previous,
                     rollback_of: Some(id),
                     versions: &previous_versions,
+                    config: Some(&config),
                 })?;
                 match self.apply(stack, None, &previous).await {
                     Ok(()) => {
@@ -720,6 +759,51 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// How the stack differs from what it was deployed with: a service with no running
+    /// container or one running another image than its pin, and the compose or env
+    /// files changed since (when the deploy recorded them). Empty: no drift.
+    pub async fn drift(
+        &self,
+        stack: &StackConfig,
+        pins: &Pins,
+        config: Option<&str>,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        if config.is_some_and(|c| c != compose::config_hash(stack)) {
+            out.push("the compose or env files changed since the deploy".to_owned());
+        }
+        let file = self.override_file(&stack.name);
+        for (svc, pin) in pins {
+            let ids = match self.compose.containers(stack, &file, svc).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    out.push(format!("{svc}: {e:#}"));
+                    continue;
+                }
+            };
+            if ids.is_empty() {
+                out.push(format!("{svc} has no container"));
+                continue;
+            }
+            let want = compose::image_id(pin).await;
+            for id in ids {
+                match compose::inspect(&id).await {
+                    Ok(st) if st.status != "running" => {
+                        out.push(format!("{svc} is {}", st.status));
+                    }
+                    // The same content counts, however the container names it (a stack
+                    // started by hand names a tag).
+                    Ok(st) if st.image != *pin && want.as_deref() != Some(st.image_id.as_str()) => {
+                        out.push(format!("{svc} runs {}, not the deployed {pin}", st.image));
+                    }
+                    Ok(_) => {}
+                    Err(e) => out.push(format!("{svc}: {e:#}")),
+                }
+            }
+        }
+        out
     }
 
     /// Pulls each image (`repo@sha256:...`) the engine does not hold yet.

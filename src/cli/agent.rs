@@ -59,13 +59,26 @@ pub fn agent(_: AgentArgs, config: Option<&Path>) -> anyhow::Result<()> {
         let agent = Agent::start(config).await?;
         tokio::spawn(Arc::clone(&agent).poll());
         let app = api::router(Arc::new(api::ApiState {
-            agent,
+            agent: Arc::clone(&agent),
             api_token: token,
         }));
         tracing::info!("wharf agent listening on http://{listen}");
+        // At SIGTERM the running deploys end first (healthy or rolled back); requests
+        // waiting for one get their answer, new ones are refused meanwhile.
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let draining = tokio::spawn(async move {
+            if stop_rx.await.is_ok() {
+                agent.drain().await;
+            }
+        });
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                let _ = stop_tx.send(());
+            })
             .await?;
+        let _ = draining.await;
+        tracing::info!("wharf agent stopped");
         Ok(())
     })
 }
@@ -308,14 +321,23 @@ pub fn deploy(a: DeployArgs) -> anyhow::Result<()> {
                     for s in v["stacks"].as_array().into_iter().flatten() {
                         let last = &s["last"];
                         out!(
-                            "{:<12} running {}  last #{} {} {} ({})",
+                            "{:<12} {} {}  last #{} {} {} ({})",
                             s["stack"].as_str().unwrap_or(""),
+                            s["state"].as_str().unwrap_or("running"),
                             short(&s["running"], &s["versions"]),
                             last["id"].as_i64().map_or("-".into(), |i| i.to_string()),
                             last["kind"].as_str().unwrap_or("-"),
                             last["state"].as_str().unwrap_or("-"),
                             last["started_at"].as_i64().map(rfc3339).unwrap_or_default()
                         );
+                        for d in s["drift"].as_array().into_iter().flatten() {
+                            out!(
+                                "{:<12} DRIFT: {} (`wharf deploy now {}` puts it back)",
+                                "",
+                                d.as_str().unwrap_or(""),
+                                s["stack"].as_str().unwrap_or("")
+                            );
+                        }
                         let held = &s["held"];
                         if held.is_object() {
                             out!(

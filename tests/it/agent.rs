@@ -1744,3 +1744,130 @@ async fn old_images_are_removed_beyond_keep_images_and_a_rollback_pulls_them_bac
         .args(pins.values())
         .output();
 }
+
+/// Issue 15, drift and stopping: a stopped container or an edited compose file shows in
+/// `deploy status` and `deploy now` puts it back; SIGTERM during a poll-started deploy
+/// lets it end (here: rolled back) before the agent exits, so nothing is half applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_is_shown_and_repaired_and_a_stop_lets_the_running_deploy_end() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    require_tool("curl", "apt-get install -y curl");
+    let reg = TestRegistry::start();
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = nonce();
+    let repo = format!("team/drift{nonce}");
+    for (v, kind) in [("v1", Kind::Healthy), ("slow", Kind::Starting)] {
+        let image = format!("{}/{repo}:{v}", reg.host());
+        build_version(&d, dir.path(), &image, &format!("{v}-{nonce}"), kind);
+    }
+    let (app_port, agent_port) = (free_port(), free_port());
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    let compose = |env: &str| {
+        format!(
+            "services:\n  web:\n    image: {}/{repo}:prod\n    ports: [\"127.0.0.1:{app_port}:8080\"]\n    environment:\n      MODE: {env}\n",
+            reg.host()
+        )
+    };
+    std::fs::write(stack_dir.join("compose.yml"), compose("one")).unwrap();
+    std::fs::write(dir.path().join("token"), ADMIN_PASSWORD).unwrap();
+    let project = format!("wharf-drift-{nonce}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\nregistry = \"{}\"\nusername = \"admin\"\n\
+             token_file = \"token\"\npoll_interval_s = 1\n\n\
+             [[stacks]]\nname = \"web\"\nproject = \"{project}\"\nworkdir = \"stack\"\n\
+             files = [\"compose.yml\"]\nhealth_timeout_s = 8\n[stacks.services]\nweb = \"{repo}:prod\"\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let mut stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+    promote(&reg, &repo, "v1");
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    settled(&cfg);
+    assert_eq!(status_of(&cfg)["state"], "running");
+    let deploys = history(&cfg).len();
+
+    // Stopped by hand: status says so, the polls leave it alone, `deploy now` starts it.
+    run(Command::new("docker").args(["stop", "-t", "1", &container(&project, "web")]));
+    let st = status_of(&cfg);
+    assert_eq!(st["state"], "drifted", "{st:#}");
+    assert!(
+        st["drift"][0].as_str().unwrap().contains("web is exited"),
+        "{st:#}"
+    );
+    let text = deploy_ok(&cfg, &["status"]);
+    assert!(text.contains("DRIFT: web is exited"), "{text}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        serves(app_port),
+        None,
+        "a poll restarted what a person stopped"
+    );
+    let out = deploy_ok(&cfg, &["now", "web"]);
+    assert!(out.contains("deployed"), "{out}");
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    assert_eq!(status_of(&cfg)["state"], "running");
+
+    // The compose file edited: drift until `deploy now` applies it.
+    std::fs::write(stack_dir.join("compose.yml"), compose("two")).unwrap();
+    let st = status_of(&cfg);
+    assert!(
+        st["drift"]
+            .to_string()
+            .contains("compose or env files changed"),
+        "{st:#}"
+    );
+    let out = deploy_ok(&cfg, &["now", "web"]);
+    assert!(out.contains("deployed"), "{out}");
+    let env = run(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{json .Config.Env}}",
+        &container(&project, "web"),
+    ]));
+    assert!(env.contains("MODE=two"), "{env}");
+    assert_eq!(status_of(&cfg)["state"], "running");
+    let out = deploy_ok(&cfg, &["now", "web"]);
+    assert!(out.contains("unchanged"), "{out}");
+    assert_eq!(history(&cfg).len(), deploys + 2);
+
+    // SIGTERM while a poll deploys `slow` (which never gets healthy): the agent waits
+    // for the deploy to end, rolled back to v1, then exits.
+    promote(&reg, &repo, "slow");
+    wait_until("the poll deploys slow", 30, || {
+        history(&cfg)[0]["state"] == "running"
+    });
+    let pid = stack.agent.id().to_string();
+    run(Command::new("kill").args(["-TERM", &pid]));
+    let exit = stack.agent.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(serves(app_port), Some(format!("v1-{nonce}")));
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(
+        log.contains("stopping once the running deploy has ended"),
+        "{log}"
+    );
+    stack.agent = spawn_agent(&cfg, agent_port);
+    let h = settled(&cfg);
+    assert!(h.iter().all(|d| d["state"] != "interrupted"), "{h:#?}");
+    assert_eq!(
+        (
+            h[1]["state"].as_str(),
+            h[0]["kind"].as_str(),
+            h[0]["state"].as_str()
+        ),
+        (Some("failed"), Some("rollback"), Some("success")),
+        "{h:#?}"
+    );
+    let _ = Command::new("docker")
+        .arg("rmi")
+        .arg("-f")
+        .args(["v1", "slow"].map(|v| format!("{}/{repo}:{v}", reg.host())))
+        .output();
+}
