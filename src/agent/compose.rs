@@ -98,7 +98,9 @@ impl Compose {
         if override_file.exists() {
             c.arg("-f").arg(override_file);
         }
-        c.stdin(Stdio::null());
+        // A deploy that stops waiting for compose (a service failed while the others were
+        // still coming up) stops compose too.
+        c.stdin(Stdio::null()).kill_on_drop(true);
         c
     }
 

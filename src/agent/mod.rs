@@ -329,11 +329,63 @@ impl Agent {
             state.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(DeployError::QueueFull(name.to_owned()));
         }
+        let newest = |h: &History| h.list(name, 1).ok().and_then(|l| l.first().map(|d| d.id));
+        let seen = newest(&self.history);
+        let follow = target.follow;
         let _guard = state.lock.lock().await;
         state.queued.fetch_sub(1, Ordering::SeqCst);
         started();
-        self.deploy_locked(stack, state, trigger, actor, target)
-            .await
+        let outcome = self
+            .deploy_locked(stack, state, trigger, actor, target)
+            .await;
+        // The followed tags, asked for while a deploy of them ran (the webhook's, as
+        // CI pushed): that deploy's outcome is the answer, not "unchanged".
+        if follow
+            && matches!(
+                outcome,
+                Ok(Outcome::Unchanged { .. } | Outcome::Quarantined { .. })
+            )
+        {
+            if let Some(ran) = newest(&self.history).filter(|n| Some(*n) > seen) {
+                if let Some(o) = self.outcome_of(ran)? {
+                    return Ok(o);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// The outcome deploy `id` had (a rollback of an unhealthy deploy: that deploy's).
+    fn outcome_of(&self, id: i64) -> anyhow::Result<Option<Outcome>> {
+        let Some(d) = self.history.get(id)? else {
+            return Ok(None);
+        };
+        if let (Some(orig), "unhealthy") = (d.rollback_of, d.trigger.as_str()) {
+            let error = self
+                .history
+                .get(orig)?
+                .and_then(|o| o.error)
+                .unwrap_or_default();
+            return Ok(Some(match d.state.as_str() {
+                "success" => Outcome::RolledBack {
+                    id: orig,
+                    rollback: d.id,
+                    error,
+                },
+                _ => Outcome::Failed { id: orig, error },
+            }));
+        }
+        Ok(match d.state.as_str() {
+            "success" => Some(Outcome::Deployed {
+                id: d.id,
+                versions: d.versions,
+            }),
+            "failed" => Some(Outcome::Failed {
+                id: d.id,
+                error: d.error.unwrap_or_default(),
+            }),
+            _ => None,
+        })
     }
 
     async fn deploy_locked(
@@ -658,24 +710,40 @@ impl Agent {
         // The images were pulled by `deploy` (a rollback's are still here from when they
         // ran; compose pulls one that is not).
         compose::write_override(&file, after).map_err(plain)?;
-        self.compose
-            .up(stack, &file, &changed)
+        // The containers before `up`: a new one is watched as soon as it exists, while
+        // compose is still bringing up the others.
+        let mut existing = std::collections::BTreeSet::new();
+        for svc in &changed {
+            existing.extend(
+                self.compose
+                    .containers(stack, &file, svc)
+                    .await
+                    .unwrap_or_default(),
+            );
+        }
+        let up = self.compose.up(stack, &file, &changed);
+        self.wait_healthy(stack, &file, &changed, &existing, up)
             .await
-            .map_err(plain)?;
-        self.wait_healthy(stack, &file, &changed).await
     }
 
+    /// Waits until every service is healthy, watching each new container from the moment
+    /// it exists (`up` still running): the first one that fails fails the deploy at once,
+    /// and compose is stopped. A new container is unhealthy at its first restart.
     async fn wait_healthy(
         &self,
         stack: &StackConfig,
         file: &std::path::Path,
         services: &[String],
+        existing: &std::collections::BTreeSet<String>,
+        up: impl std::future::Future<Output = anyhow::Result<()>>,
     ) -> Result<(), (String, Option<String>)> {
         let deadline = Instant::now() + Duration::from_secs(stack.health_timeout_s);
         let mut first_restarts: BTreeMap<String, u64> = BTreeMap::new();
         let mut running_since: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut up = std::pin::pin!(up);
+        let mut up_done = false;
         loop {
-            let mut all_ok = true;
+            let mut all_ok = up_done;
             let mut last_problem = String::new();
             let mut last_id = None;
             for svc in services {
@@ -684,17 +752,34 @@ impl Agent {
                     .containers(stack, file, svc)
                     .await
                     .map_err(|e| (format!("{e:#}"), None))?;
+                // Until compose is done, the containers it is replacing do not count.
+                let ids: Vec<String> = ids
+                    .into_iter()
+                    .filter(|id| up_done || !existing.contains(id))
+                    .collect();
                 if ids.is_empty() {
                     all_ok = false;
                     last_problem = format!("service {svc} has no container");
                     continue;
                 }
                 for id in ids {
-                    let st = compose::inspect(&id)
-                        .await
-                        .map_err(|e| (format!("{e:#}"), None))?;
+                    let st = match compose::inspect(&id).await {
+                        Ok(st) => st,
+                        // Removed between `ps` and `inspect` (compose replacing it).
+                        Err(_) if !up_done => {
+                            all_ok = false;
+                            continue;
+                        }
+                        Err(e) => return Err((format!("{e:#}"), None)),
+                    };
                     last_id = Some(id.clone());
-                    let base = *first_restarts.entry(id.clone()).or_insert(st.restarts);
+                    // A container this deploy created has restarted as often as it
+                    // crashed; one from before counts from when it was first seen.
+                    let base = if existing.contains(&id) {
+                        *first_restarts.entry(id.clone()).or_insert(st.restarts)
+                    } else {
+                        0
+                    };
                     let failed = st.health.as_deref() == Some("unhealthy")
                         || st.restarts > base
                         || matches!(st.status.as_str(), "exited" | "dead" | "restarting");
@@ -749,15 +834,27 @@ impl Agent {
                     Some(id) => Some(compose::logs_tail(&id, 50).await),
                     None => None,
                 };
+                let what = if up_done {
+                    last_problem
+                } else {
+                    format!("compose up has not finished; {last_problem}")
+                };
                 return Err((
-                    format!(
-                        "not healthy within {}s ({last_problem})",
-                        stack.health_timeout_s
-                    ),
+                    format!("not healthy within {}s ({what})", stack.health_timeout_s),
                     logs,
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            if up_done {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            } else {
+                tokio::select! {
+                    r = &mut up => {
+                        r.map_err(|e| (format!("{e:#}"), None))?;
+                        up_done = true;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
         }
     }
 

@@ -896,6 +896,12 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
     assert_eq!(h[1]["versions"]["worker"], "crash", "{:?}", h[1]);
     let error = h[1]["error"].as_str().unwrap();
     assert!(error.contains("service worker is unhealthy"), "{error}");
+    // Seen at its first restart, not after a crash loop.
+    let restarts: u64 = error
+        .rsplit_once("restarts ")
+        .and_then(|(_, n)| n.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("{error}"));
+    assert!(restarts <= 1, "{error}");
     assert_eq!(h[0]["after"]["worker"], v1_pins["worker"]);
     assert_eq!(serves(app_port).as_deref(), Some("v2"));
 
@@ -1494,7 +1500,8 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
     let (ok, out) =
         crate::examples::run_deploy_step("build.yml", &url, "deploy-token-0123", "prod");
     assert!(!ok, "{out}");
-    assert!(out.contains("\"result\":\"quarantined\""), "{out}");
+    // That deploy's outcome: rolled back, with the unhealthy deploy's id.
+    assert!(out.contains("\"result\":\"rolled_back\""), "{out}");
     assert!(out.contains("did not go out healthy"), "{out}");
     assert_eq!(serves(app_port), Some(format!("v1-{nonce}")));
     let h = history();
@@ -1504,6 +1511,12 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
         (Some("failed"), Some("rollback"))
     );
     let unhealthy = h[1]["id"].as_i64().unwrap();
+    assert!(out.contains(&format!("\"id\":{unhealthy}")), "{out}");
+    // Asked again after it ended, the answer is the quarantine, naming that deploy.
+    let (ok, out) =
+        crate::examples::run_deploy_step("build.yml", &url, "deploy-token-0123", "prod");
+    assert!(!ok, "{out}");
+    assert!(out.contains("\"result\":\"quarantined\""), "{out}");
     assert!(out.contains(&format!("\"deploy\":{unhealthy}")), "{out}");
 
     // Without waiting: 202 and a job that ends with the outcome.
