@@ -143,6 +143,22 @@ impl Compose {
             .await
     }
 
+    /// Starts `count` containers of `service` from the current files, leaving those
+    /// that run: the new version beside the old.
+    pub async fn scale_beside(
+        &self,
+        stack: &StackConfig,
+        override_file: &Path,
+        service: &str,
+        count: usize,
+    ) -> anyhow::Result<()> {
+        let mut c = self.command(stack, override_file);
+        c.args(["up", "-d", "--no-deps", "--no-recreate", "--scale"])
+            .arg(format!("{service}={count}"))
+            .arg(service);
+        self.run(c, "compose up --scale").await.map(|_| ())
+    }
+
     pub async fn containers(
         &self,
         stack: &StackConfig,
@@ -278,6 +294,53 @@ pub async fn present_locally(images: &[&String]) -> bool {
         }
     }
     true
+}
+
+/// The container's address on its first network.
+pub async fn container_ip(id: &str) -> anyhow::Result<std::net::IpAddr> {
+    let out = Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            id,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running docker inspect")?;
+    if !out.status.success() {
+        bail!(
+            "docker inspect {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find_map(|ip| ip.parse().ok())
+        .with_context(|| format!("container {id} has no IP address"))
+}
+
+/// Stops and removes one container (`docker stop -t`, then `docker rm -f`).
+pub async fn retire(id: &str, stop_timeout_s: u64) -> anyhow::Result<()> {
+    let _ = Command::new("docker")
+        .args(["stop", "-t", &stop_timeout_s.to_string(), id])
+        .stdin(Stdio::null())
+        .output()
+        .await;
+    let out = Command::new("docker")
+        .args(["rm", "-f", id])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running docker rm")?;
+    if !out.status.success() {
+        bail!(
+            "docker rm {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// The id of a local image (`sha256:...` of its config), if the engine has it.

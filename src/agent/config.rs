@@ -72,6 +72,33 @@ pub struct StackConfig {
     /// How long a deploy may take to become healthy.
     #[serde(default = "default_health_timeout")]
     pub health_timeout_s: u64,
+    /// Service → the zero-downtime proxy in front of it (see `agent::proxy`).
+    #[serde(default)]
+    pub proxy: BTreeMap<String, ProxyConfig>,
+}
+
+/// A service behind the agent's proxy: the agent listens on `listen` and forwards to
+/// port `port` of the live container; the service itself publishes no port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub listen: std::net::SocketAddr,
+    /// The port the container listens on, on its own address.
+    pub port: u16,
+    /// After a switch, how long requests still at the old container may take.
+    #[serde(default = "default_drain")]
+    pub drain_s: u64,
+    /// `docker stop` time of the old container, after the drain.
+    #[serde(default = "default_stop")]
+    pub stop_timeout_s: u64,
+}
+
+fn default_drain() -> u64 {
+    30
+}
+
+fn default_stop() -> u64 {
+    10
 }
 
 fn default_listen() -> String {
@@ -139,6 +166,7 @@ impl AgentConfig {
             }
         }
         let mut names = std::collections::BTreeSet::new();
+        let mut listens = std::collections::BTreeSet::new();
         for s in &mut c.stacks {
             if s.workdir.is_relative() {
                 s.workdir = base.join(&s.workdir);
@@ -155,6 +183,21 @@ impl AgentConfig {
                     "stack {}: probe for {p:?}, which is not one of its services",
                     s.name
                 );
+            }
+            if let Some(p) = s.proxy.keys().find(|p| !s.services.contains_key(*p)) {
+                bail!(
+                    "stack {}: proxy for {p:?}, which is not one of its services",
+                    s.name
+                );
+            }
+            for (svc, p) in &s.proxy {
+                if !listens.insert(p.listen) {
+                    bail!(
+                        "stack {}: the proxy of {svc} listens on {}, as another proxy does",
+                        s.name,
+                        p.listen
+                    );
+                }
             }
             for (svc, url) in &s.probes {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {

@@ -12,6 +12,7 @@ pub mod api;
 pub mod compose;
 pub mod config;
 pub mod history;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -144,6 +145,8 @@ pub struct Agent {
     http: reqwest::Client,
     /// Set at SIGTERM: no deploy starts any more (see `drain`).
     stopping: std::sync::atomic::AtomicBool,
+    /// Stack → service → its zero-downtime proxy.
+    proxies: BTreeMap<String, BTreeMap<String, Arc<proxy::Proxy>>>,
 }
 
 impl Agent {
@@ -179,6 +182,14 @@ impl Agent {
         }
         tracing::info!("agent: compose is `{}`", compose.name());
         let access = access::Access::new(&config, scopes, &docker_config)?;
+        let mut proxies = BTreeMap::new();
+        for s in &config.stacks {
+            let mut by_service = BTreeMap::new();
+            for (svc, pc) in &s.proxy {
+                by_service.insert(svc.clone(), proxy::Proxy::start(svc, pc.listen).await?);
+            }
+            proxies.insert(s.name.clone(), by_service);
+        }
         let agent = Arc::new(Agent {
             dir: config.data.clone(),
             config,
@@ -190,7 +201,9 @@ impl Agent {
                 .timeout(Duration::from_secs(10))
                 .build()?,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            proxies,
         });
+        agent.attach_proxies().await;
         let login = agent.access.docker_login().await;
         agent.registry(login).await.ok();
         agent.recover().await;
@@ -199,6 +212,125 @@ impl Agent {
             tokio::spawn(Arc::clone(&agent).worker(name.clone()));
         }
         Ok(agent)
+    }
+
+    /// At start: each proxy forwards to the running container of its service (the one
+    /// on the last healthy pin, if several run after a stop mid-cutover).
+    async fn attach_proxies(&self) {
+        for s in &self.config.stacks {
+            let file = self.override_file(&s.name);
+            let healthy = self.history.last_healthy(&s.name).ok().flatten();
+            for (svc, p) in self.proxies.get(&s.name).into_iter().flatten() {
+                let pin = healthy.as_ref().and_then(|h| h.after.get(svc));
+                let ids = self
+                    .compose
+                    .containers(s, &file, svc)
+                    .await
+                    .unwrap_or_default();
+                let mut best = None;
+                for id in ids {
+                    let Ok(st) = compose::inspect(&id).await else {
+                        continue;
+                    };
+                    if st.status != "running" {
+                        continue;
+                    }
+                    let on_pin = pin.is_some_and(|p| *p == st.image);
+                    if best.is_none() || on_pin {
+                        best = Some(id);
+                    }
+                }
+                if let Some(id) = best {
+                    if let Ok(ip) = compose::container_ip(&id).await {
+                        let port = s.proxy[svc].port;
+                        p.switch(proxy::Backend::new((ip, port).into(), &id));
+                    }
+                }
+            }
+        }
+    }
+
+    fn proxy_of(&self, stack: &str, service: &str) -> Option<&Arc<proxy::Proxy>> {
+        self.proxies.get(stack).and_then(|m| m.get(service))
+    }
+
+    /// A proxied service to `pin` without a refused request: the new container starts
+    /// beside the live one, and gets requests only once it is healthy; the old one
+    /// drains and is stopped. An unhealthy new container is removed, never live.
+    /// `repair`: start a new one even if the live one already runs `pin`.
+    async fn cutover(
+        &self,
+        stack: &StackConfig,
+        file: &std::path::Path,
+        svc: &str,
+        pin: &str,
+        repair: bool,
+    ) -> Result<(), (String, Option<String>)> {
+        let plain = |e: anyhow::Error| (format!("{e:#}"), None);
+        let (Some(proxy), Some(pc)) = (self.proxy_of(&stack.name, svc), stack.proxy.get(svc))
+        else {
+            return Err((format!("{svc} has no proxy"), None));
+        };
+        let old = self
+            .compose
+            .containers(stack, file, svc)
+            .await
+            .map_err(plain)?;
+        if let Some(live) = proxy.backend().filter(|b| old.contains(&b.container)) {
+            let st = compose::inspect(&live.container).await.ok();
+            let on_pin = st
+                .as_ref()
+                .is_some_and(|st| st.status == "running" && st.image == pin);
+            if on_pin && !repair {
+                // Already live (a rollback of a release that never went live): only
+                // leftovers go.
+                for id in old.iter().filter(|id| **id != live.container) {
+                    let _ = compose::retire(id, 0).await;
+                }
+                return Ok(());
+            }
+        }
+        let existing: std::collections::BTreeSet<String> = old.iter().cloned().collect();
+        self.compose
+            .scale_beside(stack, file, svc, old.len() + 1)
+            .await
+            .map_err(plain)?;
+        let new: Vec<String> = self
+            .compose
+            .containers(stack, file, svc)
+            .await
+            .map_err(plain)?
+            .into_iter()
+            .filter(|id| !existing.contains(id))
+            .collect();
+        let Some(fresh) = new.first().cloned() else {
+            return Err((format!("compose started no new container of {svc}"), None));
+        };
+        let healthy = self
+            .wait_healthy(stack, file, &[svc.to_owned()], &existing, false, async {
+                Ok(())
+            })
+            .await;
+        if let Err(e) = healthy {
+            for id in &new {
+                let _ = compose::retire(id, 0).await;
+            }
+            return Err(e);
+        }
+        let ip = compose::container_ip(&fresh).await.map_err(plain)?;
+        let before = proxy.switch(proxy::Backend::new((ip, pc.port).into(), &fresh));
+        if let Some(b) = before {
+            let left = b.drained(Duration::from_secs(pc.drain_s)).await;
+            if left > 0 {
+                tracing::warn!(service = %svc, "agent proxy: {left} request(s) still at the old container after {}s", pc.drain_s);
+            }
+        }
+        for id in new.iter().skip(1).chain(old.iter()) {
+            if let Err(e) = compose::retire(id, pc.stop_timeout_s).await {
+                tracing::warn!(error = %e, "agent proxy: the old container of {svc} stays");
+            }
+        }
+        Ok(())
     }
 
     fn stack(&self, name: &str) -> Result<(&StackConfig, &StackState), DeployError> {
@@ -710,6 +842,18 @@ impl Agent {
         // The images were pulled by `deploy` (a rollback's are still here from when they
         // ran; compose pulls one that is not).
         compose::write_override(&file, after).map_err(plain)?;
+        // Proxied services cut over one by one with no refused request; the others are
+        // replaced by compose.
+        let (proxied, changed): (Vec<String>, Vec<String>) = changed
+            .into_iter()
+            .partition(|s| self.proxy_of(&stack.name, s).is_some());
+        for svc in &proxied {
+            let repair = before.and_then(|b| b.get(svc)) == after.get(svc);
+            self.cutover(stack, &file, svc, &after[svc], repair).await?;
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
         // The containers before `up`: a new one is watched as soon as it exists, while
         // compose is still bringing up the others.
         let mut existing = std::collections::BTreeSet::new();
@@ -722,7 +866,7 @@ impl Agent {
             );
         }
         let up = self.compose.up(stack, &file, &changed);
-        self.wait_healthy(stack, &file, &changed, &existing, up)
+        self.wait_healthy(stack, &file, &changed, &existing, true, up)
             .await
     }
 
@@ -735,6 +879,7 @@ impl Agent {
         file: &std::path::Path,
         services: &[String],
         existing: &std::collections::BTreeSet<String>,
+        count_existing: bool,
         up: impl std::future::Future<Output = anyhow::Result<()>>,
     ) -> Result<(), (String, Option<String>)> {
         let deadline = Instant::now() + Duration::from_secs(stack.health_timeout_s);
@@ -755,7 +900,7 @@ impl Agent {
                 // Until compose is done, the containers it is replacing do not count.
                 let ids: Vec<String> = ids
                     .into_iter()
-                    .filter(|id| up_done || !existing.contains(id))
+                    .filter(|id| (up_done && count_existing) || !existing.contains(id))
                     .collect();
                 if ids.is_empty() {
                     all_ok = false;
@@ -808,8 +953,20 @@ impl Agent {
                                 since.elapsed() >= Duration::from_secs(3)
                             }
                         };
-                    let probe_failed = match probe {
-                        Some(url) if health_ok && !self.probe(url).await => Some(url),
+                    // Behind the proxy, the probe asks the new container itself (its
+                    // address, the service's port), not the public address.
+                    let probe_url = match (probe, stack.proxy.get(svc)) {
+                        (Some(url), Some(pc)) if health_ok => {
+                            match compose::container_ip(&id).await {
+                                Ok(ip) => Some(at_container(url, ip, pc.port)),
+                                Err(_) => Some(url.clone()),
+                            }
+                        }
+                        (Some(url), _) => Some(url.clone()),
+                        _ => None,
+                    };
+                    let probe_failed = match probe_url {
+                        Some(url) if health_ok && !self.probe(&url).await => Some(url),
                         _ => None,
                     };
                     let ok = health_ok && probe_failed.is_none();
@@ -1283,6 +1440,18 @@ impl Agent {
             )));
         }
         Ok(pins)
+    }
+}
+
+/// `url` with the host and port of a container (`http://10.0.0.5:8080/ready`).
+fn at_container(url: &str, ip: std::net::IpAddr, port: u16) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_ip_host(ip);
+            let _ = u.set_port(Some(port));
+            u.to_string()
+        }
+        Err(_) => url.to_owned(),
     }
 }
 

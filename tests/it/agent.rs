@@ -1884,3 +1884,153 @@ async fn drift_is_shown_and_repaired_and_a_stop_lets_the_running_deploy_end() {
         .args(["v1", "slow"].map(|v| format!("{}/{repo}:{v}", reg.host())))
         .output();
 }
+
+/// Sends a GET to the stack's public port every 50 ms (on kept-alive connections, as a
+/// browser would) until stopped; counts what failed and what answered.
+struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Prober {
+    fn start(port: u16) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = std::sync::Arc::clone(&stop);
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(3))
+                .build()
+                .unwrap();
+            let (mut failed, mut answers) = (0, Vec::new());
+            // Bounded: ten minutes at most.
+            for _ in 0..12_000 {
+                if s.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                match http.get(format!("http://127.0.0.1:{port}/")).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        answers.push(r.text().await.unwrap_or_default().trim().to_owned())
+                    }
+                    Ok(r) => {
+                        failed += 1;
+                        answers.push(format!("status {}", r.status()));
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        answers.push(format!("error {e}"));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (failed, answers)
+        });
+        Prober { stop, task }
+    }
+
+    /// (failed requests, every answer in order).
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.unwrap()
+    }
+}
+
+/// Issue 15, zero-downtime cutover: with the agent's proxy in front of a service, a
+/// healthy deploy, an unhealthy release (never live) and a manual rollback each fail no
+/// request of a prober hitting the public port every 50 ms.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_cuts_over_without_a_failed_request_and_an_unhealthy_release_is_never_live() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    let reg = TestRegistry::start();
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = nonce();
+    let repo = format!("team/px{nonce}");
+    for (v, kind) in [
+        ("v1", Kind::Healthy),
+        ("v2", Kind::Healthy),
+        ("v3", Kind::NotReady),
+    ] {
+        let image = format!("{}/{repo}:{v}", reg.host());
+        build_version(&d, dir.path(), &image, &format!("{v}-{nonce}"), kind);
+    }
+    let (app_port, agent_port) = (free_port(), free_port());
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    // The service publishes no port: the agent's proxy owns the public one.
+    std::fs::write(
+        stack_dir.join("compose.yml"),
+        format!("services:\n  web:\n    image: {}/{repo}:prod\n", reg.host()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("token"), ADMIN_PASSWORD).unwrap();
+    let project = format!("wharf-px-{nonce}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\nregistry = \"{}\"\nusername = \"admin\"\n\
+             token_file = \"token\"\npoll_interval_s = 1\n\n\
+             [[stacks]]\nname = \"web\"\nproject = \"{project}\"\nworkdir = \"stack\"\n\
+             files = [\"compose.yml\"]\nhealth_timeout_s = 15\n[stacks.services]\nweb = \"{repo}:prod\"\n\
+             [stacks.probes]\nweb = \"http://127.0.0.1:{app_port}/ready\"\n\
+             [stacks.proxy.web]\nlisten = \"127.0.0.1:{app_port}\"\nport = 8080\ndrain_s = 2\nstop_timeout_s = 1\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let _stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+    promote(&reg, &repo, "v1");
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    settled(&cfg);
+
+    let prober = Prober::start(app_port);
+    // A healthy release.
+    promote(&reg, &repo, "v2");
+    wait_serving(app_port, &format!("v2-{nonce}"));
+    settled(&cfg);
+    // An unhealthy one (healthy by its healthcheck, but its probe fails: asked of the
+    // new container, not of the live one behind the public port).
+    promote(&reg, &repo, "v3");
+    wait_until("the unhealthy release is rolled back", 90, || {
+        let h = history(&cfg);
+        h[0]["kind"] == "rollback" && h[0]["state"] == "success"
+    });
+    let h = settled(&cfg);
+    assert!(
+        h[1]["error"].as_str().unwrap().contains("/ready"),
+        "{:?}",
+        h[1]
+    );
+    // A manual rollback.
+    let v1 = h.iter().rev().find(|d| d["state"] == "success").unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let out = deploy_ok(&cfg, &["rollback", "web", "--to", &v1.to_string()]);
+    assert!(out.contains("deployed"), "{out}");
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    settled(&cfg);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (failed, answers) = prober.finish().await;
+    let bad: Vec<&String> = answers.iter().filter(|a| !a.contains(&nonce)).collect();
+    assert_eq!(failed, 0, "failed requests: {bad:?}");
+    assert!(answers.len() > 50, "{}", answers.len());
+    assert!(
+        !answers.iter().any(|a| a.starts_with("v3")),
+        "the unhealthy release was live"
+    );
+    assert!(answers.iter().any(|a| a.starts_with("v2")));
+    // One container runs, the live one.
+    let ids = run(Command::new("docker").args([
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+    ]));
+    assert_eq!(ids.lines().count(), 1, "{ids}");
+    let _ = Command::new("docker")
+        .arg("rmi")
+        .arg("-f")
+        .args(["v1", "v2", "v3"].map(|v| format!("{}/{repo}:{v}", reg.host())))
+        .output();
+}
