@@ -882,7 +882,10 @@ impl Agent {
         count_existing: bool,
         up: impl std::future::Future<Output = anyhow::Result<()>>,
     ) -> Result<(), (String, Option<String>)> {
-        let deadline = Instant::now() + Duration::from_secs(stack.health_timeout_s);
+        // `health_timeout_s` counts from when compose is done (stopping an old container
+        // that ignores SIGTERM takes its stop timeout); compose itself gets a generous cap.
+        let health = Duration::from_secs(stack.health_timeout_s);
+        let mut deadline = Instant::now() + health + Duration::from_secs(600);
         let mut first_restarts: BTreeMap<String, u64> = BTreeMap::new();
         let mut running_since: BTreeMap<String, Instant> = BTreeMap::new();
         let mut up = std::pin::pin!(up);
@@ -892,11 +895,15 @@ impl Agent {
             let mut last_problem = String::new();
             let mut last_id = None;
             for svc in services {
-                let ids = self
-                    .compose
-                    .containers(stack, file, svc)
-                    .await
-                    .map_err(|e| (format!("{e:#}"), None))?;
+                let ids = match self.compose.containers(stack, file, svc).await {
+                    Ok(ids) => ids,
+                    // compose ps trips over a container compose up is removing.
+                    Err(_) if !up_done => {
+                        all_ok = false;
+                        continue;
+                    }
+                    Err(e) => return Err((format!("{e:#}"), None)),
+                };
                 // Until compose is done, the containers it is replacing do not count.
                 let ids: Vec<String> = ids
                     .into_iter()
@@ -1008,6 +1015,7 @@ impl Agent {
                     r = &mut up => {
                         r.map_err(|e| (format!("{e:#}"), None))?;
                         up_done = true;
+                        deadline = Instant::now() + health;
                     }
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
