@@ -10,6 +10,7 @@ mod blobs;
 mod buildx_cache;
 mod crash;
 mod docker_cli;
+mod docs;
 mod examples;
 mod hostile;
 mod listings;
