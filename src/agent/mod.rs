@@ -937,9 +937,14 @@ impl Agent {
                         || matches!(st.status.as_str(), "exited" | "dead" | "restarting");
                     if failed {
                         let logs = compose::logs_tail(&id, 50).await;
+                        let early = if up_done {
+                            ""
+                        } else {
+                            "; seen while compose was still bringing up the others"
+                        };
                         return Err((
                             format!(
-                                "service {svc} is unhealthy (status {}, health {}, restarts {})",
+                                "service {svc} is unhealthy (status {}, health {}, restarts {}){early}",
                                 st.status,
                                 st.health.as_deref().unwrap_or("none"),
                                 st.restarts

@@ -898,8 +898,10 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
     assert!(error.contains("service worker is unhealthy"), "{error}");
     // Seen at its first restart, not after a crash loop.
     let restarts: u64 = error
-        .rsplit_once("restarts ")
-        .and_then(|(_, n)| n.trim_end_matches(')').parse().ok())
+        .split("restarts ")
+        .nth(1)
+        .and_then(|n| n.split(')').next())
+        .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{error}"));
     assert!(restarts <= 1, "{error}");
     assert_eq!(h[0]["after"]["worker"], v1_pins["worker"]);
@@ -1681,6 +1683,20 @@ async fn old_images_are_removed_beyond_keep_images_and_a_rollback_pulls_them_bac
         // Only what the agent pulls is on the engine.
         run(d.cmd().args(["image", "rm", &image]));
     }
+    // An image of the same repository the user pulled by digest themselves: the agent
+    // never pulled it, and never removes it.
+    let own = format!("{}/{repo}:mine", reg.host());
+    build_version(
+        &d,
+        dir.path(),
+        &own,
+        &format!("mine-{nonce}"),
+        Kind::Healthy,
+    );
+    let (digest, _, _) = manifest_of_repo(&reg, &repo, "mine").await;
+    let own_pin = format!("{}/{repo}@{digest}", reg.host());
+    run(d.cmd().args(["image", "rm", &own]));
+    run(d.cmd().args(["pull", "-q", &own_pin]));
     let (app_port, agent_port) = (free_port(), free_port());
     let stack_dir = dir.path().join("stack");
     std::fs::create_dir_all(&stack_dir).unwrap();
@@ -1750,11 +1766,16 @@ async fn old_images_are_removed_beyond_keep_images_and_a_rollback_pulls_them_bac
     ] {
         assert_eq!(present(&pins[v]), want, "{v} present after the rollback");
     }
+    assert!(
+        present(&own_pin),
+        "an image the agent did not pull was removed"
+    );
     let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
     assert!(log.contains("removed"), "{log}");
     let _ = Command::new("docker")
         .arg("rmi")
         .args(pins.values())
+        .arg(&own_pin)
         .output();
 }
 
@@ -2032,5 +2053,91 @@ async fn the_proxy_cuts_over_without_a_failed_request_and_an_unhealthy_release_i
         .arg("rmi")
         .arg("-f")
         .args(["v1", "v2", "v3"].map(|v| format!("{}/{repo}:{v}", reg.host())))
+        .output();
+}
+
+/// Issue 15, faster health: a new container that crashes ends the deploy while compose
+/// is still replacing another service (whose old container takes its 10 s stop timeout:
+/// busybox httpd ignores SIGTERM), at the crash's first restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashing_service_ends_the_deploy_before_compose_is_done_with_the_others() {
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    require_tool("curl", "apt-get install -y curl");
+    let reg = TestRegistry::start();
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = nonce();
+    let repo = format!("team/early{nonce}");
+    for (v, kind) in [
+        ("v1", Kind::Healthy),
+        ("v2", Kind::Healthy),
+        ("crash", Kind::Crashing),
+    ] {
+        let image = format!("{}/{repo}:{v}", reg.host());
+        build_version(&d, dir.path(), &image, &format!("{v}-{nonce}"), kind);
+    }
+    let (app_port, agent_port) = (free_port(), free_port());
+    let stack_dir = dir.path().join("stack");
+    std::fs::create_dir_all(&stack_dir).unwrap();
+    // `fast` stops in a second; `slow` waits out the default 10 s.
+    std::fs::write(
+        stack_dir.join("compose.yml"),
+        format!(
+            "services:\n  fast:\n    image: {r}/{repo}:prod\n    restart: always\n    stop_grace_period: 1s\n\
+             \x20 slow:\n    image: {r}/{repo}:prod\n    ports: [\"127.0.0.1:{app_port}:8080\"]\n",
+            r = reg.host()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("token"), ADMIN_PASSWORD).unwrap();
+    let project = format!("wharf-early-{nonce}");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\nregistry = \"{}\"\nusername = \"admin\"\n\
+             token_file = \"token\"\npoll_interval_s = 0\n\n\
+             [[stacks]]\nname = \"web\"\nproject = \"{project}\"\nworkdir = \"stack\"\n\
+             files = [\"compose.yml\"]\nhealth_timeout_s = 30\n[stacks.services]\n\
+             fast = \"{repo}:prod\"\nslow = \"{repo}:prod\"\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let _stack = Stack::start(&cfg, agent_port, &stack_dir, &project);
+    deploy_ok(&cfg, &["now", "web", "--tag", "v1"]);
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    let err = deploy_fails(
+        &cfg,
+        &[
+            "now",
+            "web",
+            "--service",
+            "fast=crash",
+            "--service",
+            "slow=v2",
+        ],
+    );
+    assert!(err.contains("rolled back"), "{err}");
+    let h = settled(&cfg);
+    let error = h[1]["error"].as_str().unwrap();
+    assert!(error.contains("service fast is unhealthy"), "{error}");
+    assert!(
+        error.contains("seen while compose was still bringing up the others"),
+        "{error}"
+    );
+    let restarts: u64 = error
+        .split("restarts ")
+        .nth(1)
+        .and_then(|n| n.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{error}"));
+    assert!(restarts <= 1, "{error}");
+    wait_serving(app_port, &format!("v1-{nonce}"));
+    let _ = Command::new("docker")
+        .arg("rmi")
+        .arg("-f")
+        .args(["v1", "v2", "crash"].map(|v| format!("{}/{repo}:{v}", reg.host())))
         .output();
 }
