@@ -303,7 +303,7 @@ pub async fn serve(
 /// Raises the open-file limit to its hard maximum (the usual soft limit, 1024, is far
 /// too low for a server holding a connection and two files per upload) and returns the
 /// connections to allow: `wanted`, or fewer if descriptors would run out first.
-fn raise_descriptor_limit(wanted: usize) -> usize {
+pub fn raise_descriptor_limit(wanted: usize) -> usize {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current < limit.maximum {

@@ -23,7 +23,20 @@ pub const WARN_BEFORE_S: i64 = 7 * 24 * 3600;
 /// The longest pause between two tries while the registry refuses or is away.
 const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
 
+/// What failed, from the least to the most it proves when it works: the agent's own
+/// lookups on the registry, the engine's `docker login`, the engine's pull. A success
+/// ends a problem of its kind or a lesser one, so a lookup that works does not end a
+/// pull problem (a full disk, an engine that cannot reach the registry): it is said once
+/// and backs off like the others.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Kind {
+    Api,
+    Login,
+    Pull,
+}
+
 struct Problem {
+    kind: Kind,
     error: String,
     since: i64,
     failures: u32,
@@ -37,8 +50,8 @@ struct Inner {
     client: Option<Arc<Client>>,
     logged_in: bool,
     problem: Option<Problem>,
-    /// The expiry already warned about, so each token is warned about once.
-    warned_expiry: Option<i64>,
+    /// Whether this token's coming expiry was notified: once per token.
+    warned_expiry: bool,
 }
 
 pub struct Access {
@@ -79,7 +92,7 @@ impl Access {
                 client: None,
                 logged_in: false,
                 problem: None,
-                warned_expiry: None,
+                warned_expiry: false,
             }),
         };
         a.refresh_token();
@@ -130,7 +143,7 @@ impl Access {
                 g.token = Some(t);
                 g.client = Some(Arc::new(client));
                 g.logged_in = false;
-                g.warned_expiry = None;
+                g.warned_expiry = false;
                 if let Some(p) = &mut g.problem {
                     p.failures = 0;
                     p.next_try = Instant::now();
@@ -175,8 +188,13 @@ impl Access {
         self.lock().problem.is_some()
     }
 
+    /// Whether the engine is logged in with the current token.
+    pub fn logged_in(&self) -> bool {
+        self.lock().logged_in
+    }
+
     /// Records a failure; the notification to send when access has just stopped working.
-    pub fn failed(&self, error: &str) -> Option<String> {
+    pub fn failed(&self, kind: Kind, error: &str) -> Option<String> {
         let mut g = self.lock();
         let now = crate::auth::now_secs();
         let expired = g
@@ -200,12 +218,14 @@ impl Access {
             }
         }
         let p = g.problem.get_or_insert(Problem {
+            kind,
             error: error.clone(),
             since: now,
             failures: 0,
             next_try: Instant::now(),
         });
         p.error = error.clone();
+        p.kind = kind;
         p.failures = p.failures.saturating_add(1);
         let pause = self
             .base_backoff
@@ -220,7 +240,9 @@ impl Access {
         if !first {
             return None;
         }
-        let what = if refused(&error) {
+        let what = if kind == Kind::Pull && !refused(&error) {
+            "cannot be pulled from by the docker engine on this server (its disk, its network or its settings?)".to_owned()
+        } else if refused(&error) {
             format!(
                 "refuses the agent's token for {}: give it a new token (token_file is read again by itself)",
                 self.username
@@ -236,10 +258,11 @@ impl Access {
 
     /// Records a success; the notifications to send (access works again, the token
     /// expires soon).
-    pub fn succeeded(&self) -> Vec<String> {
+    pub fn succeeded(&self, kind: Kind) -> Vec<String> {
         let mut g = self.lock();
         let mut out = Vec::new();
-        if let Some(p) = g.problem.take() {
+        let ends = g.problem.as_ref().is_some_and(|p| p.kind <= kind);
+        if let Some(p) = g.problem.take_if(|_| ends) {
             out.push(format!(
                 "wharf: the registry at {} works for the agent again (it failed {} time(s) since {}: {})",
                 self.host,
@@ -251,8 +274,8 @@ impl Access {
         let now = crate::auth::now_secs();
         let expires = g.client.as_ref().and_then(|c| c.credential_expires_at());
         if let Some(at) = expires {
-            if at - now < WARN_BEFORE_S && g.warned_expiry != Some(at) {
-                g.warned_expiry = Some(at);
+            if at - now < WARN_BEFORE_S && !g.warned_expiry {
+                g.warned_expiry = true;
                 out.push(format!(
                     "wharf: the agent's registry token for {} expires at {} (in {} day(s)); create a new one (`wharf token create ... --expires 1y`) and write it to the token file",
                     self.username,
@@ -319,5 +342,68 @@ impl Access {
             "token_days_left": expires.map(|at| (at - now).max(0) / 86400),
             "warning": warning,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(dir: &Path) -> Access {
+        std::fs::write(dir.join("token"), "wharf_test_token_0123456789").unwrap();
+        std::fs::write(
+            dir.join("agent.toml"),
+            "registry = \"127.0.0.1:9\"\nusername = \"deployer\"\ntoken_file = \"token\"\n\
+             poll_interval_s = 1\nstacks = []\n",
+        )
+        .unwrap();
+        let c = super::super::config::AgentConfig::load(&dir.join("agent.toml")).unwrap();
+        Access::new(&c, vec![], &dir.join("docker")).unwrap()
+    }
+
+    #[test]
+    fn a_pull_problem_is_said_once_and_only_a_pull_ends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = access(dir.path());
+        let first = a.failed(Kind::Pull, "docker pull x failed: no space left on device");
+        assert!(
+            first
+                .unwrap()
+                .contains("cannot be pulled from by the docker engine")
+        );
+        // The registry answers lookups meanwhile: that is no recovery of the pull.
+        assert!(a.succeeded(Kind::Api).is_empty());
+        assert!(a.failing() && !a.may_try());
+        assert_eq!(a.failed(Kind::Pull, "again"), None, "said twice");
+        let back = a.succeeded(Kind::Pull);
+        assert_eq!(back.len(), 1, "{back:?}");
+        assert!(back[0].contains("works for the agent again"));
+        assert!(!a.failing() && a.may_try());
+        // A lookup problem ends with a lookup that works.
+        assert!(a.failed(Kind::Api, "cannot reach the registry").is_some());
+        assert_eq!(a.succeeded(Kind::Api).len(), 1);
+    }
+
+    #[test]
+    fn a_token_refused_is_named_and_a_new_token_file_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = access(dir.path());
+        let m = a
+            .failed(
+                Kind::Api,
+                "the registry refused to log in deployer: 401 UNAUTHORIZED",
+            )
+            .unwrap();
+        assert!(m.contains("refuses the agent's token for deployer"), "{m}");
+        assert!(!a.may_try());
+        assert!(!a.refresh_token(), "the same token is no change");
+        std::fs::write(dir.path().join("token"), "wharf_new_token_0123456789\n").unwrap();
+        assert!(a.refresh_token());
+        // The pause starts over for the new token; the problem stays until it works.
+        assert!(a.may_try() && a.failing());
+        // An empty file (written in two steps, say) keeps the token in use.
+        std::fs::write(dir.path().join("token"), "").unwrap();
+        assert!(!a.refresh_token());
+        assert!(a.client().is_ok());
     }
 }

@@ -191,25 +191,30 @@ async fn detached(
     if agent.config.stack(stack).is_none() {
         return error(StatusCode::NOT_FOUND, format!("no stack {stack}"));
     }
+    // A full queue is refused before anything is written.
+    if agent.queue_full(stack) {
+        return deploy_error(DeployError::QueueFull(stack.to_owned()));
+    }
     let id = match agent.history.job_create(stack, trigger) {
         Ok(id) => id,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     };
     let (agent, stack) = (Arc::clone(agent), stack.to_owned());
+    let job = id.clone();
     let task = tokio::spawn(async move {
         let actor = actor.as_deref().or(Some(trigger));
         let history = &agent.history;
         let r = agent
             .deploy_queued(&stack, trigger, actor, target, || {
-                if let Err(e) = history.job_running(id) {
-                    tracing::warn!(error = %e, "agent: cannot record job {id}");
+                if let Err(e) = history.job_running(&job) {
+                    tracing::warn!(error = %e, "agent: cannot record job {job}");
                 }
             })
             .await;
         let (status, mut body) = answer(r);
-        body["job"] = json!(id);
-        if let Err(e) = agent.history.job_done(id, status.as_u16(), &body) {
-            tracing::warn!(error = %e, "agent: cannot record job {id}");
+        body["job"] = json!(job);
+        if let Err(e) = agent.history.job_done(&job, status.as_u16(), &body) {
+            tracing::warn!(error = %e, "agent: cannot record job {job}");
         }
         (status, body)
     });
@@ -234,17 +239,23 @@ async fn detached(
 /// A job: queued, running, done (with the answer the deploy got) or interrupted.
 async fn job(State(s): State<Arc<ApiState>>, Path(id): Path<String>, h: HeaderMap) -> Response {
     let hook = s.agent.config.deploy_token.as_deref().unwrap_or("");
-    if !bearer_ok(&h, &s.api_token) && !bearer_ok(&h, hook) {
+    let api = bearer_ok(&h, &s.api_token);
+    if !api && !bearer_ok(&h, hook) {
         return error(
             StatusCode::UNAUTHORIZED,
             "reading a deploy job needs the agent API token or the deploy token",
         );
     }
-    let Ok(id) = id.parse::<i64>() else {
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return error(StatusCode::BAD_REQUEST, format!("{id:?} is not a job id"));
-    };
-    match s.agent.history.job(id) {
-        Ok(Some(j)) => axum::Json(json!(j)).into_response(),
+    }
+    match s.agent.history.job(&id) {
+        // The deploy token reads the hook's jobs, not what people ran with the API.
+        Ok(Some(j)) if api || j.trigger == "hook" => axum::Json(json!(j)).into_response(),
+        Ok(Some(_)) => error(
+            StatusCode::NOT_FOUND,
+            format!("no deploy job {id} (jobs are kept a week)"),
+        ),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("no deploy job {id} (jobs are kept a week)"),
@@ -292,8 +303,15 @@ async fn deploy_hook(
         return error(StatusCode::UNAUTHORIZED, "a valid deploy token is required");
     }
     match parse_body::<DeployBody>(&body) {
-        Ok(b) => match waits(&uri) {
-            Ok(wait) => run_deploy(&s, &stack, "hook", b, wait).await,
+        Ok(mut b) => match waits(&uri) {
+            Ok(wait) => {
+                // The history says who asked: a hook caller cannot sign as a person.
+                b.actor = Some(match b.actor.take() {
+                    Some(a) => format!("hook:{a}"),
+                    None => "hook".to_owned(),
+                });
+                run_deploy(&s, &stack, "hook", b, wait).await
+            }
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         Err(e) => error(StatusCode::BAD_REQUEST, e),

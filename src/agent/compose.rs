@@ -233,8 +233,11 @@ pub async fn inspect(id: &str) -> anyhow::Result<State> {
             "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.RestartCount}} {{.Config.Image}} {{.Image}}",
             id,
         ])
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(SHORT_TIMEOUT, out)
         .await
+        .map_err(|_| anyhow::anyhow!("docker inspect {id} did not answer within a minute"))?
         .context("running docker inspect")?;
     if !out.status.success() {
         bail!(
@@ -418,18 +421,39 @@ pub async fn image_label(image: &str, label: &str) -> Option<String> {
         return None;
     }
     let labels: BTreeMap<String, String> = serde_json::from_slice(&out.stdout).ok()?;
-    labels.get(label).filter(|v| !v.trim().is_empty()).cloned()
+    // Free text from whoever built the image: only what could be a tag is shown (and
+    // posted in notifications).
+    labels
+        .get(label)
+        .filter(|v| crate::oci::name::valid_tag(v))
+        .cloned()
 }
+
+/// A pull that stalls (a registry that accepts and then sends nothing) is given up after
+/// this, so it cannot hold a stack's deploys, or a stop, forever.
+const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+/// `docker login` and `docker inspect` answer at once, or something is wrong.
+const SHORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `docker pull` of one image with the agent's docker config (its registry login).
 pub async fn pull_image(docker_config: &Path, image: &str) -> anyhow::Result<()> {
-    let out = Command::new("docker")
-        .env("DOCKER_CONFIG", docker_config)
-        .args(["pull", "--quiet", image])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("running docker pull")?;
+    let out = tokio::time::timeout(
+        PULL_TIMEOUT,
+        Command::new("docker")
+            .env("DOCKER_CONFIG", docker_config)
+            .args(["pull", "--quiet", image])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "docker pull {image} did not finish within {} minutes",
+            PULL_TIMEOUT.as_secs() / 60
+        )
+    })?
+    .context("running docker pull")?;
     if !out.status.success() {
         bail!(
             "docker pull {image} failed: {}",
@@ -441,17 +465,27 @@ pub async fn pull_image(docker_config: &Path, image: &str) -> anyhow::Result<()>
 
 /// The last lines of a container's log (both streams).
 pub async fn logs_tail(id: &str, lines: usize) -> String {
-    match Command::new("docker")
+    const MAX: usize = 64 * 1024;
+    let run = Command::new("docker")
         .args(["logs", "--tail", &lines.to_string(), id])
-        .output()
-        .await
-    {
-        Ok(out) => {
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(SHORT_TIMEOUT, run).await {
+        Ok(Ok(out)) => {
             let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
             s.push_str(&String::from_utf8_lossy(&out.stderr));
+            if s.len() > MAX {
+                // The end is what matters: cut at a character boundary before it.
+                let mut cut = s.len() - MAX;
+                while !s.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                s = format!("(cut to the last 64 KiB)\n{}", &s[cut..]);
+            }
             s
         }
-        Err(e) => format!("(no logs: {e})"),
+        Ok(Err(e)) => format!("(no logs: {e})"),
+        Err(_) => "(no logs: docker logs did not answer)".to_owned(),
     }
 }
 
@@ -470,12 +504,15 @@ pub async fn login(
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .context("running docker login")?;
     let mut stdin = child.stdin.take().expect("piped stdin");
     stdin.write_all(token.as_bytes()).await?;
     drop(stdin);
-    let out = child.wait_with_output().await?;
+    let out = tokio::time::timeout(SHORT_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| anyhow::anyhow!("docker login {host} did not answer within a minute"))??;
     if !out.status.success() {
         bail!(
             "docker login {host} as {user} failed: {}",

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
 -- A deploy asked for over HTTP (the hook, the CLI): queued behind a running deploy, then
 -- running, then done with the answer it got; `GET /api/deploys/<id>` reads it.
 CREATE TABLE IF NOT EXISTS jobs (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT PRIMARY KEY,    -- random: one caller cannot count through the others'
     stack       TEXT NOT NULL,
     trigger     TEXT NOT NULL,
     state       TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'interrupted')),
@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at  INTEGER NOT NULL,
     finished_at INTEGER
 );
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
 -- A stack held on an explicit version: following is suspended until `resume`.
 CREATE TABLE IF NOT EXISTS holds (
     stack    TEXT PRIMARY KEY,
@@ -87,7 +88,7 @@ pub type Pins = BTreeMap<String, String>;
 /// A deploy asked for over HTTP, and what came of it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Job {
-    pub id: i64,
+    pub id: String,
     pub stack: String,
     pub trigger: String,
     pub state: String,
@@ -99,6 +100,8 @@ pub struct Job {
 
 /// How long a finished job stays readable.
 const JOB_DAYS: i64 = 7;
+/// Finished jobs kept at most, the newest.
+const MAX_JOBS: i64 = 1000;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Deploy {
@@ -410,7 +413,10 @@ impl History {
     }
 
     /// A new queued job; jobs finished more than a week ago are forgotten.
-    pub fn job_create(&self, stack: &str, trigger: &str) -> anyhow::Result<i64> {
+    pub fn job_create(&self, stack: &str, trigger: &str) -> anyhow::Result<String> {
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("system randomness: {e}"))?;
+        let id = hex::encode(b);
         self.with(|c| {
             let now = crate::store::meta::now_ms();
             c.execute(
@@ -418,14 +424,19 @@ impl History {
                 params![now - JOB_DAYS * 86_400_000],
             )?;
             c.execute(
-                "INSERT INTO jobs (stack, trigger, state, created_at) VALUES (?1, ?2, 'queued', ?3)",
-                params![stack, trigger, now],
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL
+                 ORDER BY finished_at DESC LIMIT -1 OFFSET ?1)",
+                params![MAX_JOBS],
             )?;
-            Ok(c.last_insert_rowid())
+            c.execute(
+                "INSERT INTO jobs (id, stack, trigger, state, created_at) VALUES (?1, ?2, ?3, 'queued', ?4)",
+                params![id, stack, trigger, now],
+            )?;
+            Ok(id)
         })
     }
 
-    pub fn job_running(&self, id: i64) -> anyhow::Result<()> {
+    pub fn job_running(&self, id: &str) -> anyhow::Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'running' WHERE id = ?1",
@@ -435,7 +446,12 @@ impl History {
         })
     }
 
-    pub fn job_done(&self, id: i64, status: u16, answer: &serde_json::Value) -> anyhow::Result<()> {
+    pub fn job_done(
+        &self,
+        id: &str,
+        status: u16,
+        answer: &serde_json::Value,
+    ) -> anyhow::Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'done', status = ?2, answer = ?3, finished_at = ?4 WHERE id = ?1",
@@ -445,7 +461,7 @@ impl History {
         })
     }
 
-    pub fn job(&self, id: i64) -> anyhow::Result<Option<Job>> {
+    pub fn job(&self, id: &str) -> anyhow::Result<Option<Job>> {
         self.with(|c| {
             c.query_row(
                 "SELECT id, stack, trigger, state, status, answer, created_at, finished_at FROM jobs WHERE id = ?1",

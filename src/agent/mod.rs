@@ -147,6 +147,8 @@ pub struct Agent {
     stopping: std::sync::atomic::AtomicBool,
     /// Stack → service → its zero-downtime proxy.
     proxies: BTreeMap<String, BTreeMap<String, Arc<proxy::Proxy>>>,
+    /// Images a deploy has pulled and not yet recorded: never pruned meanwhile.
+    pending: std::sync::Mutex<Vec<String>>,
 }
 
 impl Agent {
@@ -202,10 +204,10 @@ impl Agent {
                 .build()?,
             stopping: std::sync::atomic::AtomicBool::new(false),
             proxies,
+            pending: std::sync::Mutex::new(Vec::new()),
         });
         agent.attach_proxies().await;
-        let login = agent.access.docker_login().await;
-        agent.registry(login).await.ok();
+        agent.login().await.ok();
         agent.recover().await;
         tokio::spawn(Arc::clone(&agent).watch_access());
         for name in agent.stacks.keys() {
@@ -445,6 +447,13 @@ impl Agent {
             .await
     }
 
+    /// Whether `MAX_QUEUED` deploys wait for the stack already.
+    pub fn queue_full(&self, name: &str) -> bool {
+        self.stacks
+            .get(name)
+            .is_some_and(|s| s.queued.load(std::sync::atomic::Ordering::SeqCst) >= MAX_QUEUED)
+    }
+
     /// Runs a deploy after the ones running or queued for the stack (in the order asked);
     /// `started` is called when its turn comes.
     pub async fn deploy_queued(
@@ -487,17 +496,22 @@ impl Agent {
         outcome
     }
 
-    /// The outcome deploy `id` had (a rollback of an unhealthy deploy: that deploy's).
+    /// The outcome deploy `id` had, if it was a deploy of the followed tags (a webhook's,
+    /// a poll's, the hook's; a rollback of one that was unhealthy: that deploy's). None
+    /// for anything a person ran (a rollback, a pinned version, a recovery).
     fn outcome_of(&self, id: i64) -> anyhow::Result<Option<Outcome>> {
+        let follows = |t: &str| matches!(t, "webhook" | "poll" | "hook" | "cli");
         let Some(d) = self.history.get(id)? else {
             return Ok(None);
         };
         if let (Some(orig), "unhealthy") = (d.rollback_of, d.trigger.as_str()) {
-            let error = self
-                .history
-                .get(orig)?
-                .and_then(|o| o.error)
-                .unwrap_or_default();
+            let Some(o) = self.history.get(orig)? else {
+                return Ok(None);
+            };
+            if !follows(&o.trigger) {
+                return Ok(None);
+            }
+            let error = o.error.unwrap_or_default();
             return Ok(Some(match d.state.as_str() {
                 "success" => Outcome::RolledBack {
                     id: orig,
@@ -506,6 +520,9 @@ impl Agent {
                 },
                 _ => Outcome::Failed { id: orig, error },
             }));
+        }
+        if d.kind != "deploy" || !follows(&d.trigger) {
+            return Ok(None);
         }
         Ok(match d.state.as_str() {
             "success" => Some(Outcome::Deployed {
@@ -566,7 +583,13 @@ impl Agent {
             return;
         }
         let now = crate::time::now_ms();
-        let mut keep = std::collections::BTreeSet::new();
+        let mut keep: std::collections::BTreeSet<String> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
         let mut pulled = std::collections::BTreeSet::new();
         for s in &self.config.stacks {
             let list = match self.history.list(&s.name, u32::MAX) {
@@ -705,6 +728,8 @@ impl Agent {
             .filter(|(svc, image)| before_pins.as_ref().and_then(|b| b.get(*svc)) != Some(*image))
             .map(|(_, image)| image)
             .collect();
+        // Until the deploy's row names them, another stack's prune must not take them.
+        let pending = Pending::new(self, after.values().cloned().collect());
         self.fetch_images(&new_images).await?;
         let versions = self.versions(&after).await;
         if target.quarantine_current {
@@ -732,6 +757,7 @@ impl Agent {
             versions: &versions,
             config: Some(&config),
         })?;
+        drop(pending);
         match self.apply(stack, before_pins.as_ref(), &after).await {
             Ok(()) => {
                 self.history.finish(id, "success", None, None)?;
@@ -1079,16 +1105,17 @@ impl Agent {
             if compose::present_locally(&[*image]).await {
                 continue;
             }
-            let login = self.access.docker_login().await;
-            self.registry(login)
+            self.login()
                 .await
                 .map_err(|e| DeployError::Other(e.context("the stack was not changed")))?;
             let pulled = compose::pull_image(&self.dir.join("docker"), image).await;
-            self.registry(pulled).await.map_err(|e| {
-                DeployError::Other(
-                    e.context(format!("cannot pull {image}; the stack was not changed")),
-                )
-            })?;
+            self.access_result(access::Kind::Pull, pulled)
+                .await
+                .map_err(|e| {
+                    DeployError::Other(
+                        e.context(format!("cannot pull {image}; the stack was not changed")),
+                    )
+                })?;
         }
         Ok(())
     }
@@ -1098,7 +1125,7 @@ impl Agent {
     async fn client(&self) -> anyhow::Result<Arc<crate::client::Client>> {
         let c = self.access.client();
         if let Err(e) = &c {
-            if let Some(m) = self.access.failed(&format!("{e:#}")) {
+            if let Some(m) = self.access.failed(access::Kind::Api, &format!("{e:#}")) {
                 self.notify(&m).await;
             }
         }
@@ -1109,14 +1136,28 @@ impl Agent {
     /// notifies once when access stops working, once when it works again, and once
     /// before the token expires).
     async fn registry<T>(&self, r: anyhow::Result<T>) -> anyhow::Result<T> {
+        self.access_result(access::Kind::Api, r).await
+    }
+
+    /// The engine's `docker login` with the current token, as `registry` reports it.
+    async fn login(&self) -> anyhow::Result<()> {
+        let r = self.access.docker_login().await;
+        self.access_result(access::Kind::Login, r).await
+    }
+
+    async fn access_result<T>(
+        &self,
+        kind: access::Kind,
+        r: anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         match &r {
             Ok(_) => {
-                for m in self.access.succeeded() {
+                for m in self.access.succeeded(kind) {
                     self.notify(&m).await;
                 }
             }
             Err(e) => {
-                if let Some(m) = self.access.failed(&format!("{e:#}")) {
+                if let Some(m) = self.access.failed(kind, &format!("{e:#}")) {
                     self.notify(&m).await;
                 }
             }
@@ -1132,9 +1173,10 @@ impl Agent {
             tokio::time::sleep(every).await;
             let changed = self.access.refresh_token();
             if changed || (self.access.failing() && self.access.may_try()) {
-                if changed {
-                    let login = self.access.docker_login().await;
-                    self.registry(login).await.ok();
+                // A login that failed (at start, say) is tried again on its own: it
+                // proves the engine can reach the registry with this token.
+                if changed || !self.access.logged_in() {
+                    self.login().await.ok();
                 }
                 for s in self.stacks.keys() {
                     self.request(s, "poll");
@@ -1453,6 +1495,33 @@ impl Agent {
             )));
         }
         Ok(pins)
+    }
+}
+
+/// Images a deploy is about to record, kept from pruning while it holds this.
+struct Pending<'a> {
+    agent: &'a Agent,
+    images: Vec<String>,
+}
+
+impl<'a> Pending<'a> {
+    fn new(agent: &'a Agent, images: Vec<String>) -> Pending<'a> {
+        let mut p = agent.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.extend(images.iter().cloned());
+        drop(p);
+        Pending { agent, images }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut p = self.agent.pending.lock().unwrap_or_else(|e| e.into_inner());
+        // One entry each: another deploy of the same image keeps its own.
+        for image in &self.images {
+            if let Some(i) = p.iter().position(|x| x == image) {
+                p.swap_remove(i);
+            }
+        }
     }
 }
 

@@ -20,7 +20,15 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+/// Connections a proxy holds at once; past it new ones are closed at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// A client must send a request's headers within this (slow-header clients), and a
+/// kept-alive connection that sends nothing for this long is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+/// A container must start answering a request within this.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -81,6 +89,17 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on `listen`; requests get 503 until a backend is set.
     pub async fn start(service: &str, listen: SocketAddr) -> anyhow::Result<Arc<Proxy>> {
+        Proxy::start_with(service, listen, MAX_CONNECTIONS, HEADER_TIMEOUT).await
+    }
+
+    /// `start` with its limits: connections held at once, and the time a client has to
+    /// send a request's headers.
+    pub async fn start_with(
+        service: &str,
+        listen: SocketAddr,
+        max_connections: usize,
+        header_timeout: Duration,
+    ) -> anyhow::Result<Arc<Proxy>> {
         let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
             anyhow::anyhow!("the proxy of {service} cannot listen on {listen}: {e}")
         })?;
@@ -90,6 +109,7 @@ impl Proxy {
             backend: RwLock::new(None),
         });
         let p = Arc::clone(&proxy);
+        let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = match listener.accept().await {
@@ -101,14 +121,23 @@ impl Proxy {
                         continue;
                     }
                 };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    // Full: refuse this one rather than let descriptors run out.
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let p = Arc::clone(&p);
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let service = hyper::service::service_fn(move |req| {
                         let p = Arc::clone(&p);
                         async move { Ok::<_, std::convert::Infallible>(p.handle(req, peer).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .max_buf_size(128 * 1024)
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades()
                         .await;
@@ -135,6 +164,12 @@ impl Proxy {
     }
 
     async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if req.method() == hyper::Method::CONNECT {
+            return plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not proxied".into(),
+            );
+        }
         let Some(backend) = self.backend() else {
             return plain(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -174,12 +209,24 @@ impl Proxy {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        let mut resp = match sender.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => {
+        let mut resp = match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(req)).await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 return plain(
                     StatusCode::BAD_GATEWAY,
                     format!("{}: {}: {e}", self.service, backend.addr),
+                );
+            }
+            Err(_) => {
+                return plain(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "{}: {} did not answer within {}s",
+                        self.service,
+                        backend.addr,
+                        RESPONSE_TIMEOUT.as_secs()
+                    ),
                 );
             }
         };
@@ -253,6 +300,12 @@ fn strip_hop_by_hop(h: &mut hyper::HeaderMap, upgrade: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
+        // What a request needs, or what the proxy sets itself, is never dropped on the
+        // client's word.
+        .filter(|n| {
+            !matches!(n.as_str(), "host" | "content-length" | "content-type")
+                && !n.as_str().starts_with("x-forwarded-")
+        })
         .collect();
     for n in named {
         h.remove(n);
@@ -276,16 +329,34 @@ fn strip_hop_by_hop(h: &mut hyper::HeaderMap, upgrade: bool) {
     }
 }
 
+/// The request as the container gets it: hop-by-hop headers gone, the forwarding
+/// headers set by the proxy alone (it is the public edge: what a client claims there is
+/// dropped), and the target in origin form.
 fn prepare(req: &mut Request<Incoming>, peer: SocketAddr, upgrade: bool) {
+    if req.uri().authority().is_some() {
+        // `GET http://other/ HTTP/1.1`: the container sees the path, and `Host`.
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        if let Ok(u) = path.parse() {
+            *req.uri_mut() = u;
+        }
+    }
     let h = req.headers_mut();
     strip_hop_by_hop(h, upgrade);
-    let ip = peer.ip().to_string();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    for n in [
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-host",
+        "x-forwarded-for",
+    ] {
+        h.remove(n);
+    }
+    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        h.insert("x-forwarded-for", v.clone());
+        h.insert("x-real-ip", v);
     }
     if let Some(host) = h.get(header::HOST).cloned() {
         h.insert("x-forwarded-host", host);
@@ -365,7 +436,9 @@ mod tests {
                         }
                         let body = format!("{name} {}", String::from_utf8_lossy(&buf[..len]));
                         buf.drain(..len);
-                        let forwarded = head.contains("x-forwarded-for: 127.0.0.1");
+                        let forwarded = head.contains("x-forwarded-for: 127.0.0.1\r\n")
+                            && head.contains("host: app")
+                            && !head.contains("10.9.9.9");
                         let r = format!(
                             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-saw-forwarded: {forwarded}\r\n\r\n{body}",
                             body.len()
@@ -427,6 +500,15 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("x-saw-forwarded: true"), "{r}");
+        // A forwarded-for the client claims is not passed on, nor can it be stripped.
+        c.write_all(b"GET / HTTP/1.1\r\nhost: app\r\nx-forwarded-for: 10.9.9.9\r\nconnection: x-forwarded-for, host\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_response(&mut c).await;
+        assert!(
+            r.contains("x-saw-forwarded: true") && !r.contains("10.9.9.9"),
+            "{r}"
+        );
         // The same kept-alive connection: the next request goes where the switch says,
         // and the old backend has nothing left to drain.
         let old = p.switch(Backend::new(b, "b")).unwrap();
@@ -474,5 +556,48 @@ mod tests {
             .await
             .unwrap();
         assert!(read_response(&mut c).await.starts_with("HTTP/1.1 502"));
+    }
+
+    #[tokio::test]
+    async fn slow_and_excess_clients_are_cut_off_and_connect_is_refused() {
+        let a = backend("a").await;
+        let listen: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let p = Proxy::start_with("web", listen, 2, Duration::from_millis(500))
+            .await
+            .unwrap();
+        p.switch(Backend::new(a, "a"));
+        // A client that sends half a request and stalls is closed.
+        let mut slow = tokio::net::TcpStream::connect(listen).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nhost:").await.unwrap();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
+            .await
+            .expect("the slow client was never cut off")
+            .unwrap_or(0);
+        // hyper answers 408 or just closes.
+        assert!(
+            n == 0 || buf.starts_with(b"HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        // Past the cap, a new connection is closed at once; the held ones still work.
+        let mut one = tokio::net::TcpStream::connect(listen).await.unwrap();
+        let mut two = tokio::net::TcpStream::connect(listen).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut three = tokio::net::TcpStream::connect(listen).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), three.read(&mut buf))
+            .await
+            .expect("the connection past the cap was kept")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        for c in [&mut one, &mut two] {
+            c.write_all(b"CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n")
+                .await
+                .unwrap();
+            assert!(read_response(c).await.starts_with("HTTP/1.1 405"));
+        }
     }
 }

@@ -56,6 +56,11 @@ pub fn agent(_: AgentArgs, config: Option<&Path>) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
+        // The proxies hold a connection each per client: room for them, as the registry.
+        let proxies: usize = config.stacks.iter().map(|s| s.proxy.len()).sum();
+        wharf::server::raise_descriptor_limit(
+            (proxies * 2 * wharf::agent::proxy::MAX_CONNECTIONS).max(64),
+        );
         let agent = Agent::start(config).await?;
         tokio::spawn(Arc::clone(&agent).poll());
         let app = api::router(Arc::new(api::ApiState {

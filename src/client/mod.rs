@@ -374,7 +374,17 @@ impl Client {
             return Ok(None);
         }
         let r = ok(r, &format!("looking up {repo}:{reference}")).await?;
-        Ok(header_str(&r, "docker-content-digest"))
+        // What comes back names images in files and on command lines: a digest or
+        // nothing.
+        match header_str(&r, "docker-content-digest") {
+            Some(d) => match d.parse::<crate::oci::Digest>() {
+                Ok(d) => Ok(Some(d.to_string())),
+                Err(e) => {
+                    bail!("the registry answered {repo}:{reference} with the digest {d:?}: {e}")
+                }
+            },
+            None => bail!("the registry answered {repo}:{reference} with no Docker-Content-Digest"),
+        }
     }
 
     /// Stores a manifest under `reference`; returns its digest.

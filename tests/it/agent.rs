@@ -817,8 +817,11 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let queued = r.json::<Value>().await.unwrap()["job"].as_i64().unwrap();
-    let job_of = |id: i64| {
+    let queued = r.json::<Value>().await.unwrap()["job"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job_of = |id: String| {
         let hook = hook.clone();
         async move {
             let r = hook
@@ -831,7 +834,7 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
             r.json::<Value>().await.unwrap()
         }
     };
-    assert_eq!(job_of(queued).await["state"], "queued");
+    assert_eq!(job_of(queued.clone()).await["state"], "queued");
 
     // The agent dies mid-deploy. At its restart the deploy is recorded as interrupted
     // and the stack goes back to v2, the last healthy deploy.
@@ -839,7 +842,7 @@ async fn bursts_deploy_once_probes_gate_one_deploy_runs_at_a_time_and_a_restart_
     let _ = slow.wait();
     wait_serving(app_port, "v2");
     // The queued job never ran: it says so.
-    assert_eq!(job_of(queued).await["state"], "interrupted");
+    assert_eq!(job_of(queued.clone()).await["state"], "interrupted");
     let h = settled(&cfg);
     let interrupted = h.iter().find(|d| d["id"] == slow_id).unwrap();
     assert_eq!(interrupted["state"], "interrupted", "{h:#?}");
@@ -1531,7 +1534,10 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let job = r.json::<Value>().await.unwrap()["job"].as_i64().unwrap();
+    let job = r.json::<Value>().await.unwrap()["job"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let deadline = Instant::now() + Duration::from_secs(90);
     let done = loop {
         let r = http
@@ -1562,7 +1568,11 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
     for (path, token, want) in [
         (format!("/api/deploys/{job}"), None, 401),
         (format!("/api/deploys/{job}"), Some("wrong-token-0123"), 401),
-        ("/api/deploys/999999".into(), Some("deploy-token-0123"), 404),
+        (
+            format!("/api/deploys/{}", "0".repeat(32)),
+            Some("deploy-token-0123"),
+            404,
+        ),
         ("/api/deploys/abc".into(), Some("deploy-token-0123"), 400),
     ] {
         let mut rb = http.get(format!("{url}{path}"));
@@ -1593,7 +1603,12 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
             .await
             .unwrap();
         assert_eq!(r.status(), 202);
-        jobs.push(r.json::<Value>().await.unwrap()["job"].as_i64().unwrap());
+        jobs.push(
+            r.json::<Value>().await.unwrap()["job"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut statuses = Vec::new();
@@ -1628,6 +1643,28 @@ async fn the_ci_deploy_job_gets_the_real_outcome_of_the_release_it_pushed() {
     );
     wait_serving(app_port, &format!("v3-{nonce}"));
 
+    // A job a person started with the API token is not the deploy token's to read.
+    let api_token = std::fs::read_to_string(dir.path().join("wharf-agent/api.token")).unwrap();
+    let r = http
+        .post(format!("{url}/api/stacks/prod/deploy?wait=false"))
+        .bearer_auth(api_token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let theirs = r.json::<Value>().await.unwrap()["job"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (token, want) in [("deploy-token-0123", 404), (api_token.trim(), 200)] {
+        let r = http
+            .get(format!("{url}/api/deploys/{theirs}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want);
+    }
     let before = history().len();
     let r = http
         .post(format!("{url}/hooks/deploy/prod?wait=maybe"))
