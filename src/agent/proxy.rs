@@ -20,7 +20,8 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::client::legacy::{Client as Upstream, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 /// Connections a proxy holds at once; past it new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -84,6 +85,9 @@ pub struct Proxy {
     pub service: String,
     pub listen: SocketAddr,
     backend: RwLock<Option<Backend>>,
+    /// Kept-alive connections to the containers, pooled per container address (a
+    /// switch moves new requests to another pool; the old one idles out).
+    upstream: Upstream<HttpConnector, Incoming>,
 }
 
 impl Proxy {
@@ -103,10 +107,19 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
             anyhow::anyhow!("the proxy of {service} cannot listen on {listen}: {e}")
         })?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_nodelay(true);
+        let upstream = Upstream::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
         let proxy = Arc::new(Proxy {
             service: service.to_owned(),
             listen,
             backend: RwLock::new(None),
+            upstream,
         });
         let p = Arc::clone(&proxy);
         let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
@@ -180,56 +193,36 @@ impl Proxy {
         let upgrade = is_upgrade(req.headers());
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
         prepare(&mut req, peer, upgrade);
-        let stream = match tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(backend.addr),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return plain(
-                    StatusCode::BAD_GATEWAY,
-                    format!("{}: cannot reach {}: {e}", self.service, backend.addr),
-                );
-            }
-            Err(_) => {
-                return plain(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("{}: {} did not answer", self.service, backend.addr),
-                );
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(c) => c,
-                Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("{e}")),
+        let target = format!(
+            "http://{}{}",
+            backend.addr,
+            req.uri().path_and_query().map_or("/", |p| p.as_str())
+        );
+        match target.parse() {
+            Ok(u) => *req.uri_mut() = u,
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "a bad request target".into()),
+        }
+        let mut resp =
+            match tokio::time::timeout(RESPONSE_TIMEOUT, self.upstream.request(req)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    return plain(
+                        StatusCode::BAD_GATEWAY,
+                        format!("{}: cannot reach {}: {e}", self.service, backend.addr),
+                    );
+                }
+                Err(_) => {
+                    return plain(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "{}: {} did not answer within {}s",
+                            self.service,
+                            backend.addr,
+                            RESPONSE_TIMEOUT.as_secs()
+                        ),
+                    );
+                }
             };
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        let mut resp = match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(req)).await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                return plain(
-                    StatusCode::BAD_GATEWAY,
-                    format!("{}: {}: {e}", self.service, backend.addr),
-                );
-            }
-            Err(_) => {
-                return plain(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "{}: {} did not answer within {}s",
-                        self.service,
-                        backend.addr,
-                        RESPONSE_TIMEOUT.as_secs()
-                    ),
-                );
-            }
-        };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_side) = client_side {
                 let server_side = hyper::upgrade::on(&mut resp);
@@ -397,11 +390,19 @@ mod tests {
     /// A backend that answers every request with `name`, and an `Upgrade: echo` request
     /// with 101 and then echoes what it gets.
     async fn backend(name: &'static str) -> SocketAddr {
+        backend_counted(name).await.0
+    }
+
+    /// `backend`, and the connections it has accepted.
+    async fn backend_counted(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -448,7 +449,7 @@ mod tests {
                 });
             }
         });
-        addr
+        (addr, accepted)
     }
 
     async fn read_response(s: &mut tokio::net::TcpStream) -> String {
@@ -599,5 +600,26 @@ mod tests {
                 .unwrap();
             assert!(read_response(c).await.starts_with("HTTP/1.1 405"));
         }
+    }
+
+    #[tokio::test]
+    async fn connections_to_the_container_are_kept_alive_and_reused() {
+        let (a, accepted) = backend_counted("a").await;
+        let listen: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let p = Proxy::start("web", listen).await.unwrap();
+        p.switch(Backend::new(a, "a"));
+        // Fifty requests, each on a new client connection, one after another.
+        for _ in 0..50 {
+            let mut c = tokio::net::TcpStream::connect(listen).await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
+                .await
+                .unwrap();
+            assert!(read_response(&mut c).await.ends_with("a "));
+        }
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(n <= 2, "{n} connections to the container for 50 requests");
     }
 }
