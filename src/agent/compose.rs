@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::io::AsyncWriteExt;
@@ -226,26 +227,13 @@ pub struct State {
 }
 
 pub async fn inspect(id: &str) -> anyhow::Result<State> {
-    let out = Command::new("docker")
-        .args([
-            "inspect",
-            "-f",
-            "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.RestartCount}} {{.Config.Image}} {{.Image}}",
-            id,
-        ])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(SHORT_TIMEOUT, out)
-        .await
-        .map_err(|_| anyhow::anyhow!("docker inspect {id} did not answer within a minute"))?
-        .context("running docker inspect")?;
-    if !out.status.success() {
-        bail!(
-            "docker inspect {id}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = docker(&[
+        "inspect",
+        "-f",
+        "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.RestartCount}} {{.Config.Image}} {{.Image}}",
+        id,
+    ])
+    .await?;
     let mut parts = text.split_whitespace();
     let status = parts.next().unwrap_or("").to_owned();
     let health = parts.next().filter(|h| *h != "-").map(str::to_owned);
@@ -261,23 +249,43 @@ pub async fn inspect(id: &str) -> anyhow::Result<State> {
     })
 }
 
+/// Runs `docker <args>` (no stdin; killed if dropped, or after a minute): its output, or
+/// an error with what docker said.
+async fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let name = args.first().copied().unwrap_or("");
+    let subject = args.last().copied().unwrap_or("");
+    let run = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(SHORT_TIMEOUT, run)
+        .await
+        .map_err(|_| anyhow::anyhow!("docker {name} {subject} did not answer within a minute"))?
+        .with_context(|| format!("running docker {name}"))?;
+    if !out.status.success() {
+        bail!(
+            "docker {name} {subject} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The `repo@sha256:...` reference of the image container `id` runs, as the engine knows
 /// it pulled from `repo` (`host/path`); None if it has none from there.
 pub async fn repo_digest(id: &str, repo: &str) -> Option<String> {
-    let image = Command::new("docker")
-        .args(["inspect", "-f", "{{.Image}}", id])
-        .output()
-        .await
-        .ok()
-        .filter(|o| o.status.success())?;
-    let image = String::from_utf8_lossy(&image.stdout).trim().to_owned();
-    let out = Command::new("docker")
-        .args(["image", "inspect", "-f", "{{json .RepoDigests}}", &image])
-        .output()
-        .await
-        .ok()
-        .filter(|o| o.status.success())?;
-    let digests: Vec<String> = serde_json::from_slice(&out.stdout).ok()?;
+    let image = docker(&["inspect", "-f", "{{.Image}}", id]).await.ok()?;
+    let out = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{json .RepoDigests}}",
+        image.trim(),
+    ])
+    .await
+    .ok()?;
+    let digests: Vec<String> = serde_json::from_str(&out).ok()?;
     let prefix = format!("{repo}@");
     digests.into_iter().find(|d| d.starts_with(&prefix))
 }
@@ -285,14 +293,7 @@ pub async fn repo_digest(id: &str, repo: &str) -> Option<String> {
 /// Whether the engine holds every image (`repo@sha256:...`) already.
 pub async fn present_locally(images: &[&String]) -> bool {
     for i in images {
-        let ok = Command::new("docker")
-            .args(["image", "inspect", "--format", "{{.Id}}", i.as_str()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .is_ok_and(|s| s.success());
-        if !ok {
+        if image_id(i).await.is_none() {
             return false;
         }
     }
@@ -301,84 +302,48 @@ pub async fn present_locally(images: &[&String]) -> bool {
 
 /// The container's address on its first network.
 pub async fn container_ip(id: &str) -> anyhow::Result<std::net::IpAddr> {
-    let out = Command::new("docker")
-        .args([
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
-            id,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("running docker inspect")?;
-    if !out.status.success() {
-        bail!(
-            "docker inspect {id}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .find_map(|ip| ip.parse().ok())
-        .with_context(|| format!("container {id} has no IP address"))
+    docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+        id,
+    ])
+    .await?
+    .split_whitespace()
+    .find_map(|ip| ip.parse().ok())
+    .with_context(|| format!("container {id} has no IP address"))
 }
 
 /// Stops and removes one container (`docker stop -t`, then `docker rm -f`).
 pub async fn retire(id: &str, stop_timeout_s: u64) -> anyhow::Result<()> {
-    let _ = Command::new("docker")
+    // The stop is waited for as long as it is allowed to take, and a little more.
+    let stop = Command::new("docker")
         .args(["stop", "-t", &stop_timeout_s.to_string(), id])
         .stdin(Stdio::null())
-        .output()
-        .await;
-    let out = Command::new("docker")
-        .args(["rm", "-f", id])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("running docker rm")?;
-    if !out.status.success() {
-        bail!(
-            "docker rm {id}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+        .kill_on_drop(true)
+        .output();
+    let _ = tokio::time::timeout(Duration::from_secs(stop_timeout_s + 30), stop).await;
+    docker(&["rm", "-f", id]).await.map(|_| ())
 }
 
 /// The id of a local image (`sha256:...` of its config), if the engine has it.
 pub async fn image_id(image: &str) -> Option<String> {
-    let out = Command::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", image])
-        .stdin(Stdio::null())
-        .output()
+    docker(&["image", "inspect", "--format", "{{.Id}}", image])
         .await
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .ok()
+        .map(|id| id.trim().to_owned())
 }
 
 /// Every image the engine holds by digest, as `repo@sha256:...`.
 pub async fn local_digests() -> anyhow::Result<std::collections::BTreeSet<String>> {
-    let out = Command::new("docker")
-        .args([
-            "images",
-            "--digests",
-            "--format",
-            "{{.Repository}}@{{.Digest}}",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("running docker images")?;
-    if !out.status.success() {
-        bail!(
-            "docker images failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let out = docker(&[
+        "images",
+        "--digests",
+        "--format",
+        "{{.Repository}}@{{.Digest}}",
+    ])
+    .await?;
+    Ok(out
         .lines()
         .filter(|l| l.contains("@sha256:"))
         .map(str::to_owned)
@@ -388,39 +353,21 @@ pub async fn local_digests() -> anyhow::Result<std::collections::BTreeSet<String
 /// `docker image rm` of one reference: the image goes when nothing else names it; one a
 /// container uses is refused by the engine and stays.
 pub async fn remove_image(image: &str) -> anyhow::Result<()> {
-    let out = Command::new("docker")
-        .args(["image", "rm", image])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("running docker image rm")?;
-    if !out.status.success() {
-        bail!(
-            "docker image rm {image} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    docker(&["image", "rm", image]).await.map(|_| ())
 }
 
 /// One label of a local image, if it has it.
 pub async fn image_label(image: &str, label: &str) -> Option<String> {
-    let out = Command::new("docker")
-        .args([
-            "image",
-            "inspect",
-            "--format",
-            "{{json .Config.Labels}}",
-            image,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let labels: BTreeMap<String, String> = serde_json::from_slice(&out.stdout).ok()?;
+    let out = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Labels}}",
+        image,
+    ])
+    .await
+    .ok()?;
+    let labels: BTreeMap<String, String> = serde_json::from_str(&out).ok()?;
     // Free text from whoever built the image: only what could be a tag is shown (and
     // posted in notifications).
     labels
@@ -431,9 +378,9 @@ pub async fn image_label(image: &str, label: &str) -> Option<String> {
 
 /// A pull that stalls (a registry that accepts and then sends nothing) is given up after
 /// this, so it cannot hold a stack's deploys, or a stop, forever.
-const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+const PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// `docker login` and `docker inspect` answer at once, or something is wrong.
-const SHORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `docker pull` of one image with the agent's docker config (its registry login).
 pub async fn pull_image(docker_config: &Path, image: &str) -> anyhow::Result<()> {
