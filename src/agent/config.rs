@@ -238,3 +238,57 @@ pub fn read_token_file(path: Option<&Path>) -> anyhow::Result<crate::auth::Secre
     }
     Ok(crate::auth::Secret::new(t))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> anyhow::Result<AgentConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, text).unwrap();
+        AgentConfig::load(&p)
+    }
+
+    const HEAD: &str = "registry = \"127.0.0.1:5000\"\nusername = \"u\"\n\n";
+
+    fn stack(name: &str, proxy: &str) -> String {
+        format!(
+            "[[stacks]]\nname = \"{name}\"\nworkdir = \".\"\nfiles = [\"c.yml\"]\n\
+             [stacks.services]\nweb = \"team/web:prod\"\n{proxy}"
+        )
+    }
+
+    #[test]
+    fn proxies_are_checked_when_the_config_is_read() {
+        let ok = "[stacks.proxy.web]\nlisten = \"127.0.0.1:8081\"\nport = 8080\n";
+        let c = load(&format!("{HEAD}{}", stack("a", ok))).unwrap();
+        let p = &c.stacks[0].proxy["web"];
+        assert_eq!((p.port, p.drain_s, p.stop_timeout_s), (8080, 30, 10));
+        assert_eq!(c.keep_images, 3);
+        for (proxy, says) in [
+            (
+                "[stacks.proxy.db]\nlisten = \"127.0.0.1:8081\"\nport = 1\n",
+                "not one of its services",
+            ),
+            (
+                "[stacks.proxy.web]\nlisten = \"nowhere\"\nport = 1\n",
+                "not a valid agent config",
+            ),
+            (
+                "[stacks.proxy.web]\nlisten = \"127.0.0.1:1\"\nport = 99999\n",
+                "not a valid agent config",
+            ),
+            (
+                "[stacks.proxy.web]\nlisten = \"127.0.0.1:1\"\nport = 1\nbogus = 1\n",
+                "not a valid agent config",
+            ),
+        ] {
+            let e = load(&format!("{HEAD}{}", stack("a", proxy))).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{proxy}: {e:#}");
+        }
+        // Two proxies on one address, in different stacks.
+        let e = load(&format!("{HEAD}{}\n{}", stack("a", ok), stack("b", ok))).unwrap_err();
+        assert!(format!("{e:#}").contains("as another proxy does"), "{e:#}");
+    }
+}
