@@ -104,12 +104,7 @@ impl Access {
     }
 
     fn read_token(&self) -> anyhow::Result<Secret> {
-        if let Ok(t) = std::env::var("WHARF_AGENT_REGISTRY_TOKEN") {
-            if !t.is_empty() {
-                return Ok(Secret::new(t));
-            }
-        }
-        super::config::read_token_file(self.token_file.as_deref())
+        super::config::read_token(self.token_file.as_deref())
     }
 
     /// Reads the token again; true if it changed (the client is rebuilt, the engine

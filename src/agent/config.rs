@@ -214,12 +214,7 @@ impl AgentConfig {
 
     /// The registry token: WHARF_AGENT_REGISTRY_TOKEN, else `token_file`.
     pub fn registry_token(&self) -> anyhow::Result<crate::auth::Secret> {
-        if let Ok(t) = std::env::var("WHARF_AGENT_REGISTRY_TOKEN") {
-            if !t.is_empty() {
-                return Ok(crate::auth::Secret::new(t));
-            }
-        }
-        read_token_file(self.token_file.as_deref())
+        read_token(self.token_file.as_deref())
     }
 
     pub fn stack(&self, name: &str) -> Option<&StackConfig> {
@@ -227,8 +222,18 @@ impl AgentConfig {
     }
 }
 
+/// The registry token: WHARF_AGENT_REGISTRY_TOKEN, else the file at `path`.
+pub fn read_token(path: Option<&Path>) -> anyhow::Result<crate::auth::Secret> {
+    if let Ok(t) = std::env::var("WHARF_AGENT_REGISTRY_TOKEN") {
+        if !t.is_empty() {
+            return Ok(crate::auth::Secret::new(t));
+        }
+    }
+    read_token_file(path)
+}
+
 /// The token in `path`, trimmed.
-pub fn read_token_file(path: Option<&Path>) -> anyhow::Result<crate::auth::Secret> {
+fn read_token_file(path: Option<&Path>) -> anyhow::Result<crate::auth::Secret> {
     let path =
         path.context("give the registry token in token_file or WHARF_AGENT_REGISTRY_TOKEN")?;
     let t = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

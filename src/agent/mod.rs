@@ -1540,6 +1540,11 @@ fn at_container(url: &str, ip: std::net::IpAddr, port: u16) -> String {
 /// `api=v1.4.2 (sha256:0123456789ab), web=sha256:...`: the version a person knows, and
 /// the digest.
 pub fn describe(p: &Pins, versions: &BTreeMap<String, String>) -> String {
+    describe_with(p, versions, ", ")
+}
+
+/// `describe`, the services joined with `sep`.
+pub fn describe_with(p: &Pins, versions: &BTreeMap<String, String>, sep: &str) -> String {
     p.iter()
         .map(|(s, i)| {
             let short = i.rsplit_once('@').map_or(i.as_str(), |(_, d)| d);
@@ -1550,7 +1555,7 @@ pub fn describe(p: &Pins, versions: &BTreeMap<String, String>) -> String {
             }
         })
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(sep)
 }
 
 /// Of the tags pointing at one digest, the one a person knows the release by: the most

@@ -150,22 +150,13 @@ enum DeployCmd {
 /// `api=v1.4.2 (sha256:0123456789ab) web=sha256:...`: each service's version where
 /// one is known, and its digest.
 fn short(pins: &Value, versions: &Value) -> String {
-    pins.as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(s, i)| {
-                    let i = i.as_str().unwrap_or("");
-                    let d = i.rsplit_once('@').map_or(i, |(_, d)| d);
-                    let d = d.get(..19).unwrap_or(d);
-                    match versions[s].as_str() {
-                        Some(v) => format!("{s}={v} ({d})"),
-                        None => format!("{s}={d}"),
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|| "-".into())
+    let map = |v: &Value| -> Option<std::collections::BTreeMap<String, String>> {
+        serde_json::from_value(v.clone()).ok()
+    };
+    match map(pins) {
+        Some(p) => wharf::agent::describe_with(&p, &map(versions).unwrap_or_default(), " "),
+        None => "-".into(),
+    }
 }
 
 /// One line for a deploy's answer.
