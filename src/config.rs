@@ -35,6 +35,10 @@ pub struct Config {
     pub access_log: String,
     /// `text` (the default) or `json`.
     pub access_log_format: AccessLogFormat,
+    /// Garbage collection: the grace delay and whether referrers go with their subject.
+    pub gc: crate::store::gc::GcSettings,
+    /// Time between the server's garbage collection passes; zero turns them off.
+    pub gc_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -136,6 +140,15 @@ struct FileConfig {
     limits: Option<Limits>,
     access_log: Option<String>,
     access_log_format: Option<AccessLogFormat>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    gc_delay: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    gc_interval: Option<Duration>,
+    delete_referrers: Option<bool>,
+}
+
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    crate::time::deserialize_duration(d).map(Some)
 }
 
 /// Values given on the command line (or, through clap, by their environment variables).
@@ -150,6 +163,7 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     pub access_log: Option<String>,
     pub access_log_format: Option<AccessLogFormat>,
+    pub gc_delay: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +224,8 @@ impl Config {
             limits: Limits::default(),
             access_log: "stderr".to_owned(),
             access_log_format: AccessLogFormat::Text,
+            gc: Default::default(),
+            gc_interval: crate::store::gc::DEFAULT_GC_INTERVAL,
         }
     }
 
@@ -270,6 +286,16 @@ impl Config {
                 .access_log_format
                 .or(file_cfg.access_log_format)
                 .unwrap_or_default(),
+            gc: crate::store::gc::GcSettings {
+                delay: flags
+                    .gc_delay
+                    .or(file_cfg.gc_delay)
+                    .unwrap_or(crate::store::gc::DEFAULT_GC_DELAY),
+                delete_referrers: file_cfg.delete_referrers.unwrap_or(true),
+            },
+            gc_interval: file_cfg
+                .gc_interval
+                .unwrap_or(crate::store::gc::DEFAULT_GC_INTERVAL),
         })
     }
 }
@@ -311,6 +337,36 @@ mod tests {
             ),
             ("0.0.0.0:7000", "/srv/wharf", "x")
         );
+    }
+
+    #[test]
+    fn gc_settings_from_file_and_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wharf.toml");
+        let d = Config::resolve(Overrides::default(), None).unwrap();
+        assert_eq!(d.gc.delay, Duration::from_secs(86_400));
+        assert_eq!(d.gc_interval, Duration::from_secs(3600));
+        assert!(d.gc.delete_referrers);
+        std::fs::write(
+            &file,
+            "gc_delay = \"30m\"\ngc_interval = \"5m\"\ndelete_referrers = false\n",
+        )
+        .unwrap();
+        let f = Config::resolve(Overrides::default(), Some(&file)).unwrap();
+        assert_eq!(f.gc.delay, Duration::from_secs(1800));
+        assert_eq!(f.gc_interval, Duration::from_secs(300));
+        assert!(!f.gc.delete_referrers);
+        let o = Overrides {
+            gc_delay: Some(Duration::ZERO),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::resolve(o, Some(&file)).unwrap().gc.delay,
+            Duration::ZERO
+        );
+        std::fs::write(&file, "gc_delay = \"soon\"\n").unwrap();
+        let e = Config::resolve(Overrides::default(), Some(&file)).unwrap_err();
+        assert!(e.to_string().contains("gc_delay"), "{e}");
     }
 
     #[test]

@@ -25,11 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How long requests in flight may run on after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// An upload session untouched for this long is removed, with its bytes.
-pub const UPLOAD_MAX_IDLE: Duration = Duration::from_secs(24 * 3600);
-/// A monolithic upload (`POST ?digest=`) no request has written to for this long was
-/// cut off; no client can resume one.
-pub const MONOLITHIC_MAX_IDLE: Duration = Duration::from_secs(600);
+pub use crate::store::{MONOLITHIC_MAX_IDLE, UPLOAD_MAX_IDLE};
 /// How often idle uploads are looked for.
 const UPLOAD_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// How long a client may take to finish the TLS handshake.
@@ -107,8 +103,11 @@ pub async fn serve(
     let limits = &config.limits;
     let max_connections = raise_descriptor_limit(limits.max_connections);
     let (blobs, meta) = open_local_backends_with(&config.data, limits.upload_memory_mib)?;
-    let store =
-        Arc::new(Store::new(blobs, Arc::clone(&meta) as _).with_max_uploads(limits.max_uploads));
+    let store = Arc::new(
+        Store::new(blobs, Arc::clone(&meta) as _)
+            .with_max_uploads(limits.max_uploads)
+            .with_gc(config.gc.clone()),
+    );
     let events = Arc::clone(&meta) as Arc<dyn EventsMeta>;
     let auth = Arc::new(Auth::with_settings(
         meta,
@@ -126,6 +125,7 @@ pub async fn serve(
         );
     }
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store), started));
+    let collector = tokio::spawn(collect_garbage(Arc::clone(&store), config.gc_interval));
     let purger = tokio::spawn(purge_tokens(Arc::clone(&auth)));
     let audit_flusher = tokio::spawn(flush_audit(Arc::clone(&auth)));
     let trimmer = tokio::spawn(trim_memory(Arc::clone(&store)));
@@ -291,6 +291,7 @@ pub async fn serve(
         }
     }
     sweeper.abort();
+    collector.abort();
     purger.abort();
     trimmer.abort();
     audit_flusher.abort();
@@ -486,6 +487,37 @@ async fn trim_memory(store: Arc<Store>) {
     loop {
         every.tick().await;
         store.trim();
+    }
+}
+
+/// Runs a garbage collection pass every `interval` (the first at start, which also
+/// finishes one a crash cut short); never if `interval` is zero.
+async fn collect_garbage(store: Arc<Store>, interval: Duration) {
+    if interval.is_zero() {
+        return;
+    }
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match store.gc(false, "server").await {
+            Ok(r) if r.blobs + r.links + r.manifests + r.uploads + r.repositories == 0 => {
+                tracing::debug!("garbage collection: nothing to remove")
+            }
+            Ok(r) => tracing::info!(
+                blobs = r.blobs,
+                bytes = r.bytes,
+                links = r.links,
+                manifests = r.manifests,
+                uploads = r.uploads,
+                repositories = r.repositories,
+                ms = r.duration_ms,
+                "garbage collection removed {} blobs ({} bytes)",
+                r.blobs,
+                r.bytes
+            ),
+            Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use wharf::auth::{Auth, Level, Pattern, Scope, Secret, now_secs, secret};
 use wharf::store::meta::auth::{AuthMeta, TokenRecord};
 use wharf::store::meta::events::EventsMeta;
 use wharf::store::policy::parse_tag_globs;
-use wharf::store::{MetaStore, open_local_backends};
+use wharf::store::{MetaStore, Store, open_local_backends};
 use wharf::time::rfc3339;
 
 use super::DataArgs;
@@ -21,6 +21,8 @@ pub struct Admin {
     auth: Auth,
     meta: Arc<dyn AuthMeta>,
     registry: Arc<dyn MetaStore>,
+    /// The registry's store over the same data (garbage collection, repository deletes).
+    store: Store,
     events: Arc<dyn EventsMeta>,
     /// The URL the registry is reached by, for test payloads.
     registry_url: String,
@@ -35,8 +37,9 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let (_, meta) = open_local_backends(&config.data)
+        let (blobs, meta) = open_local_backends(&config.data)
             .with_context(|| format!("opening {}", config.data.display()))?;
+        let store = Store::new(blobs, Arc::clone(&meta) as _).with_gc(config.gc.clone());
         let auth = Auth::with_settings(
             Arc::clone(&meta) as _,
             &config.data,
@@ -58,6 +61,7 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
             auth,
             meta,
             registry,
+            store,
             events,
             registry_url,
             actor,
@@ -407,6 +411,10 @@ pub enum RepoCmd {
         pattern: String,
         visibility: Visibility,
     },
+    /// Delete a repository: its tags, manifests and blob links. It leaves the catalog at
+    /// once; its bytes are freed by garbage collection (`wharf gc`). Refused if an
+    /// immutability policy protects one of its tags.
+    Delete { name: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -416,10 +424,13 @@ pub enum Visibility {
 }
 
 pub async fn repo(a: Admin, cmd: RepoCmd) -> anyhow::Result<()> {
-    let RepoCmd::Visibility {
-        pattern,
-        visibility,
-    } = cmd;
+    let (pattern, visibility) = match cmd {
+        RepoCmd::Visibility {
+            pattern,
+            visibility,
+        } => (pattern, visibility),
+        RepoCmd::Delete { name } => return repo_delete(a, &name).await,
+    };
     let p = Pattern::parse(&pattern)?;
     let public = matches!(visibility, Visibility::Public);
     let word = if public { "public" } else { "private" };
@@ -428,6 +439,74 @@ pub async fn repo(a: Admin, cmd: RepoCmd) -> anyhow::Result<()> {
     let set = a.meta.visibility_set(&p.to_string(), public).await;
     a.failed("repo.visibility", set.map_err(Into::into)).await?;
     eprintln!("{p} is now {word}");
+    Ok(())
+}
+
+async fn repo_delete(a: Admin, name: &str) -> anyhow::Result<()> {
+    let repo = wharf::oci::RepoName::parse(name)
+        .map_err(|e| anyhow::anyhow!("{name:?} is not a repository name: {e}"))?;
+    let by = wharf::store::Who {
+        actor: Some(a.actor.clone()),
+        ..Default::default()
+    };
+    match a.store.repository_delete(&repo, &by).await {
+        Ok(d) => {
+            eprintln!(
+                "deleted {repo}: {} tags, {} manifests, {} blob links; `wharf gc` frees the bytes no other repository holds (after the GC delay for links still in use elsewhere)",
+                d.tags, d.manifests, d.links
+            );
+            Ok(())
+        }
+        Err(wharf::store::StoreError::NameUnknown) => bail!("no repository {repo}"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GcArgs {
+    /// Change nothing: report what a pass would remove.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON, with every item removed.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs one garbage collection pass on the data directory, server running or not.
+pub async fn gc(a: Admin, args: GcArgs) -> anyhow::Result<()> {
+    let report = a.store.gc(args.dry_run, &a.actor).await?;
+    if args.json {
+        out!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    out!(
+        "{verb} {} blobs ({}, {} bytes; {} files without metadata), {} blob links, {} manifests, {} uploads, {} repositories in {} ms",
+        report.blobs,
+        super::ci::human(report.bytes),
+        report.bytes,
+        report.orphan_files,
+        report.links,
+        report.manifests,
+        report.uploads,
+        report.repositories,
+        report.duration_ms
+    );
+    if report.dry_run {
+        for b in &report.removed.blobs {
+            out!("blob      {}  {}", b.digest, b.size);
+        }
+        for l in &report.removed.links {
+            out!("link      {}@{}", l.repository, l.digest);
+        }
+        for m in &report.removed.manifests {
+            out!("manifest  {}@{}  ({})", m.repository, m.digest, m.reason);
+        }
+    }
     Ok(())
 }
 

@@ -355,7 +355,7 @@ fn connect(args: &RegistryArgs, refs: &[&ImageRef], scopes: Vec<String>) -> anyh
     Ok(client)
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = bytes as f64;
     let mut u = 0;

@@ -66,6 +66,9 @@ enum Command {
     Grant(admin::GrantArgs),
     /// Show the audit log: logins, token and permission changes, pushes, deletes.
     Audit(admin::AuditArgs),
+    /// Garbage collection: remove now what nothing references (blobs, links, orphaned
+    /// referrers, expired uploads, empty repositories), server running or not.
+    Gc(admin::GcArgs),
 }
 
 /// Where the data directory is, for the admin commands.
@@ -77,12 +80,17 @@ pub struct DataArgs {
     /// TOML configuration file
     #[arg(long, env = "WHARF_CONFIG", value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    /// Garbage collection keeps what became unreferenced less than this long ago (24h,
+    /// 30m, 0s) [default: 24h]
+    #[arg(long, env = "WHARF_GC_DELAY", value_name = "DURATION", global = true, value_parser = wharf::time::parse_duration)]
+    gc_delay: Option<std::time::Duration>,
 }
 
 impl DataArgs {
     fn resolve(&self) -> anyhow::Result<Config> {
         let o = Overrides {
             data: self.data.clone(),
+            gc_delay: self.gc_delay,
             ..Overrides::default()
         };
         Ok(Config::resolve(o, self.config.as_deref())?)
@@ -149,6 +157,7 @@ pub fn main() -> ExitCode {
         Command::Policy(c) => admin::run(&cli.data, |a| Box::pin(admin::policy(a, c))),
         Command::Grant(c) => admin::run(&cli.data, |a| Box::pin(admin::grant(a, c))),
         Command::Audit(c) => admin::run(&cli.data, |a| Box::pin(admin::audit(a, c))),
+        Command::Gc(c) => admin::run(&cli.data, |a| Box::pin(admin::gc(a, c))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,6 +178,7 @@ fn serve(args: ServeArgs, data: DataArgs) -> anyhow::Result<()> {
         tls_key: args.tls_key,
         access_log: args.access_log,
         access_log_format: args.access_log_format,
+        gc_delay: data.gc_delay,
         admin_password: std::env::var("WHARF_ADMIN_PASSWORD")
             .ok()
             .filter(|p| !p.is_empty())

@@ -8,6 +8,7 @@
 //! it); and upload progress lives in the metadata database, not in process memory.
 
 pub mod blob;
+pub mod gc;
 pub mod meta;
 pub mod perms;
 pub mod policy;
@@ -110,6 +111,9 @@ impl From<MetaError> for StoreError {
                 "descriptor of {digest} gives size {declared} but the content is {actual} bytes"
             ))),
             MetaError::Busy => StoreError::Busy,
+            MetaError::Collecting(d) => StoreError::Overloaded(format!(
+                "blob {d} is being garbage collected; retry in a moment"
+            )),
             MetaError::Limit(why) => StoreError::Overloaded(why),
             MetaError::Full => StoreError::StorageFull,
             MetaError::InUse {
@@ -207,6 +211,12 @@ struct UploadState {
 
 type UploadSlot = Arc<tokio::sync::Mutex<UploadState>>;
 
+/// An upload not written to for this long is removed.
+pub const UPLOAD_MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// A monolithic upload (`POST ?digest=`) cannot be resumed by any client: one not
+/// written to for this long was cut off and is removed.
+pub const MONOLITHIC_MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Uploads writing at once, at most, by default (`[limits] max_uploads`).
 pub const DEFAULT_MAX_UPLOADS: usize = 256;
 
@@ -220,6 +230,7 @@ pub struct Store {
     max_uploads: usize,
     /// Uploads being re-read to verify their digest, at most one per core.
     rehashing: tokio::sync::Semaphore,
+    gc: gc::GcSettings,
 }
 
 impl Store {
@@ -232,7 +243,18 @@ impl Store {
             writing: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_UPLOADS)),
             max_uploads: DEFAULT_MAX_UPLOADS,
             rehashing: tokio::sync::Semaphore::new(crate::auth::parallelism()),
+            gc: gc::GcSettings::default(),
         }
+    }
+
+    /// Garbage collection's delay and whether referrers go with their subject.
+    pub fn with_gc(mut self, settings: gc::GcSettings) -> Store {
+        self.gc = settings;
+        self
+    }
+
+    pub fn gc_settings(&self) -> &gc::GcSettings {
+        &self.gc
     }
 
     /// At most `n` upload requests write at once; past it they are refused with
@@ -322,12 +344,23 @@ impl Store {
 
     // ---- blobs ----
 
-    /// The size of `digest` if `repo` may serve it.
+    /// The size of `digest` if `repo` may serve it. A link not used for half the GC
+    /// delay is marked used, so that a client that saw it (a HEAD before pushing the
+    /// manifest that references it) has a whole delay before the collector may take it.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, StoreError> {
-        self.meta
-            .linked_blob(repo.as_str(), digest.as_str())
+        let link = self
+            .meta
+            .link(repo.as_str(), digest.as_str())
             .await?
-            .ok_or(StoreError::BlobUnknown)
+            .ok_or(StoreError::BlobUnknown)?;
+        let delay = i64::try_from(self.gc.delay.as_millis()).unwrap_or(i64::MAX);
+        if delay > 0
+            && link.touched_at < meta::now_ms().saturating_sub(delay / 2)
+            && !self.meta.touch_link(repo.as_str(), digest.as_str()).await?
+        {
+            return Err(StoreError::BlobUnknown);
+        }
+        Ok(link.size)
     }
 
     pub async fn blob_read(
@@ -554,7 +587,7 @@ impl Store {
                     computed: computed.to_string(),
                 });
             }
-            self.meta.upload_verified(id, digest.as_str()).await?;
+            self.claim(id, digest).await?;
             self.blobs.upload_commit(id, size, digest).await?;
         }
         self.meta
@@ -582,6 +615,23 @@ impl Store {
         max_idle: std::time::Duration,
         monolithic_idle: std::time::Duration,
     ) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for id in self.uploads_idle(max_idle, monolithic_idle).await? {
+            if self.expire_upload(&id).await? {
+                removed += 1;
+            }
+        }
+        self.sweep_upload_data().await?;
+        Ok(removed)
+    }
+
+    /// Uploads idle for longer than `max_idle`, and monolithic ones idle for longer than
+    /// `monolithic_idle`.
+    async fn uploads_idle(
+        &self,
+        max_idle: std::time::Duration,
+        monolithic_idle: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -599,17 +649,29 @@ impl Store {
         );
         idle.sort();
         idle.dedup();
-        let mut removed = 0;
-        for id in idle {
-            let slot = self.slot(&id);
-            let Ok(_state) = slot.try_lock() else {
-                continue; // a request is writing to it right now
-            };
-            self.meta.upload_delete(&id).await?;
-            self.blobs.upload_delete(&id).await?;
-            self.forget(&id);
-            removed += 1;
-        }
+        Ok(idle)
+    }
+
+    /// Uploads past their idle limits ([`UPLOAD_MAX_IDLE`], [`MONOLITHIC_MAX_IDLE`]).
+    pub(crate) async fn expired_uploads(&self) -> Result<Vec<String>, StoreError> {
+        self.uploads_idle(UPLOAD_MAX_IDLE, MONOLITHIC_MAX_IDLE)
+            .await
+    }
+
+    /// Removes upload `id` unless a request is writing to it right now.
+    pub(crate) async fn expire_upload(&self, id: &str) -> Result<bool, StoreError> {
+        let slot = self.slot(id);
+        let Ok(_state) = slot.try_lock() else {
+            return Ok(false);
+        };
+        self.meta.upload_delete(id).await?;
+        self.blobs.upload_delete(id).await?;
+        self.forget(id);
+        Ok(true)
+    }
+
+    /// Removes upload data that no open upload owns.
+    pub(crate) async fn sweep_upload_data(&self) -> Result<(), StoreError> {
         for id in self.blobs.upload_ids().await? {
             if self.meta.upload_get(&id).await?.is_none() {
                 let slot = self.slot(&id);
@@ -623,7 +685,7 @@ impl Store {
                 self.forget(&id);
             }
         }
-        Ok(removed)
+        Ok(())
     }
 
     /// A whole blob in one request (`POST ?digest=`).
@@ -747,7 +809,7 @@ impl Store {
             Reference::Tag(t) => self.meta.tag_delete(repo.as_str(), t, by).await?,
             Reference::Digest(d) => {
                 self.meta
-                    .manifest_delete(repo.as_str(), d.as_str(), by)
+                    .manifest_delete(repo.as_str(), d.as_str(), by, self.gc.delete_referrers)
                     .await?
             }
         };

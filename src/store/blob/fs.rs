@@ -297,6 +297,49 @@ impl BlobStore for FsBlobStore {
             _ => Ok(()),
         }
     }
+
+    async fn list(&self) -> Result<Vec<(Digest, u64)>, BlobError> {
+        let root = self.root.join("blobs");
+        Ok(blocking(move || {
+            let mut out = Vec::new();
+            let missing = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+            for algo in std::fs::read_dir(&root)? {
+                let algo = algo?;
+                let Some(a) = algo.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                for prefix in std::fs::read_dir(algo.path())? {
+                    let prefix = prefix?;
+                    let files = match std::fs::read_dir(prefix.path()) {
+                        Ok(f) => f,
+                        Err(e) if missing(&e) || e.kind() == io::ErrorKind::NotADirectory => {
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    for f in files {
+                        let f = f?;
+                        // Names that are not digests (the `.empty.*` files being made)
+                        // are not blobs.
+                        let Some(d) = f
+                            .file_name()
+                            .to_str()
+                            .and_then(|hex| format!("{a}:{hex}").parse::<Digest>().ok())
+                        else {
+                            continue;
+                        };
+                        match f.metadata() {
+                            Ok(m) => out.push((d, m.len())),
+                            Err(e) if missing(&e) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await?)
+    }
 }
 
 #[cfg(test)]

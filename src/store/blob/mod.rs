@@ -92,6 +92,10 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Removes blob `digest`; no error if it does not exist.
     async fn delete(&self, digest: &Digest) -> Result<(), BlobError>;
+
+    /// Every blob the backend holds, with its size: garbage collection compares them with
+    /// the metadata to find bytes no row accounts for (left by a crash).
+    async fn list(&self) -> Result<Vec<(Digest, u64)>, BlobError>;
 }
 
 #[cfg(test)]
@@ -259,8 +263,19 @@ pub(crate) mod tests {
             Err(BlobError::Body(_))
         ));
 
+        // The listing holds every blob with its size, and nothing else.
+        let mut listed = store.list().await.unwrap();
+        listed.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut want = vec![(digest.clone(), 12), (d2.clone(), 3), (empty.clone(), 0)];
+        want.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        assert_eq!(listed, want);
+
         store.delete(&digest).await.unwrap();
         store.delete(&digest).await.unwrap();
         assert_eq!(store.stat(&digest).await.unwrap(), None);
+        want.retain(|(d, _)| *d != digest);
+        let mut listed = store.list().await.unwrap();
+        listed.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        assert_eq!(listed, want);
     }
 }

@@ -7,6 +7,7 @@ pub mod events;
 mod sqlite;
 mod sqlite_auth;
 mod sqlite_events;
+mod sqlite_gc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -48,6 +49,10 @@ pub enum MetaError {
     },
     #[error("the metadata database is busy")]
     Busy,
+    /// Garbage collection is deleting this blob's bytes; an upload of it waits until they
+    /// are gone, then stores them again.
+    #[error("blob {0} is being garbage collected")]
+    Collecting(String),
     /// A bound on what may be open at once (uploads of a repository) was reached.
     #[error("{0}")]
     Limit(String),
@@ -156,10 +161,89 @@ pub struct UploadRow {
     pub digest: Option<String>,
 }
 
+/// A repository's link to a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    pub size: u64,
+    /// When the link was last made or used (unix milliseconds).
+    pub touched_at: i64,
+}
+
+/// A link garbage collection removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GcLink {
+    pub repository: String,
+    pub digest: String,
+    pub size: i64,
+}
+
+/// A blob garbage collection deletes (or would delete), with its size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GcBlob {
+    pub digest: String,
+    pub size: i64,
+}
+
+/// A manifest garbage collection deleted (or would delete).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GcManifest {
+    pub repository: String,
+    pub digest: String,
+    pub size: i64,
+    /// Why: `orphan referrer` (its subject is gone).
+    pub reason: String,
+}
+
+/// What one pass removes, before it does: the dry run's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcPreview {
+    pub links: Vec<GcLink>,
+    /// Blobs left with no link, no reference and no upload claiming them once `links`
+    /// are gone.
+    pub blobs: Vec<GcBlob>,
+    pub manifests: Vec<GcManifest>,
+}
+
+/// One recorded pass of the collector.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcRun {
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub dry_run: bool,
+    /// `server` or `cli:<user>`.
+    pub by: String,
+    pub links: u64,
+    pub blobs: u64,
+    pub bytes: u64,
+    pub manifests: u64,
+    pub uploads: u64,
+    pub repositories: u64,
+    pub error: Option<String>,
+}
+
+/// What `repository_delete` removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepoDeleted {
+    pub tags: u64,
+    pub manifests: u64,
+    pub links: u64,
+}
+
+/// Rows a garbage collection step handles per transaction, so that pushes and pulls
+/// interleave with a long pass.
+pub const GC_BATCH: u32 = 500;
+
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
+    /// `repo`'s link to the blob, if it has one.
+    async fn link(&self, repo: &str, digest: &str) -> Result<Option<Link>, MetaError>;
     /// The blob's size if `repo` links it.
-    async fn linked_blob(&self, repo: &str, digest: &str) -> Result<Option<u64>, MetaError>;
+    async fn linked_blob(&self, repo: &str, digest: &str) -> Result<Option<u64>, MetaError> {
+        Ok(self.link(repo, digest).await?.map(|l| l.size))
+    }
+    /// Marks `repo`'s link to the blob used now (so garbage collection leaves it for
+    /// another `gc_delay`); false if there is no such link any more.
+    async fn touch_link(&self, repo: &str, digest: &str) -> Result<bool, MetaError>;
     /// Links `digest` into `repo` if `from` links it; returns its size, or None. A mount
     /// reads across repositories, so it is audited (in its transaction).
     async fn mount_blob(
@@ -178,7 +262,9 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn upload_create(&self, id: &str, repo: &str, monolithic: bool) -> Result<(), MetaError>;
     async fn upload_get(&self, id: &str) -> Result<Option<UploadRow>, MetaError>;
     async fn upload_set_size(&self, id: &str, size: u64) -> Result<(), MetaError>;
-    /// Records that the upload's bytes have `digest`, before they become that blob.
+    /// Records that the upload's bytes have `digest`, before they become that blob: the
+    /// upload's claim on the digest, which garbage collection respects. Refused with
+    /// `Collecting` while the collector is deleting that blob's bytes.
     async fn upload_verified(&self, id: &str, digest: &str) -> Result<(), MetaError>;
     async fn upload_delete(&self, id: &str) -> Result<bool, MetaError>;
     /// Ids of uploads last written before `before_ms` (unix milliseconds); only the
@@ -212,8 +298,55 @@ pub trait MetaStore: Send + Sync + 'static {
         tag: &str,
     ) -> Result<Option<ManifestRecord>, MetaError>;
     /// Deletes a manifest and every tag on it; false if it was not there. Refused with
-    /// `InUse` if an index reachable from another tag references it.
-    async fn manifest_delete(&self, repo: &str, digest: &str, by: &Who) -> Result<bool, MetaError>;
+    /// `InUse` if an index reachable from another tag references it. With `referrers`,
+    /// its untagged referrers (manifests whose `subject` it is, and theirs) go with it.
+    async fn manifest_delete(
+        &self,
+        repo: &str,
+        digest: &str,
+        by: &Who,
+        referrers: bool,
+    ) -> Result<bool, MetaError>;
+    /// Deletes every tag, manifest and blob link of `repo`, and the repository; None if
+    /// it does not exist. Refused with `Immutable` if a policy protects one of its tags.
+    async fn repository_delete(
+        &self,
+        repo: &str,
+        by: &Who,
+    ) -> Result<Option<RepoDeleted>, MetaError>;
+
+    // ---- garbage collection (ARCHITECTURE.md, "Garbage collection") ----
+
+    /// What a pass with links touched before `cutoff_ms` would remove.
+    async fn gc_preview(&self, cutoff_ms: i64, referrers: bool) -> Result<GcPreview, MetaError>;
+    /// Removes up to `limit` links touched before `cutoff_ms` that no manifest of their
+    /// repository references.
+    async fn gc_sweep_links(&self, cutoff_ms: i64, limit: u32) -> Result<Vec<GcLink>, MetaError>;
+    /// Deletes up to `limit` untagged manifests created before `cutoff_ms` whose subject
+    /// is not in their repository (and that no tag needs).
+    async fn gc_sweep_orphan_referrers(
+        &self,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GcManifest>, MetaError>;
+    /// Marks up to `limit` blobs that no repository links, no manifest references and no
+    /// upload claims as being deleted, and returns them. From then on nothing can link
+    /// or claim them until [`MetaStore::gc_forget`] removes their rows.
+    async fn gc_mark_blobs(&self, limit: u32) -> Result<Vec<GcBlob>, MetaError>;
+    /// Of blobs the backend holds (`found`), those with no row: with `mark`, a row
+    /// marked as being deleted is made for each one no upload claims, and those are
+    /// returned; without, those that would be.
+    async fn gc_orphans(&self, found: Vec<GcBlob>, mark: bool) -> Result<Vec<GcBlob>, MetaError>;
+    /// Blobs marked as being deleted (by this pass, or one a crash cut short).
+    async fn gc_marked(&self) -> Result<Vec<GcBlob>, MetaError>;
+    /// Removes the rows of marked blobs whose bytes are gone.
+    async fn gc_forget(&self, digests: Vec<String>) -> Result<(), MetaError>;
+    /// Removes repositories with no tag, manifest, link or open upload (or, with
+    /// `dry_run`, lists them).
+    async fn gc_sweep_repositories(&self, dry_run: bool) -> Result<Vec<String>, MetaError>;
+    async fn gc_record(&self, run: &GcRun) -> Result<(), MetaError>;
+    /// The last `limit` passes, newest first.
+    async fn gc_runs(&self, limit: u32) -> Result<Vec<GcRun>, MetaError>;
     async fn tag_delete(&self, repo: &str, tag: &str, by: &Who) -> Result<bool, MetaError>;
 
     /// Up to `limit` tags after `last`, sorted; None if the repository does not exist.
@@ -382,6 +515,11 @@ pub(crate) mod tests {
         assert_eq!(r[0].artifact_type.as_deref(), Some("application/example"));
         assert!(m.referrers("other", &d(9)).await.unwrap().is_empty());
 
+        // The catalog lists repositories holding a manifest.
+        assert_eq!(m.repositories(None, 10).await.unwrap(), vec!["team/api"]);
+        m.manifest_put("other", manifest(d(77), vec![(d(1), 10)], &[]))
+            .await
+            .unwrap();
         // Tags: sorted, paginated.
         assert_eq!(
             m.tags("team/api", None, 10).await.unwrap().unwrap(),
@@ -459,7 +597,9 @@ pub(crate) mod tests {
         );
         // Nothing a tag needs can go: d(9) is a child of the index tagged `multi`, and
         // blob d(1) is a layer of d(9).
-        let e = m.manifest_delete("team/api", &d(9), &Who::default()).await;
+        let e = m
+            .manifest_delete("team/api", &d(9), &Who::default(), true)
+            .await;
         assert!(
             matches!(&e, Err(MetaError::InUse { tag, manifest, .. }) if tag == "multi" && *manifest == d(10)),
             "{e:?}"
@@ -477,7 +617,7 @@ pub(crate) mod tests {
         );
         // The manifest's own tags go with it.
         assert!(
-            m.manifest_delete("team/api", &d(9), &Who::default())
+            m.manifest_delete("team/api", &d(9), &Who::default(), true)
                 .await
                 .unwrap()
         );
@@ -488,7 +628,7 @@ pub(crate) mod tests {
                 .is_none()
         );
         assert!(
-            !m.manifest_delete("team/api", &d(9), &Who::default())
+            !m.manifest_delete("team/api", &d(9), &Who::default(), true)
                 .await
                 .unwrap()
         );
@@ -592,7 +732,8 @@ pub(crate) mod tests {
             Err(MetaError::Immutable { .. })
         ));
         assert!(matches!(
-            m.manifest_delete("pol/app", &d(20), &Who::default()).await,
+            m.manifest_delete("pol/app", &d(20), &Who::default(), true)
+                .await,
             Err(MetaError::Immutable { .. })
         ));
         assert!(
@@ -642,5 +783,287 @@ pub(crate) mod tests {
         let first = &all[0];
         assert_eq!(first.actor.as_deref(), Some("tester"));
         assert_eq!(m.events_after(first.id, 1).await.unwrap()[0].id, all[1].id);
+    }
+
+    async fn blob_in(m: &dyn MetaStore, repo: &str, digest: &str, size: u64) {
+        let id = format!("up-{repo}-{digest}");
+        m.upload_create(&id, repo, false).await.unwrap();
+        m.upload_verified(&id, digest).await.unwrap();
+        m.upload_complete(&id, repo, digest, size).await.unwrap();
+    }
+
+    fn digests<T>(v: &[T], f: impl Fn(&T) -> String) -> Vec<String> {
+        let mut out: Vec<String> = v.iter().map(f).collect();
+        out.sort();
+        out
+    }
+
+    /// Garbage collection, repository deletes and referrers: every backend passes it.
+    pub(crate) async fn gc_suite(m: &dyn MetaStore) {
+        let later = now_ms() + 60_000; // every link counts as unused for the delay
+        let earlier = now_ms() - 3_600_000; // none does
+        blob_in(m, "gc/a", &d(1), 10).await;
+        blob_in(m, "gc/a", &d(2), 20).await;
+        m.manifest_put("gc/a", manifest(d(50), vec![(d(1), 10)], &["t"]))
+            .await
+            .unwrap();
+
+        // Links used within the delay stay; of the rest, only the unreferenced go.
+        assert!(m.gc_sweep_links(earlier, 100).await.unwrap().is_empty());
+        let preview = m.gc_preview(later, true).await.unwrap();
+        let swept = m.gc_sweep_links(later, 100).await.unwrap();
+        assert_eq!(
+            swept,
+            vec![GcLink {
+                repository: "gc/a".into(),
+                digest: d(2),
+                size: 20
+            }]
+        );
+        assert_eq!(
+            preview.links, swept,
+            "the dry run lists what the pass removes"
+        );
+        assert_eq!(m.linked_blob("gc/a", &d(2)).await.unwrap(), None);
+        assert!(m.link("gc/a", &d(1)).await.unwrap().is_some());
+
+        // A blob nothing links, references or claims is marked; from then on no upload
+        // can claim it and no mount can link it until its row is forgotten.
+        let marked = m.gc_mark_blobs(100).await.unwrap();
+        assert_eq!(
+            marked,
+            vec![GcBlob {
+                digest: d(2),
+                size: 20
+            }]
+        );
+        assert_eq!(
+            preview.blobs, marked,
+            "the dry run lists what the pass removes"
+        );
+        assert!(m.gc_mark_blobs(100).await.unwrap().is_empty());
+        m.upload_create("claim2", "gc/b", false).await.unwrap();
+        assert!(matches!(
+            m.upload_verified("claim2", &d(2)).await,
+            Err(MetaError::Collecting(ref x)) if *x == d(2)
+        ));
+        assert_eq!(
+            m.mount_blob("gc/b", "gc/a", &d(2), &Who::default())
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(m.gc_marked().await.unwrap(), marked);
+        m.gc_forget(vec![d(2)]).await.unwrap();
+        assert!(m.gc_marked().await.unwrap().is_empty());
+        // Once the bytes are gone the upload claims the digest and stores it again.
+        m.upload_verified("claim2", &d(2)).await.unwrap();
+        m.upload_complete("claim2", "gc/b", &d(2), 20)
+            .await
+            .unwrap();
+        assert_eq!(m.linked_blob("gc/b", &d(2)).await.unwrap(), Some(20));
+
+        // A digest an upload has claimed is never marked, even with no link.
+        assert!(m.unlink_blob("gc/b", &d(2), &Who::default()).await.unwrap());
+        m.upload_create("claim2b", "gc/c", false).await.unwrap();
+        m.upload_verified("claim2b", &d(2)).await.unwrap();
+        assert!(m.gc_mark_blobs(100).await.unwrap().is_empty());
+        m.upload_complete("claim2b", "gc/c", &d(2), 20)
+            .await
+            .unwrap();
+
+        // Touching a link keeps it; a link that is gone cannot be touched.
+        assert!(m.touch_link("gc/c", &d(2)).await.unwrap());
+        assert!(!m.touch_link("gc/c", &d(3)).await.unwrap());
+
+        // Bytes with no row: listed, then marked, unless an upload claims them.
+        let found = vec![
+            GcBlob {
+                digest: d(3),
+                size: 3,
+            },
+            GcBlob {
+                digest: d(1),
+                size: 10,
+            },
+            GcBlob {
+                digest: d(4),
+                size: 4,
+            },
+        ];
+        m.upload_create("claim4", "gc/c", false).await.unwrap();
+        m.upload_verified("claim4", &d(4)).await.unwrap();
+        let orphans = m.gc_orphans(found.clone(), false).await.unwrap();
+        assert_eq!(digests(&orphans, |b| b.digest.clone()), vec![d(3)]);
+        assert!(
+            m.gc_marked().await.unwrap().is_empty(),
+            "a look changes nothing"
+        );
+        assert_eq!(m.gc_orphans(found, true).await.unwrap(), orphans);
+        assert!(matches!(
+            m.upload_verified("claim4", &d(3)).await,
+            Err(MetaError::Collecting(_))
+        ));
+        m.gc_forget(vec![d(3)]).await.unwrap();
+        m.upload_delete("claim4").await.unwrap();
+
+        // Referrers go with their subject when asked, unless tagged; a tagged one left
+        // orphaned is collected once its tag goes.
+        blob_in(m, "gc/r", &d(5), 5).await;
+        m.manifest_put("gc/r", manifest(d(60), vec![(d(5), 5)], &[]))
+            .await
+            .unwrap();
+        for (n, tags) in [(61u8, vec![]), (62, vec!["sig"])] {
+            let mut r = manifest(d(n), vec![(d(5), 5)], &tags);
+            r.subject = Some(d(60));
+            m.manifest_put("gc/r", r).await.unwrap();
+        }
+        let mut rr = manifest(d(63), vec![(d(5), 5)], &[]);
+        rr.subject = Some(d(61)); // a referrer of a referrer
+        m.manifest_put("gc/r", rr).await.unwrap();
+        assert!(
+            m.manifest_delete("gc/r", &d(60), &Who::default(), true)
+                .await
+                .unwrap()
+        );
+        assert!(
+            m.manifest_by_digest("gc/r", &d(61))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            m.manifest_by_digest("gc/r", &d(63))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            m.manifest_by_digest("gc/r", &d(62))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            m.gc_sweep_orphan_referrers(later, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(m.tag_delete("gc/r", "sig", &Who::default()).await.unwrap());
+        assert!(
+            m.gc_sweep_orphan_referrers(earlier, 100)
+                .await
+                .unwrap()
+                .is_empty(),
+            "an orphan younger than the delay stays (its subject may be on its way)"
+        );
+        let p = m.gc_preview(later, true).await.unwrap();
+        let swept = m.gc_sweep_orphan_referrers(later, 100).await.unwrap();
+        assert_eq!(digests(&swept, |x| x.digest.clone()), vec![d(62)]);
+        assert_eq!(p.manifests, swept);
+        // Without `referrers`, a deleted subject's referrers stay.
+        m.manifest_put("gc/r", manifest(d(64), vec![(d(5), 5)], &[]))
+            .await
+            .unwrap();
+        let mut r = manifest(d(65), vec![(d(5), 5)], &[]);
+        r.subject = Some(d(64));
+        m.manifest_put("gc/r", r).await.unwrap();
+        assert!(
+            m.manifest_delete("gc/r", &d(64), &Who::default(), false)
+                .await
+                .unwrap()
+        );
+        assert!(
+            m.manifest_by_digest("gc/r", &d(65))
+                .await
+                .unwrap()
+                .is_some()
+        );
+
+        // Deleting a repository takes its tags, manifests and links, and it leaves the
+        // catalog; a policy on one of its tags refuses it.
+        assert!(
+            m.repositories(None, 100)
+                .await
+                .unwrap()
+                .contains(&"gc/a".to_owned())
+        );
+        let done = m
+            .repository_delete("gc/a", &Who::default())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((done.tags, done.manifests, done.links), (1, 1, 1));
+        assert_eq!(m.tags("gc/a", None, 10).await.unwrap(), None);
+        assert!(
+            !m.repositories(None, 100)
+                .await
+                .unwrap()
+                .contains(&"gc/a".to_owned())
+        );
+        assert!(
+            m.repository_delete("gc/a", &Who::default())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        blob_in(m, "gc/p", &d(6), 6).await;
+        m.manifest_put("gc/p", manifest(d(66), vec![(d(6), 6)], &["v1"]))
+            .await
+            .unwrap();
+        let id = m
+            .policy_add("gc/p", &["v*".to_owned()], None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            m.repository_delete("gc/p", &Who::default()).await,
+            Err(MetaError::Immutable { .. })
+        ));
+        assert!(m.manifest_by_tag("gc/p", "v1").await.unwrap().is_some());
+        m.policy_remove(id).await.unwrap();
+
+        // A repository with links but no manifest is not in the catalog; one with
+        // nothing at all is removed by the sweep (a dry run only lists it).
+        assert!(
+            !m.repositories(None, 100)
+                .await
+                .unwrap()
+                .contains(&"gc/c".to_owned())
+        );
+        assert!(m.unlink_blob("gc/c", &d(2), &Who::default()).await.unwrap());
+        let empty = m.gc_sweep_repositories(true).await.unwrap();
+        assert!(empty.contains(&"gc/c".to_owned()), "{empty:?}");
+        assert_eq!(m.gc_sweep_repositories(false).await.unwrap(), empty);
+        assert!(m.gc_sweep_repositories(true).await.unwrap().is_empty());
+
+        // In the end everything unreferenced goes, and everything referenced stays.
+        m.gc_sweep_links(later, 1000).await.unwrap();
+        while !m.gc_mark_blobs(1).await.unwrap().is_empty() {}
+        let left = digests(&m.gc_marked().await.unwrap(), |b| b.digest.clone());
+        assert!(left.contains(&d(1)) && left.contains(&d(2)), "{left:?}");
+        assert!(!left.contains(&d(5)) && !left.contains(&d(6)), "{left:?}");
+        m.gc_forget(left).await.unwrap();
+
+        // Passes are recorded, newest first.
+        let run = GcRun {
+            started_at: 1,
+            finished_at: 2,
+            by: "tester".into(),
+            blobs: 3,
+            bytes: 30,
+            ..GcRun::default()
+        };
+        m.gc_record(&run).await.unwrap();
+        m.gc_record(&GcRun {
+            dry_run: true,
+            ..run.clone()
+        })
+        .await
+        .unwrap();
+        let runs = m.gc_runs(10).await.unwrap();
+        assert_eq!(runs.len(), 2);
+        assert!(runs[0].dry_run && !runs[1].dry_run);
+        assert_eq!(runs[1], run);
     }
 }

@@ -8,9 +8,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
+use super::sqlite_gc as gc;
 use super::{
-    EventRecord, ManifestRecord, MetaError, MetaStore, NewManifest, Referrer, TagOrder, TagRow,
-    UploadRow, Who,
+    EventRecord, GcBlob, GcLink, GcManifest, GcPreview, GcRun, Link, ManifestRecord, MetaError,
+    MetaStore, NewManifest, Referrer, RepoDeleted, TagOrder, TagRow, UploadRow, Who,
 };
 use crate::oci::keyset::KeySet;
 use crate::store::policy::TagPolicy;
@@ -22,8 +23,12 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0003_policies.sql"),
     include_str!("../../../migrations/sqlite/0004_events.sql"),
     include_str!("../../../migrations/sqlite/0005_hardening.sql"),
+    include_str!("../../../migrations/sqlite/0006_gc.sql"),
 ];
 const READERS: usize = 8;
+/// The catalog lists a repository only while it holds a manifest: one emptied by deletes
+/// leaves it at once (garbage collection removes its row later).
+const LISTED: &str = "EXISTS (SELECT 1 FROM manifests m WHERE m.repository = repositories.name)";
 /// A listing of at most this many rows (a page of tags or repositories as clients ask
 /// for them) reads in tens of microseconds, like a point read, so it runs on the calling
 /// thread; a larger one goes to the blocking pool.
@@ -172,6 +177,16 @@ impl SqliteMeta {
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
     {
+        self.transaction(true, f).await
+    }
+
+    /// Runs `f` in a write transaction and commits it if `commit`, else rolls it back
+    /// (what a change would do, without doing it).
+    async fn transaction<T, F>(&self, commit: bool, f: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
+    {
         // Held by the task, so a caller that goes away does not let the next writer in
         // while this one still runs.
         let turn = Arc::clone(&self.turn).lock_owned().await;
@@ -181,7 +196,11 @@ impl SqliteMeta {
             let mut conn = writer.lock().expect("writer lock");
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
-            tx.commit()?;
+            if commit {
+                tx.commit()?;
+            } else {
+                tx.rollback()?;
+            }
             Ok(out)
         })
         .await
@@ -224,8 +243,8 @@ fn ensure_repo(tx: &Transaction<'_>, repo: &str, now: i64) -> Result<(), MetaErr
 fn link(tx: &Transaction<'_>, repo: &str, digest: &str, now: i64) -> Result<(), MetaError> {
     ensure_repo(tx, repo, now)?;
     tx.execute(
-        "INSERT INTO repository_blobs (repository, digest, created_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT (repository, digest) DO NOTHING",
+        "INSERT INTO repository_blobs (repository, digest, created_at, touched_at) VALUES (?1, ?2, ?3, ?3)
+         ON CONFLICT (repository, digest) DO UPDATE SET touched_at = excluded.touched_at",
         params![repo, digest, now],
     )?;
     Ok(())
@@ -301,18 +320,18 @@ pub(super) fn event_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Ev
 }
 
 /// An event to record in the outbox.
-struct Event<'a> {
-    action: &'a str,
-    repository: &'a str,
-    tag: Option<&'a str>,
-    digest: &'a str,
-    media_type: Option<&'a str>,
-    size: Option<i64>,
-    actor: Option<&'a str>,
-    at: i64,
+pub(super) struct Event<'a> {
+    pub action: &'a str,
+    pub repository: &'a str,
+    pub tag: Option<&'a str>,
+    pub digest: &'a str,
+    pub media_type: Option<&'a str>,
+    pub size: Option<i64>,
+    pub actor: Option<&'a str>,
+    pub at: i64,
 }
 
-fn record_event(tx: &Transaction<'_>, e: &Event<'_>) -> Result<(), MetaError> {
+pub(super) fn record_event(tx: &Transaction<'_>, e: &Event<'_>) -> Result<(), MetaError> {
     tx.prepare_cached(
         "INSERT INTO events (uuid, at, action, repository, tag, digest, media_type, size, actor)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -332,7 +351,7 @@ fn record_event(tx: &Transaction<'_>, e: &Event<'_>) -> Result<(), MetaError> {
 }
 
 /// The audit row of a change, in the change's transaction.
-fn audit_row(
+pub(super) fn audit_row(
     tx: &Transaction<'_>,
     action: &str,
     repo: &str,
@@ -359,7 +378,7 @@ fn audit_row(
 /// A tag of `repo` that needs `digest`: one on a manifest that references it, directly
 /// or through indexes (found by walking the references upwards from `digest`). Returns
 /// the tag and the tagged manifest.
-fn needed_by(
+pub(super) fn needed_by(
     conn: &Connection,
     repo: &str,
     digest: &str,
@@ -409,7 +428,7 @@ fn tag_digest(conn: &Connection, repo: &str, tag: &str) -> Result<Option<String>
         .optional()?)
 }
 
-fn load_policies(conn: &Connection) -> Result<Vec<TagPolicy>, MetaError> {
+pub(super) fn load_policies(conn: &Connection) -> Result<Vec<TagPolicy>, MetaError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, repositories, tags, created_at, created_by FROM tag_policies ORDER BY id",
     )?;
@@ -431,7 +450,7 @@ fn load_policies(conn: &Connection) -> Result<Vec<TagPolicy>, MetaError> {
 
 /// Refuses to change `tag` of `repo` if it exists, an immutability policy covers it, and
 /// the change is not a no-op (`keep` is the digest a re-push would leave it at).
-fn check_mutable(
+pub(super) fn check_mutable(
     tx: &Transaction<'_>,
     policies: &[TagPolicy],
     repo: &str,
@@ -457,10 +476,33 @@ fn check_mutable(
 
 #[async_trait]
 impl MetaStore for SqliteMeta {
-    async fn linked_blob(&self, repo: &str, digest: &str) -> Result<Option<u64>, MetaError> {
+    async fn link(&self, repo: &str, digest: &str) -> Result<Option<Link>, MetaError> {
         let (repo, digest) = (repo.to_owned(), digest.to_owned());
-        self.read(move |c| Ok(linked_size(c, &repo, &digest)?.map(to_u64)))
-            .await
+        self.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT b.size, l.touched_at FROM repository_blobs l JOIN blobs b ON b.digest = l.digest
+                 WHERE l.repository = ?1 AND l.digest = ?2",
+            )?
+            .query_row(params![repo, digest], |r| {
+                Ok(Link {
+                    size: to_u64(r.get(0)?),
+                    touched_at: r.get(1)?,
+                })
+            })
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn touch_link(&self, repo: &str, digest: &str) -> Result<bool, MetaError> {
+        let (repo, digest) = (repo.to_owned(), digest.to_owned());
+        self.write(move |tx| {
+            Ok(tx.execute(
+                "UPDATE repository_blobs SET touched_at = ?3 WHERE repository = ?1 AND digest = ?2",
+                params![repo, digest, now_ms()],
+            )? > 0)
+        })
+        .await
     }
 
     async fn mount_blob(
@@ -569,6 +611,9 @@ impl MetaStore for SqliteMeta {
     async fn upload_verified(&self, id: &str, digest: &str) -> Result<(), MetaError> {
         let (id, digest) = (id.to_owned(), digest.to_owned());
         self.write(move |tx| {
+            if gc::being_collected(tx, &digest)? {
+                return Err(MetaError::Collecting(digest));
+            }
             tx.execute(
                 "UPDATE uploads SET digest = ?2, updated_at = ?3 WHERE id = ?1",
                 params![id, digest, now_ms()],
@@ -609,6 +654,11 @@ impl MetaStore for SqliteMeta {
         let (id, repo, digest) = (id.to_owned(), repo.to_owned(), digest.to_owned());
         self.write(move |tx| {
             let now = now_ms();
+            // The upload claimed the digest before its bytes were put in place, and the
+            // collector never marks a claimed digest: this holds by construction.
+            if gc::being_collected(tx, &digest)? {
+                return Err(MetaError::Collecting(digest));
+            }
             tx.execute(
                 "INSERT INTO blobs (digest, size, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (digest) DO NOTHING",
                 params![digest, to_i64(size), now],
@@ -747,7 +797,13 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn manifest_delete(&self, repo: &str, digest: &str, by: &Who) -> Result<bool, MetaError> {
+    async fn manifest_delete(
+        &self,
+        repo: &str,
+        digest: &str,
+        by: &Who,
+        referrers: bool,
+    ) -> Result<bool, MetaError> {
         let (repo, digest, by) = (repo.to_owned(), digest.to_owned(), by.clone());
         self.write(move |tx| {
             let policies = load_policies(tx)?;
@@ -760,39 +816,85 @@ impl MetaStore for SqliteMeta {
                     check_mutable(tx, &policies, &repo, t, None)?;
                 }
             }
-            let media_type: Option<(String, i64)> = tx
-                .query_row(
-                    "SELECT media_type, size FROM manifests WHERE repository = ?1 AND digest = ?2",
-                    params![repo, digest],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let Some((media_type, size)) = media_type else {
+            if manifest_size(tx, &repo, &digest)?.is_none() {
                 return Ok(false);
-            };
+            }
             check_unneeded(tx, &repo, &digest, format!("manifest {digest}"))?;
-            tx.execute(
-                "DELETE FROM manifests WHERE repository = ?1 AND digest = ?2",
-                params![repo, digest],
-            )?;
             let now = now_ms();
-            audit_row(tx, "delete.manifest", &repo, &digest, &by, now)?;
-            record_event(
-                tx,
-                &Event {
-                    action: "delete",
-                    repository: &repo,
-                    tag: None,
-                    digest: &digest,
-                    media_type: Some(&media_type),
-                    size: Some(size),
-                    actor: by.actor.as_deref(),
-                    at: now,
-                },
-            )?;
+            gc::delete_manifest_row(tx, &repo, &digest, by.actor.as_deref(), now)?;
+            let mut detail = digest.clone();
+            if referrers {
+                let n = gc::delete_referrers(tx, &repo, &digest, by.actor.as_deref(), now)?;
+                if n > 0 {
+                    detail = format!("{digest} and {n} referrers");
+                }
+            }
+            audit_row(tx, "delete.manifest", &repo, &detail, &by, now)?;
             Ok(true)
         })
         .await
+    }
+
+    async fn repository_delete(
+        &self,
+        repo: &str,
+        by: &Who,
+    ) -> Result<Option<RepoDeleted>, MetaError> {
+        let (repo, by) = (repo.to_owned(), by.clone());
+        self.write(move |tx| gc::repository_delete(tx, &repo, &by))
+            .await
+    }
+
+    async fn gc_preview(&self, cutoff_ms: i64, referrers: bool) -> Result<GcPreview, MetaError> {
+        self.transaction(false, move |tx| gc::preview(tx, cutoff_ms, referrers))
+            .await
+    }
+
+    async fn gc_sweep_links(&self, cutoff_ms: i64, limit: u32) -> Result<Vec<GcLink>, MetaError> {
+        self.write(move |tx| gc::sweep_links(tx, cutoff_ms, limit))
+            .await
+    }
+
+    async fn gc_sweep_orphan_referrers(
+        &self,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GcManifest>, MetaError> {
+        self.write(move |tx| gc::sweep_orphan_referrers(tx, cutoff_ms, limit))
+            .await
+    }
+
+    async fn gc_mark_blobs(&self, limit: u32) -> Result<Vec<GcBlob>, MetaError> {
+        // Marked blobs are skipped by the query, so each batch starts from the beginning
+        // and stays short; the pass ends when a batch finds none.
+        self.write(move |tx| gc::mark_blobs(tx, "", limit)).await
+    }
+
+    async fn gc_orphans(&self, found: Vec<GcBlob>, mark: bool) -> Result<Vec<GcBlob>, MetaError> {
+        self.transaction(mark, move |tx| gc::orphans(tx, found, mark))
+            .await
+    }
+
+    async fn gc_marked(&self) -> Result<Vec<GcBlob>, MetaError> {
+        self.scan(gc::marked).await
+    }
+
+    async fn gc_forget(&self, digests: Vec<String>) -> Result<(), MetaError> {
+        self.write(move |tx| gc::forget(tx, &digests)).await
+    }
+
+    async fn gc_sweep_repositories(&self, dry_run: bool) -> Result<Vec<String>, MetaError> {
+        self.transaction(!dry_run, move |tx| gc::sweep_repositories(tx, dry_run))
+            .await
+    }
+
+    async fn gc_record(&self, run: &GcRun) -> Result<(), MetaError> {
+        let run = run.clone();
+        self.write(move |tx| gc::record(tx, &run)).await
+    }
+
+    async fn gc_runs(&self, limit: u32) -> Result<Vec<GcRun>, MetaError> {
+        self.scan(move |c| gc::runs(c, limit)).await
     }
 
     async fn tag_delete(&self, repo: &str, tag: &str, by: &Who) -> Result<bool, MetaError> {
@@ -866,8 +968,9 @@ impl MetaStore for SqliteMeta {
         let last = last.map(str::to_owned);
         self.listing(limit, move |c| {
             // No `LIMIT ?`: see `tags`.
-            let mut stmt =
-                c.prepare_cached("SELECT name FROM repositories WHERE name > ?1 ORDER BY name")?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT name FROM repositories WHERE name > ?1 AND {LISTED} ORDER BY name"
+            ))?;
             let rows = stmt.query_map(params![last.unwrap_or_default()], |r| r.get(0))?;
             Ok(rows
                 .take(limit as usize)
@@ -908,16 +1011,16 @@ impl MetaStore for SqliteMeta {
                 }
                 let found: Vec<String> = match to {
                     Some(to) => c
-                        .prepare_cached(
-                            "SELECT name FROM repositories WHERE name >= ?1 AND name < ?2 ORDER BY name",
-                        )?
+                        .prepare_cached(&format!(
+                            "SELECT name FROM repositories WHERE name >= ?1 AND name < ?2 AND {LISTED} ORDER BY name",
+                        ))?
                         .query_map(params![from, to], |r| r.get(0))?
                         .take(want)
                         .collect::<Result<_, _>>()?,
                     None => c
-                        .prepare_cached(
-                            "SELECT name FROM repositories WHERE name >= ?1 ORDER BY name",
-                        )?
+                        .prepare_cached(&format!(
+                            "SELECT name FROM repositories WHERE name >= ?1 AND {LISTED} ORDER BY name",
+                        ))?
                         .query_map(params![from], |r| r.get(0))?
                         .take(want)
                         .collect::<Result<_, _>>()?,
@@ -1046,6 +1149,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
         super::super::tests::suite(&meta).await;
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+        super::super::tests::gc_suite(&meta).await;
     }
 
     #[tokio::test]
