@@ -279,3 +279,231 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::oci::{Hasher, Reference};
+    use crate::store::blob::{BlobError, BlobStore, ByteStream, FsBlobStore};
+    use crate::store::meta::{MetaStore, SqliteMeta};
+
+    /// A filesystem backend whose blob deletes wait at a gate, so a test can act while
+    /// the collector is in the middle of deleting bytes.
+    struct GatedDeletes {
+        inner: FsBlobStore,
+        entered: tokio::sync::Notify,
+        release: tokio::sync::Semaphore,
+    }
+
+    #[async_trait]
+    impl BlobStore for GatedDeletes {
+        async fn upload_write(
+            &self,
+            id: &str,
+            offset: u64,
+            data: ByteStream,
+            hasher: Option<Hasher>,
+        ) -> Result<(u64, Option<Hasher>), BlobError> {
+            self.inner.upload_write(id, offset, data, hasher).await
+        }
+        async fn upload_read(&self, id: &str, len: u64) -> Result<ByteStream, BlobError> {
+            self.inner.upload_read(id, len).await
+        }
+        async fn upload_commit(&self, id: &str, len: u64, d: &Digest) -> Result<(), BlobError> {
+            self.inner.upload_commit(id, len, d).await
+        }
+        async fn upload_truncate(&self, id: &str, len: u64) -> Result<(), BlobError> {
+            self.inner.upload_truncate(id, len).await
+        }
+        async fn upload_delete(&self, id: &str) -> Result<(), BlobError> {
+            self.inner.upload_delete(id).await
+        }
+        async fn upload_ids(&self) -> Result<Vec<String>, BlobError> {
+            self.inner.upload_ids().await
+        }
+        async fn stat(&self, d: &Digest) -> Result<Option<u64>, BlobError> {
+            self.inner.stat(d).await
+        }
+        async fn read(&self, d: &Digest, range: Range<u64>) -> Result<ByteStream, BlobError> {
+            self.inner.read(d, range).await
+        }
+        async fn delete(&self, d: &Digest) -> Result<(), BlobError> {
+            self.entered.notify_one();
+            self.release.acquire().await.unwrap().forget();
+            self.inner.delete(d).await
+        }
+        async fn list(&self) -> Result<Vec<(Digest, u64)>, BlobError> {
+            self.inner.list().await
+        }
+    }
+
+    fn body(data: &'static [u8]) -> ByteStream {
+        Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from_static(
+            data,
+        ))]))
+    }
+
+    async fn read_all(store: &Store, d: &Digest, len: u64) -> Result<Vec<u8>, StoreError> {
+        let mut s = store.blob_read(d, 0..len).await?;
+        let mut out = Vec::new();
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c.map_err(|e| StoreError::Internal(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    fn who() -> Who {
+        Who::default()
+    }
+
+    /// An upload that commits a blob while the collector deletes its bytes waits for the
+    /// collector, then stores the bytes again: the blob it links is readable.
+    #[tokio::test]
+    async fn an_upload_racing_the_deletion_of_its_blob_keeps_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Arc::new(GatedDeletes {
+            inner: FsBlobStore::open(dir.path()).unwrap(),
+            entered: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        });
+        let meta = Arc::new(SqliteMeta::open(&dir.path().join("meta.db")).unwrap());
+        let store = Arc::new(
+            Store::new(Arc::clone(&blobs) as _, meta).with_gc(GcSettings {
+                delay: Duration::ZERO,
+                delete_referrers: true,
+            }),
+        );
+        const DATA: &[u8] = b"a layer two pushes share";
+        let d = Digest::sha256_of(DATA);
+        let a = RepoName::parse("race/a").unwrap();
+        let b = RepoName::parse("race/b").unwrap();
+        store.blob_put(&a, &d, None, body(DATA)).await.unwrap();
+        store.blob_delete(&a, &d, &who()).await.unwrap();
+
+        let gc = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.gc(false, "test").await }
+        });
+        blobs.entered.notified().await; // the collector is deleting the bytes now
+        let push = tokio::spawn({
+            let (store, b, d) = (Arc::clone(&store), b.clone(), d.clone());
+            async move { store.blob_put(&b, &d, None, body(DATA)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!push.is_finished(), "the upload waits for the collector");
+        blobs.release.add_permits(1000);
+        let report = gc.await.unwrap().unwrap();
+        assert_eq!(report.blobs, 1);
+        assert_eq!(push.await.unwrap().unwrap(), DATA.len() as u64);
+        assert_eq!(store.blob_size(&b, &d).await.unwrap(), DATA.len() as u64);
+        assert_eq!(read_all(&store, &d, DATA.len() as u64).await.unwrap(), DATA);
+    }
+
+    /// A HEAD answered 200 keeps the link for a whole delay, so the manifest that
+    /// references it can still be pushed, even when the link was older than the delay.
+    #[tokio::test]
+    async fn a_blob_seen_by_head_is_kept_for_the_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let delay = Duration::from_millis(1500);
+        let (blobs, meta) = crate::store::open_local_backends(dir.path()).unwrap();
+        let store = Store::new(blobs, meta).with_gc(GcSettings {
+            delay,
+            delete_referrers: true,
+        });
+        let repo = RepoName::parse("head/app").unwrap();
+        let config = br#"{"architecture":"amd64","os":"linux"}"#;
+        let d = Digest::sha256_of(config);
+        store.blob_put(&repo, &d, None, body(config)).await.unwrap();
+        tokio::time::sleep(delay + Duration::from_millis(100)).await;
+        // The link is older than the delay; a client's HEAD sees it...
+        assert_eq!(
+            store.blob_size(&repo, &d).await.unwrap(),
+            config.len() as u64
+        );
+        // ... and a pass right after it leaves it.
+        assert_eq!(store.gc(false, "test").await.unwrap().links, 0);
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{d}","size":{}}},"layers":[]}}"#,
+            config.len()
+        );
+        store
+            .manifest_put(
+                &repo,
+                &Reference::Tag("v1".into()),
+                vec![],
+                Some("application/vnd.oci.image.manifest.v1+json"),
+                Bytes::from(manifest),
+                who(),
+            )
+            .await
+            .unwrap();
+        // Without a HEAD, a link older than the delay that no manifest references goes.
+        let other = Digest::sha256_of(b"never referenced");
+        store
+            .blob_put(&repo, &other, None, body(b"never referenced"))
+            .await
+            .unwrap();
+        tokio::time::sleep(delay + Duration::from_millis(100)).await;
+        let r = store.gc(false, "test").await.unwrap();
+        assert_eq!((r.links, r.blobs), (1, 1));
+        assert!(matches!(
+            store.blob_size(&repo, &other).await,
+            Err(StoreError::BlobUnknown)
+        ));
+        assert_eq!(
+            store.blob_size(&repo, &d).await.unwrap(),
+            config.len() as u64
+        );
+    }
+
+    /// A pass a crash cut short (blobs marked, bytes maybe deleted) is finished by the
+    /// next one, and bytes no row accounts for are removed.
+    #[tokio::test]
+    async fn the_next_pass_finishes_what_a_crash_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, meta) = crate::store::open_local_backends(dir.path()).unwrap();
+        let store =
+            Store::new(Arc::clone(&blobs) as _, Arc::clone(&meta) as _).with_gc(GcSettings {
+                delay: Duration::ZERO,
+                delete_referrers: true,
+            });
+        let repo = RepoName::parse("crash/app").unwrap();
+        let d = Digest::sha256_of(b"marked");
+        store
+            .blob_put(&repo, &d, None, body(b"marked"))
+            .await
+            .unwrap();
+        store.blob_delete(&repo, &d, &who()).await.unwrap();
+        // A pass marked it and died before deleting anything.
+        assert_eq!(meta.gc_mark_blobs(10).await.unwrap().len(), 1);
+        // Bytes with no row at all (a crash between rename and commit, long ago).
+        let stray = Digest::sha256_of(b"stray");
+        blobs
+            .upload_write("stray", 0, body(b"stray"), None)
+            .await
+            .unwrap();
+        blobs.upload_commit("stray", 5, &stray).await.unwrap();
+        let dry = store.gc(true, "test").await.unwrap();
+        assert_eq!(dry.orphan_files, 1);
+        assert!(
+            blobs.stat(&stray).await.unwrap().is_some(),
+            "a dry run deletes nothing"
+        );
+        let r = store.gc(false, "test").await.unwrap();
+        assert_eq!((r.blobs, r.orphan_files, r.bytes), (2, 1, 6 + 5));
+        assert_eq!(blobs.stat(&d).await.unwrap(), None);
+        assert_eq!(blobs.stat(&stray).await.unwrap(), None);
+        assert!(meta.gc_marked().await.unwrap().is_empty());
+        let runs = store.gc_runs(10).await.unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].blobs, runs[0].dry_run), (2, false));
+        assert!(runs[1].dry_run);
+    }
+}
