@@ -12,6 +12,7 @@ mod crash;
 mod docker_cli;
 mod docs;
 mod examples;
+mod gc;
 mod hostile;
 mod listings;
 mod manifests;

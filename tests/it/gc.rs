@@ -1,0 +1,517 @@
+//! Garbage collection through the API and `wharf gc`: what deletes free, what the delay
+//! keeps, what a tagged manifest needs, referrers, `wharf repo delete`, and a stress run
+//! with kills.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+fn gc_now(c: &mut wharf::config::Config) {
+    c.gc.delay = Duration::ZERO;
+    c.gc_interval = Duration::ZERO; // passes are run by the test
+}
+
+/// `wharf gc` with `args` on the registry's data directory (with no delay unless
+/// `args` give one), parsed from `--json`.
+fn gc_json(reg: &TestRegistry, args: &[&str]) -> Value {
+    let mut all = vec!["gc", "--json"];
+    if !args.contains(&"--gc-delay") {
+        all.extend(["--gc-delay", "0s"]);
+    }
+    all.extend_from_slice(args);
+    serde_json::from_str(&wharf(reg, &all)).expect("gc --json prints JSON")
+}
+
+fn removed_blobs(report: &Value) -> BTreeSet<String> {
+    report["removed"]["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["digest"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+pub fn index_of(children: &[(&str, usize)]) -> Vec<u8> {
+    let m: Vec<Value> = children
+        .iter()
+        .map(|(d, s)| {
+            json!({"mediaType": OCI_MANIFEST, "digest": d, "size": s,
+            "platform": {"architecture": "amd64", "os": "linux"}})
+        })
+        .collect();
+    serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": m}))
+        .unwrap()
+}
+
+/// Asserts `repo:reference` can be pulled whole: every manifest, and every blob's bytes
+/// re-hashed to its digest.
+pub async fn assert_pullable(reg: &TestRegistry, repo: &str, reference: &str) {
+    let mut work = vec![reference.to_owned()];
+    while let Some(r) = work.pop() {
+        let got = reg
+            .client
+            .get(reg.url(&format!("/v2/{repo}/manifests/{r}")))
+            .header("accept", format!("{OCI_MANIFEST}, {OCI_INDEX}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), StatusCode::OK, "{repo}:{r}");
+        let body = got.bytes().await.unwrap();
+        let m: Value = serde_json::from_slice(&body).unwrap();
+        if let Some(children) = m["manifests"].as_array() {
+            for c in children {
+                work.push(c["digest"].as_str().unwrap().to_owned());
+            }
+            continue;
+        }
+        let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_owned()];
+        for l in m["layers"].as_array().unwrap() {
+            blobs.push(l["digest"].as_str().unwrap().to_owned());
+        }
+        for b in blobs {
+            let got = reg.get(&format!("/v2/{repo}/blobs/{b}")).await;
+            assert_eq!(got.status(), StatusCode::OK, "{repo} blob {b}");
+            assert_eq!(sha256(&got.bytes().await.unwrap()), b, "{repo} blob {b}");
+        }
+    }
+}
+
+async fn delete(reg: &TestRegistry, path: &str) -> StatusCode {
+    reg.client
+        .delete(reg.url(path))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+async fn catalog(reg: &TestRegistry) -> Vec<String> {
+    let v: Value = reg.get("/v2/_catalog").await.json().await.unwrap();
+    v["repositories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Pushes an image of `config` and `layers` tagged `tag`; returns its manifest digest
+/// and the blob digests.
+async fn push(
+    reg: &TestRegistry,
+    repo: &str,
+    tag: &str,
+    config: &str,
+    layers: &[&[u8]],
+) -> (String, Vec<String>) {
+    let c = reg.push_blob(repo, config.as_bytes()).await;
+    let mut ls = Vec::new();
+    for l in layers {
+        ls.push((reg.push_blob(repo, l).await, l.len()));
+    }
+    let refs: Vec<(&str, usize)> = ls.iter().map(|(d, s)| (d.as_str(), *s)).collect();
+    let m = image_manifest((&c, config.len()), &refs);
+    let r = reg.put_manifest(repo, tag, OCI_MANIFEST, &m).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let mut blobs = vec![c];
+    blobs.extend(ls.into_iter().map(|(d, _)| d));
+    (sha256(&m), blobs)
+}
+
+/// As clients and conformance suites do: delete the tags, then the manifests, then the
+/// blobs; one pass then frees every byte, and the emptied repositories leave the
+/// catalog. The dry run lists exactly what the pass removes.
+#[tokio::test]
+async fn deleting_tags_manifests_then_blobs_frees_everything_after_one_pass() {
+    let reg = TestRegistry::start_tuned(gc_now);
+    let shared = pattern(300_000, 7);
+    let mut pushed = Vec::new();
+    for (repo, seed) in [("gc/one", 1u8), ("gc/two", 2)] {
+        let own = pattern(100_000, seed);
+        let config = format!(r#"{{"architecture":"amd64","os":"linux","n":{seed}}}"#);
+        let (m, blobs) = push(&reg, repo, "v1", &config, &[&shared, &own]).await;
+        pushed.push((repo, m, blobs));
+    }
+    assert_eq!(reg.blob_files().len(), 5);
+    assert_eq!(catalog(&reg).await, ["gc/one", "gc/two"]);
+    // Nothing is garbage yet, with the default delay or none.
+    let dry = gc_json(&reg, &["--dry-run", "--gc-delay", "24h"]);
+    assert_eq!(dry["blobs"], 0, "{dry}");
+
+    for (repo, m, blobs) in &pushed {
+        assert_eq!(
+            delete(&reg, &format!("/v2/{repo}/manifests/v1")).await,
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            delete(&reg, &format!("/v2/{repo}/manifests/{m}")).await,
+            StatusCode::ACCEPTED
+        );
+        for b in blobs {
+            assert_eq!(
+                delete(&reg, &format!("/v2/{repo}/blobs/{b}")).await,
+                StatusCode::ACCEPTED
+            );
+        }
+    }
+    assert!(
+        catalog(&reg).await.is_empty(),
+        "emptied repositories leave the catalog"
+    );
+    assert_eq!(
+        reg.blob_files().len(),
+        5,
+        "a delete frees no byte by itself"
+    );
+
+    // Links went with the blob deletes, so even the default delay frees the bytes.
+    let dry = gc_json(&reg, &["--dry-run", "--gc-delay", "24h"]);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["blobs"], 5, "{dry}");
+    assert_eq!(reg.blob_files().len(), 5, "a dry run deletes nothing");
+    let real = gc_json(&reg, &["--gc-delay", "24h"]);
+    assert_eq!(real["dry_run"], false);
+    assert_eq!(removed_blobs(&real), removed_blobs(&dry));
+    assert_eq!(real["bytes"], dry["bytes"]);
+    let configs: u64 = [1u8, 2]
+        .iter()
+        .map(|n| format!(r#"{{"architecture":"amd64","os":"linux","n":{n}}}"#).len() as u64)
+        .sum();
+    assert_eq!(
+        real["bytes"].as_u64(),
+        Some(300_000 + 2 * 100_000 + configs),
+        "{real}"
+    );
+    assert!(reg.blob_files().is_empty(), "{:?}", reg.blob_files());
+    assert_eq!(real["repositories"], 2, "{real}");
+    // The pass is recorded and audited.
+    let audit = wharf(&reg, &["audit", "--json"]);
+    assert!(audit.contains("\"gc\""), "{audit}");
+    let again = gc_json(&reg, &[]);
+    assert_eq!(
+        (again["blobs"].as_u64(), again["links"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    // The plain report names the counts.
+    let text = wharf(&reg, &["gc", "--dry-run"]);
+    assert!(text.starts_with("would remove 0 blobs"), "{text}");
+}
+
+/// A manifest deleted while its blobs stay linked: the links are kept for the delay,
+/// then go (here with `--gc-delay 0s` and `WHARF_GC_DELAY=0s`); a bad delay is refused.
+#[tokio::test]
+async fn the_delay_keeps_recent_links_and_the_flag_and_env_set_it() {
+    let reg = TestRegistry::start_tuned(|c| c.gc_interval = Duration::ZERO);
+    let (m, _) = push(&reg, "gc/delay", "v1", r#"{"os":"linux"}"#, &[b"layer one"]).await;
+    assert_eq!(
+        delete(&reg, "/v2/gc/delay/manifests/v1").await,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        delete(&reg, &format!("/v2/gc/delay/manifests/{m}")).await,
+        StatusCode::ACCEPTED
+    );
+    let kept = gc_json(&reg, &["--gc-delay", "24h"]);
+    assert_eq!(
+        (kept["links"].as_u64(), kept["blobs"].as_u64()),
+        (Some(0), Some(0)),
+        "{kept}"
+    );
+    assert_eq!(reg.blob_files().len(), 2);
+    let dry = gc_json(&reg, &["--dry-run", "--gc-delay", "0s"]);
+    assert_eq!(
+        (dry["links"].as_u64(), dry["blobs"].as_u64()),
+        (Some(2), Some(2)),
+        "{dry}"
+    );
+    let out = run(wharf_cmd(&reg.data)
+        .args(["gc", "--json"])
+        .env("WHARF_GC_DELAY", "0s"));
+    let real: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (real["links"].as_u64(), real["blobs"].as_u64()),
+        (Some(2), Some(2)),
+        "{real}"
+    );
+    assert!(reg.blob_files().is_empty());
+    let err = wharf_fails(&reg, &["gc", "--gc-delay", "soon"]);
+    assert!(err.contains("soon"), "{err}");
+}
+
+/// Whatever is deleted around them, a pass never takes what a tagged manifest needs:
+/// layers shared with deleted images, blobs mounted from a repository that deleted
+/// them, the children of a tagged index, a buildx cache index's blobs. An index cannot
+/// be pushed over a deleted child, and a child of a tagged index cannot be deleted.
+#[tokio::test]
+async fn a_pass_never_takes_what_a_tagged_manifest_needs() {
+    let reg = TestRegistry::start_tuned(gc_now);
+    let base = pattern(200_000, 3);
+    let (gone, _) = push(
+        &reg,
+        "keep/app",
+        "old",
+        r#"{"n":"old"}"#,
+        &[&base, b"old top"],
+    )
+    .await;
+    let (_, kept_blobs) = push(
+        &reg,
+        "keep/app",
+        "new",
+        r#"{"n":"new"}"#,
+        &[&base, b"new top"],
+    )
+    .await;
+    // Mounted into another repository, then deleted from the first.
+    let mount = reg
+        .client
+        .post(reg.url(&format!(
+            "/v2/keep/other/blobs/uploads/?mount={}&from=keep/app",
+            kept_blobs[2]
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mount.status(), StatusCode::CREATED);
+    let (_, _) = push(&reg, "keep/other", "v1", r#"{"n":"other"}"#, &[b"new top"]).await;
+    // An index tagged, over two untagged children.
+    let (c1, _) = push(
+        &reg,
+        "keep/multi",
+        "tmp1",
+        r#"{"arch":"amd64"}"#,
+        &[b"amd64 layer"],
+    )
+    .await;
+    let (c2, _) = push(
+        &reg,
+        "keep/multi",
+        "tmp2",
+        r#"{"arch":"arm64"}"#,
+        &[b"arm64 layer"],
+    )
+    .await;
+    let size = |d: &str, all: &[(String, usize)]| all.iter().find(|x| x.0 == d).unwrap().1;
+    let mut sizes = Vec::new();
+    for (t, d) in [("tmp1", &c1), ("tmp2", &c2)] {
+        let body = reg
+            .get(&format!("/v2/keep/multi/manifests/{t}"))
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        sizes.push((d.clone(), body.len()));
+    }
+    let index = index_of(&[(&c1, size(&c1, &sizes)), (&c2, size(&c2, &sizes))]);
+    assert_eq!(
+        reg.put_manifest("keep/multi", "latest", OCI_INDEX, &index)
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    for t in ["tmp1", "tmp2"] {
+        assert_eq!(
+            delete(&reg, &format!("/v2/keep/multi/manifests/{t}")).await,
+            StatusCode::ACCEPTED
+        );
+    }
+    // A child of the tagged index cannot be deleted.
+    let (status, code) = error_of(
+        reg.client
+            .delete(reg.url(&format!("/v2/keep/multi/manifests/{c1}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "DENIED"));
+    // A buildx-style cache index lists blobs directly.
+    let cache_blob = reg.push_blob("keep/cache", b"cache layer").await;
+    let cache = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_LAYER, "digest": cache_blob, "size": 11}]}))
+    .unwrap();
+    assert_eq!(
+        reg.put_manifest("keep/cache", "buildcache", OCI_INDEX, &cache)
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+
+    // Now delete the old image and the first repository's copies of what it mounted.
+    assert_eq!(
+        delete(&reg, "/v2/keep/app/manifests/old").await,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        delete(&reg, &format!("/v2/keep/app/manifests/{gone}")).await,
+        StatusCode::ACCEPTED
+    );
+    let r = gc_json(&reg, &[]);
+    assert!(
+        r["blobs"].as_u64().unwrap() >= 2,
+        "the old image's own blobs go: {r}"
+    );
+    assert_pullable(&reg, "keep/app", "new").await;
+    assert_pullable(&reg, "keep/other", "v1").await;
+    assert_pullable(&reg, "keep/multi", "latest").await;
+    let got = reg.get(&format!("/v2/keep/cache/blobs/{cache_blob}")).await;
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(got.bytes().await.unwrap().as_ref(), b"cache layer");
+
+    // An index over a child deleted first is refused, and a later pass changes nothing.
+    let (c3, _) = push(
+        &reg,
+        "keep/multi",
+        "tmp3",
+        r#"{"arch":"riscv64"}"#,
+        &[b"riscv layer"],
+    )
+    .await;
+    let c3_len = reg
+        .get(&format!("/v2/keep/multi/manifests/{c3}"))
+        .await
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(
+        delete(&reg, &format!("/v2/keep/multi/manifests/{c3}")).await,
+        StatusCode::ACCEPTED
+    );
+    let (status, code) = error_of(
+        reg.put_manifest("keep/multi", "next", OCI_INDEX, &index_of(&[(&c3, c3_len)]))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN")
+    );
+    gc_json(&reg, &[]);
+    assert_pullable(&reg, "keep/multi", "latest").await;
+    assert_pullable(&reg, "keep/app", "new").await;
+}
+
+/// Referrers go with their subject (the default), their bytes with the next pass; with
+/// `delete_referrers = false` they stay, and so do their bytes.
+#[tokio::test]
+async fn referrers_go_with_their_subject_unless_configured_otherwise() {
+    for keep in [false, true] {
+        let reg = TestRegistry::start_tuned(|c| {
+            gc_now(c);
+            c.gc.delete_referrers = !keep;
+        });
+        let (subject, _) = push(&reg, "ref/app", "v1", r#"{"n":1}"#, &[b"app layer"]).await;
+        let subject_len = reg
+            .get("/v2/ref/app/manifests/v1")
+            .await
+            .bytes()
+            .await
+            .unwrap()
+            .len();
+        let sig = reg.push_blob("ref/app", b"a signature").await;
+        let empty = reg.push_blob("ref/app", b"{}").await;
+        let referrer = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "artifactType": "application/vnd.example.sig",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": sig, "size": 11}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": subject_len}
+        }))
+        .unwrap();
+        let rd = sha256(&referrer);
+        assert_eq!(
+            reg.put_manifest("ref/app", &rd, OCI_MANIFEST, &referrer)
+                .await
+                .status(),
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            delete(&reg, "/v2/ref/app/manifests/v1").await,
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            delete(&reg, &format!("/v2/ref/app/manifests/{subject}")).await,
+            StatusCode::ACCEPTED
+        );
+        let list: Value = reg
+            .get(&format!("/v2/ref/app/referrers/{subject}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let n = list["manifests"].as_array().unwrap().len();
+        let still = reg
+            .get(&format!("/v2/ref/app/manifests/{rd}"))
+            .await
+            .status();
+        // `wharf gc` reads the setting from the same wharf.toml as the server.
+        let file = reg.data.with_file_name("wharf.toml");
+        std::fs::write(&file, format!("delete_referrers = {}\n", !keep)).unwrap();
+        gc_json(&reg, &["--config", file.to_str().unwrap()]);
+        let sig_blob = reg.get(&format!("/v2/ref/app/blobs/{sig}")).await.status();
+        if keep {
+            assert_eq!((n, still, sig_blob), (1, StatusCode::OK, StatusCode::OK));
+        } else {
+            assert_eq!((n, still), (0, StatusCode::NOT_FOUND));
+            assert_eq!(sig_blob, StatusCode::NOT_FOUND);
+            assert!(reg.blob_files().is_empty(), "{:?}", reg.blob_files());
+        }
+    }
+}
+
+/// `wharf repo delete` takes a repository out of the catalog at once; the next pass
+/// frees its bytes but not those another repository holds. A policy protecting one of
+/// its tags refuses it; an unknown or malformed name is a clear error.
+#[tokio::test]
+async fn repo_delete_removes_a_repository_and_its_bytes_go_to_gc() {
+    let reg = TestRegistry::start_tuned(gc_now);
+    let shared = pattern(50_000, 9);
+    push(&reg, "team/x", "v1", r#"{"r":"x"}"#, &[&shared, b"x only"]).await;
+    push(&reg, "team/y", "v1", r#"{"r":"y"}"#, &[&shared]).await;
+    assert_eq!(reg.blob_files().len(), 4);
+    let out = wharf_cmd(&reg.data)
+        .args(["repo", "delete", "team/x"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("1 tags, 1 manifests, 3 blob links"), "{said}");
+    assert_eq!(catalog(&reg).await, ["team/y"]);
+    let (status, code) = error_of(reg.get("/v2/team/x/tags/list").await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+    );
+    assert_eq!(
+        reg.get("/v2/team/x/manifests/v1").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let r = gc_json(&reg, &[]);
+    assert_eq!(r["blobs"], 2, "x's config and own layer: {r}");
+    assert_eq!(reg.blob_files().len(), 2);
+    assert_pullable(&reg, "team/y", "v1").await;
+
+    wharf(&reg, &["policy", "immutable", "team/*", "--tags", "v*"]);
+    let err = wharf_fails(&reg, &["repo", "delete", "team/y"]);
+    assert!(err.contains("immutable") && err.contains("v1"), "{err}");
+    assert_pullable(&reg, "team/y", "v1").await;
+    let err = wharf_fails(&reg, &["repo", "delete", "team/nothing"]);
+    assert!(err.contains("no repository team/nothing"), "{err}");
+    let err = wharf_fails(&reg, &["repo", "delete", "Team/../Y"]);
+    assert!(err.contains("not a repository name"), "{err}");
+}
