@@ -515,3 +515,292 @@ async fn repo_delete_removes_a_repository_and_its_bytes_go_to_gc() {
     let err = wharf_fails(&reg, &["repo", "delete", "Team/../Y"]);
     assert!(err.contains("not a repository name"), "{err}");
 }
+
+/// One pusher of the stress run: pushes images (layers shared across repositories,
+/// mounts), indexes and referrers, moves and deletes tags, deletes manifests and blobs,
+/// until `until`. Every answer is allowed except a 5xx other than 503 (the registry
+/// being killed shows as connection errors, which end nothing).
+async fn stress_worker(base: String, id: u64, until: std::time::Instant) -> u64 {
+    let c = admin_client();
+    let mut seed = id
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let url = |p: String| format!("{base}{p}");
+    let mut ops = 0;
+    let mut i = 0u64;
+    while std::time::Instant::now() < until {
+        i += 1;
+        let repo = format!("s/r{}", next(3));
+        let tag = format!("t{}", next(4));
+        let ok = |r: &Result<reqwest::Response, reqwest::Error>| match r {
+            Ok(r) => {
+                let s = r.status();
+                assert!(
+                    !s.is_server_error() || s == StatusCode::SERVICE_UNAVAILABLE,
+                    "{} answered {s}",
+                    r.url()
+                );
+                s.is_success()
+            }
+            Err(_) => false,
+        };
+        let put_blob = |repo: String, data: Vec<u8>| {
+            let c = c.clone();
+            let d = sha256(&data);
+            let u = url(format!("/v2/{repo}/blobs/uploads/?digest={d}"));
+            async move { (ok(&c.post(u).body(data).send().await), d) }
+        };
+        let put_manifest = |repo: String, reference: String, mt: &'static str, body: Vec<u8>| {
+            let c = c.clone();
+            let u = url(format!("/v2/{repo}/manifests/{reference}"));
+            async move { ok(&c.put(u).header("content-type", mt).body(body).send().await) }
+        };
+        match next(10) {
+            // An image: a shared layer (uploaded again, or mounted from another
+            // repository), its own layer and config.
+            0..=4 => {
+                let shared = pattern(20_000 + next(5) as usize, 1);
+                let shared_d = sha256(&shared);
+                if next(2) == 0 {
+                    let from = format!("s/r{}", next(3));
+                    let _ = c
+                        .post(url(format!(
+                            "/v2/{repo}/blobs/uploads/?mount={shared_d}&from={from}"
+                        )))
+                        .send()
+                        .await;
+                } else {
+                    put_blob(repo.clone(), shared.clone()).await;
+                }
+                let own = format!("layer {id} {i}").into_bytes();
+                let config = format!(r#"{{"os":"linux","w":{id},"i":{i}}}"#).into_bytes();
+                let (_, od) = put_blob(repo.clone(), own.clone()).await;
+                let (_, cd) = put_blob(repo.clone(), config.clone()).await;
+                let m = image_manifest(
+                    (&cd, config.len()),
+                    &[(&shared_d, shared.len()), (&od, own.len())],
+                );
+                put_manifest(repo.clone(), tag.clone(), OCI_MANIFEST, m).await;
+            }
+            // An index over two untagged images.
+            5 => {
+                let mut children = Vec::new();
+                for k in 0..2 {
+                    let config =
+                        format!(r#"{{"os":"linux","w":{id},"i":{i},"k":{k}}}"#).into_bytes();
+                    let (_, cd) = put_blob(repo.clone(), config.clone()).await;
+                    let m = image_manifest((&cd, config.len()), &[]);
+                    let md = sha256(&m);
+                    put_manifest(repo.clone(), md.clone(), OCI_MANIFEST, m.clone()).await;
+                    children.push((md, m.len()));
+                }
+                let refs: Vec<(&str, usize)> =
+                    children.iter().map(|(d, s)| (d.as_str(), *s)).collect();
+                put_manifest(repo.clone(), "idx".into(), OCI_INDEX, index_of(&refs)).await;
+            }
+            // A referrer of whatever the tag points at now.
+            6 => {
+                let Ok(r) = c
+                    .get(url(format!("/v2/{repo}/manifests/{tag}")))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                if !r.status().is_success() {
+                    continue;
+                }
+                let Ok(body) = r.bytes().await else { continue };
+                let sig = format!("sig {id} {i}").into_bytes();
+                let (_, sd) = put_blob(repo.clone(), sig.clone()).await;
+                let (_, ed) = put_blob(repo.clone(), b"{}".to_vec()).await;
+                let referrer = serde_json::to_vec(&json!({
+                    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                    "artifactType": "application/vnd.example.sig",
+                    "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": ed, "size": 2},
+                    "layers": [{"mediaType": "application/octet-stream", "digest": sd, "size": sig.len()}],
+                    "subject": {"mediaType": OCI_MANIFEST, "digest": sha256(&body), "size": body.len()}
+                }))
+                .unwrap();
+                put_manifest(repo.clone(), sha256(&referrer), OCI_MANIFEST, referrer).await;
+            }
+            // Deletes: a tag; a manifest by digest (refused if a tagged index needs it);
+            // a shared blob (refused while a tag needs it).
+            7 => {
+                let _ = c
+                    .delete(url(format!("/v2/{repo}/manifests/{tag}")))
+                    .send()
+                    .await;
+            }
+            8 => {
+                if let Ok(r) = c
+                    .head(url(format!("/v2/{repo}/manifests/{tag}")))
+                    .send()
+                    .await
+                {
+                    if let Some(d) = r.headers().get("docker-content-digest") {
+                        let d = d.to_str().unwrap().to_owned();
+                        let _ = c
+                            .delete(url(format!("/v2/{repo}/manifests/{d}")))
+                            .send()
+                            .await;
+                    }
+                }
+            }
+            _ => {
+                let d = sha256(&pattern(20_000 + next(5) as usize, 1));
+                let r = c.delete(url(format!("/v2/{repo}/blobs/{d}"))).send().await;
+                ok(&r);
+            }
+        }
+        ops += 1;
+    }
+    ops
+}
+
+/// Several pushers sharing layers across repositories, moving and deleting tags,
+/// mounting, pushing indexes and referrers, while the server collects garbage in a
+/// loop with no delay and `wharf gc` runs beside it; the server is killed with SIGKILL
+/// during passes and restarted. In the end every tag is pullable whole (each blob
+/// re-hashed), and after one more pass no blob file, blob row or link is left that
+/// nothing references.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_stress_with_kills_leaves_every_tag_whole_and_nothing_unreferenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("wharf.toml");
+    std::fs::write(&config, "gc_interval = \"10ms\"\n").unwrap();
+    let env = [
+        ("WHARF_GC_DELAY", "0s"),
+        ("WHARF_CONFIG", config.to_str().unwrap()),
+    ];
+    let mut total_ops = 0;
+    let mut cli_passes = 0;
+    for round in 0..4 {
+        let server = Process::start_with(&data, &env, &[]);
+        let until = std::time::Instant::now() + Duration::from_millis(2500);
+        let workers: Vec<_> = (0..4)
+            .map(|w| tokio::spawn(stress_worker(server.base.clone(), round * 10 + w, until)))
+            .collect();
+        // `wharf gc` beside the server's own passes.
+        let cli = {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while std::time::Instant::now() < until {
+                    let out = wharf_cmd(&data)
+                        .args(["gc", "--gc-delay", "0s"])
+                        .output()
+                        .unwrap();
+                    assert!(
+                        out.status.success(),
+                        "wharf gc: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    n += 1;
+                }
+                n
+            })
+        };
+        let mut server = Some(server);
+        if round < 3 {
+            // Killed in the middle of the load (and, with passes every 10 ms, of a pass).
+            tokio::time::sleep(Duration::from_millis(1200 + 300 * round)).await;
+            server.take().unwrap().kill9();
+        }
+        for w in workers {
+            total_ops += w.await.unwrap();
+        }
+        cli_passes += cli.join().unwrap();
+        if let Some(s) = server {
+            s.kill9();
+        }
+    }
+    eprintln!("stress: {total_ops} operations, {cli_passes} wharf gc runs");
+    assert!(total_ops > 100, "the load ran: {total_ops} operations");
+    assert!(
+        cli_passes > 3,
+        "wharf gc ran beside the server: {cli_passes}"
+    );
+
+    // A restart (which removes the uploads the kills cut off), then the check.
+    let server = Process::start_with(&data, &[("WHARF_CONFIG", config.to_str().unwrap())], &[]);
+    let reg = TestRegistry::attach(&server.base, &data);
+    let mut tags = 0;
+    for repo in catalog(&reg).await {
+        let v: Value = reg
+            .get(&format!("/v2/{repo}/tags/list"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        for t in v["tags"].as_array().unwrap() {
+            assert_pullable(&reg, &repo, t.as_str().unwrap()).await;
+            tags += 1;
+        }
+    }
+    assert!(tags > 0, "some tags survived the run");
+    let r = gc_json(&reg, &[]);
+    assert_eq!(
+        r["uploads"], 0,
+        "the restart removed the cut-off uploads: {r}"
+    );
+    let db = rusqlite::Connection::open(data.join("meta.db")).unwrap();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM repository_blobs rb WHERE NOT EXISTS (SELECT 1 FROM manifest_references r
+              WHERE r.repository = rb.repository AND r.child = rb.digest)"
+        ),
+        0,
+        "links nothing references"
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM blobs b WHERE b.deleting_at IS NOT NULL
+                OR (NOT EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.digest = b.digest)
+                    AND NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.child = b.digest))"
+        ),
+        0,
+        "blob rows nothing references"
+    );
+    let collected = count("SELECT coalesce(sum(blobs), 0) FROM gc_runs WHERE dry_run = 0");
+    let passes = count("SELECT count(*) FROM gc_runs");
+    eprintln!("stress: {passes} passes collected {collected} blobs");
+    assert!(
+        collected > 50,
+        "the passes collected while the load ran: {collected}"
+    );
+    let rows: BTreeSet<String> = db
+        .prepare("SELECT digest FROM blobs")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let files: BTreeSet<String> = reg
+        .blob_files()
+        .iter()
+        .map(|p| format!("sha256:{}", p.file_name().unwrap().to_str().unwrap()))
+        .collect();
+    assert_eq!(files, rows, "blob files and rows are the same set");
+    // And the tags are still whole after it.
+    for repo in catalog(&reg).await {
+        let v: Value = reg
+            .get(&format!("/v2/{repo}/tags/list"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        for t in v["tags"].as_array().unwrap() {
+            assert_pullable(&reg, &repo, t.as_str().unwrap()).await;
+        }
+    }
+    server.kill9();
+}
