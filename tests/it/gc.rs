@@ -804,3 +804,86 @@ async fn gc_stress_with_kills_leaves_every_tag_whole_and_nothing_unreferenced() 
     }
     server.kill9();
 }
+
+/// The docker CLI pushes, pulls and runs images while the server collects garbage every
+/// 100 ms; a deleted image's own layers are freed once the delay has passed, the other
+/// image (sharing busybox with it) still pulls and runs, and the deleted one can be
+/// pushed again.
+#[test]
+fn docker_push_and_pull_with_gc_running() {
+    use crate::docker_cli::{Docker, busybox_context};
+    let delay = Duration::from_secs(3);
+    let reg = TestRegistry::start_tuned(|c| {
+        c.gc.delay = delay;
+        c.gc_interval = Duration::from_millis(100);
+    });
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    let n = nonce();
+    let image = |tag: &str| format!("{}/gcd/app-{n}:{tag}", reg.host());
+    for tag in ["one", "two"] {
+        let ctx = tempfile::tempdir().unwrap();
+        busybox_context(ctx.path(), &format!("{tag} {n}"));
+        run(d
+            .cmd()
+            .args(["build", "-q", "-t", &image(tag)])
+            .arg(ctx.path()));
+        let pushed = run(d.cmd().args(["push", &image(tag)]));
+        assert!(pushed.contains("digest: sha256:"), "{pushed}");
+    }
+    let before = reg.blob_files().len();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let r = reg
+            .client
+            .head(reg.url(&format!("/v2/gcd/app-{n}/manifests/one")))
+            .header(
+                "accept",
+                "application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .send()
+            .await
+            .unwrap();
+        let digest = header(&r, "docker-content-digest").unwrap().to_owned();
+        assert_eq!(
+            delete(&reg, &format!("/v2/gcd/app-{n}/manifests/{digest}")).await,
+            StatusCode::ACCEPTED
+        );
+    });
+    // The server's passes free the deleted image's own blobs after the delay.
+    let deadline = std::time::Instant::now() + delay + Duration::from_secs(20);
+    while reg.blob_files().len() > before - 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted image's blobs were not collected: {} of {before} left",
+            reg.blob_files().len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for tag in ["one", "two"] {
+        run(d.cmd().args(["rmi", "-f", &image(tag)]));
+    }
+    run(d.cmd().args(["pull", &image("two")]));
+    let out = run(d.cmd().args(["run", "--rm", &image("two")]));
+    assert_eq!(out.trim(), format!("two {n}"));
+    let err = d.fails(&["pull", &image("one")]);
+    assert!(
+        err.contains("not found") || err.contains("unknown"),
+        "{err}"
+    );
+    // Built again, the deleted image pushes and runs again.
+    let ctx = tempfile::tempdir().unwrap();
+    busybox_context(ctx.path(), &format!("one {n}"));
+    run(d
+        .cmd()
+        .args(["build", "-q", "-t", &image("one")])
+        .arg(ctx.path()));
+    run(d.cmd().args(["push", &image("one")]));
+    run(d.cmd().args(["rmi", "-f", &image("one")]));
+    run(d.cmd().args(["pull", &image("one")]));
+    let out = run(d.cmd().args(["run", "--rm", &image("one")]));
+    assert_eq!(out.trim(), format!("one {n}"));
+    for tag in ["one", "two"] {
+        run(d.cmd().args(["rmi", "-f", &image(tag)]));
+    }
+}
