@@ -37,8 +37,11 @@ pub struct Config {
     pub access_log_format: AccessLogFormat,
     /// Garbage collection: the grace delay and whether referrers go with their subject.
     pub gc: crate::store::gc::GcSettings,
-    /// Time between the server's garbage collection passes; zero turns them off.
+    /// Time between the server's garbage collection passes (each preceded by a
+    /// retention run when rules exist); zero turns them off.
     pub gc_interval: Duration,
+    /// Retention rules of the file (`[[retention]]`).
+    pub retention: Vec<crate::store::retention::RetentionRule>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -145,6 +148,8 @@ struct FileConfig {
     #[serde(default, deserialize_with = "optional_duration")]
     gc_interval: Option<Duration>,
     delete_referrers: Option<bool>,
+    #[serde(default)]
+    retention: Vec<crate::store::retention::RuleConfig>,
 }
 
 fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -184,6 +189,8 @@ pub enum ConfigError {
     PublicUrl(String),
     #[error("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")]
     Tls,
+    #[error("[[retention]] in the config file: {0}")]
+    Retention(#[from] crate::store::retention::RuleError),
 }
 
 /// The `[tags]` rules of a config file: the given one, else `./wharf.toml` if present,
@@ -226,6 +233,7 @@ impl Config {
             access_log_format: AccessLogFormat::Text,
             gc: Default::default(),
             gc_interval: crate::store::gc::DEFAULT_GC_INTERVAL,
+            retention: Vec::new(),
         }
     }
 
@@ -296,6 +304,11 @@ impl Config {
             gc_interval: file_cfg
                 .gc_interval
                 .unwrap_or(crate::store::gc::DEFAULT_GC_INTERVAL),
+            retention: file_cfg
+                .retention
+                .iter()
+                .map(|r| r.to_rule())
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -364,6 +377,24 @@ mod tests {
             Config::resolve(o, Some(&file)).unwrap().gc.delay,
             Duration::ZERO
         );
+        std::fs::write(
+            &file,
+            "[[retention]]\nrepositories = \"team/*\"\ntags = [\"pr-*\"]\ndelete_older_than = \"7d\"\n",
+        )
+        .unwrap();
+        let r = Config::resolve(Overrides::default(), Some(&file)).unwrap();
+        assert_eq!(r.retention.len(), 1);
+        assert_eq!(
+            r.retention[0].to_string(),
+            "config rule (team/*: delete pr-* older than 7d)"
+        );
+        std::fs::write(
+            &file,
+            "[[retention]]\nrepositories = \"team/*\"\nkeep_last = 3\n",
+        )
+        .unwrap();
+        let e = Config::resolve(Overrides::default(), Some(&file)).unwrap_err();
+        assert!(e.to_string().contains("tags"), "{e}");
         std::fs::write(&file, "gc_delay = \"soon\"\n").unwrap();
         let e = Config::resolve(Overrides::default(), Some(&file)).unwrap_err();
         assert!(e.to_string().contains("gc_delay"), "{e}");

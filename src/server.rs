@@ -106,7 +106,8 @@ pub async fn serve(
     let store = Arc::new(
         Store::new(blobs, Arc::clone(&meta) as _)
             .with_max_uploads(limits.max_uploads)
-            .with_gc(config.gc.clone()),
+            .with_gc(config.gc.clone())
+            .with_retention(config.retention.clone()),
     );
     let events = Arc::clone(&meta) as Arc<dyn EventsMeta>;
     let auth = Arc::new(Auth::with_settings(
@@ -125,7 +126,12 @@ pub async fn serve(
         );
     }
     let sweeper = tokio::spawn(sweep_uploads(Arc::clone(&store), started));
-    let collector = tokio::spawn(collect_garbage(Arc::clone(&store), config.gc_interval));
+    let collector = tokio::spawn(collect_garbage(
+        Arc::clone(&store),
+        Arc::clone(&auth),
+        config.gc_interval,
+    ));
+    let pulls = tokio::spawn(flush_pulls(Arc::clone(&store)));
     let purger = tokio::spawn(purge_tokens(Arc::clone(&auth)));
     let audit_flusher = tokio::spawn(flush_audit(Arc::clone(&auth)));
     let trimmer = tokio::spawn(trim_memory(Arc::clone(&store)));
@@ -141,7 +147,7 @@ pub async fn serve(
         registry_url,
     ));
     let state = AppState {
-        store,
+        store: Arc::clone(&store),
         auth: Arc::clone(&auth),
         public_url: config.public_url.clone(),
         tls: tls.is_some(),
@@ -292,6 +298,8 @@ pub async fn serve(
     }
     sweeper.abort();
     collector.abort();
+    pulls.abort();
+    let _ = store.flush_pulls().await;
     purger.abort();
     trimmer.abort();
     audit_flusher.abort();
@@ -492,14 +500,44 @@ async fn trim_memory(store: Arc<Store>) {
 
 /// Runs a garbage collection pass every `interval` (the first at start, which also
 /// finishes one a crash cut short); never if `interval` is zero.
-async fn collect_garbage(store: Arc<Store>, interval: Duration) {
+async fn collect_garbage(store: Arc<Store>, auth: Arc<Auth>, interval: Duration) {
     if interval.is_zero() {
         return;
     }
     let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let by = crate::store::Who {
+        actor: Some("retention".into()),
+        ..Default::default()
+    };
     loop {
         every.tick().await;
+        match store.retention_run(false, &by).await {
+            Ok(r) if r.tags + r.manifests == 0 => {}
+            Ok(r) => {
+                tracing::info!(
+                    tags = r.tags,
+                    manifests = r.manifests,
+                    bytes = r.bytes,
+                    "retention deleted {} tags and condemned {} manifests",
+                    r.tags,
+                    r.manifests
+                );
+                let _ = auth
+                    .audit(
+                        Some("retention"),
+                        "retention.run",
+                        None,
+                        Some(format!(
+                            "{} tags deleted, {} manifests condemned, {} bytes to free",
+                            r.tags, r.manifests, r.bytes
+                        )),
+                        None,
+                    )
+                    .await;
+            }
+            Err(e) => tracing::warn!(error = %e, "retention failed"),
+        }
         match store.gc(false, "server").await {
             Ok(r) if r.blobs + r.links + r.manifests + r.uploads + r.repositories == 0 => {
                 tracing::debug!("garbage collection: nothing to remove")
@@ -517,6 +555,17 @@ async fn collect_garbage(store: Arc<Store>, interval: Duration) {
                 r.bytes
             ),
             Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+        }
+    }
+}
+
+/// Writes the manifest pulls recorded in memory every second, in one transaction.
+async fn flush_pulls(store: Arc<Store>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        if let Err(e) = store.flush_pulls().await {
+            tracing::warn!(error = %e, "could not record manifest pulls");
         }
     }
 }

@@ -511,6 +511,215 @@ pub async fn gc(a: Admin, args: GcArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum RetentionCmd {
+    /// Add a rule for a repository, `namespace/*` or `*`; give exactly one action. Only
+    /// --keep-last (the tags past its count), --delete-older and --delete-untagged
+    /// delete; the others protect.
+    Set {
+        pattern: String,
+        /// Keep tags matching these globs (`v*,prod,staging,latest`).
+        #[arg(long, value_name = "GLOBS")]
+        keep: Option<String>,
+        /// Keep the N most recently pushed tags matching --tags; delete the others
+        /// matching.
+        #[arg(long, value_name = "N", requires = "tags")]
+        keep_last: Option<u32>,
+        /// Delete tags matching --tags pushed longer ago than this (`7d`).
+        #[arg(long, value_name = "AGE", requires = "tags")]
+        delete_older: Option<String>,
+        /// Delete manifests untagged for longer than this (`14d`): buildx cache,
+        /// replaced `latest`s.
+        #[arg(long, value_name = "AGE")]
+        delete_untagged: Option<String>,
+        /// Keep whatever was pulled within this (`30d`).
+        #[arg(long, value_name = "AGE")]
+        keep_pulled: Option<String>,
+        /// The tag globs of --keep-last and --delete-older.
+        #[arg(long, value_name = "GLOBS")]
+        tags: Option<String>,
+    },
+    /// List the rules (the config file's and those added here).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a rule by its id.
+    Remove { id: i64 },
+    /// Apply the rules now: delete tags, condemn the manifests left untagged (garbage
+    /// collection deletes them after gc_delay; `wharf tag restore` undoes until then).
+    Run {
+        /// Change nothing: print what a run would delete.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn retention(a: Admin, cmd: RetentionCmd) -> anyhow::Result<()> {
+    use wharf::store::retention::RuleConfig;
+    match cmd {
+        RetentionCmd::Set {
+            pattern,
+            keep,
+            keep_last,
+            delete_older,
+            delete_untagged,
+            keep_pulled,
+            tags,
+        } => {
+            let split = |s: Option<String>| -> Vec<String> {
+                s.map(|s| {
+                    s.split(',')
+                        .map(str::trim)
+                        .filter(|g| !g.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+            };
+            let mut rule = RuleConfig {
+                repositories: pattern,
+                tags: split(tags),
+                keep: keep.map(|k| split(Some(k))),
+                keep_last,
+                delete_older_than: delete_older,
+                delete_untagged_older_than: delete_untagged,
+                keep_pulled_within: keep_pulled,
+            }
+            .to_rule()
+            .map_err(|e| {
+                anyhow::anyhow!("{}", e.to_string().replace("keep_last, delete_older_than, delete_untagged_older_than, keep_pulled_within", "--keep-last, --delete-older, --delete-untagged, --keep-pulled").replace("give exactly one of keep,", "give exactly one of --keep,").replace("(tags = [\"main-*\"])", "(--tags 'main-*')"))
+            })?;
+            rule.source = "cli".into();
+            let what = format!("{}: {}", rule.repositories, rule.action);
+            a.audit("retention.set", Some(&rule.repositories), what.clone())
+                .await?;
+            let id = a.registry.retention_rule_add(&rule, Some(&a.actor)).await;
+            let id = a.failed("retention.set", id.map_err(Into::into)).await?;
+            eprintln!("retention rule {id}: {what}");
+            out!("{id}");
+        }
+        RetentionCmd::List { json } => {
+            let rules = a.store.retention_rules().await?;
+            if json {
+                out!("{}", serde_json::to_string_pretty(&rules)?);
+            } else {
+                for r in rules {
+                    let id = if r.id > 0 {
+                        r.id.to_string()
+                    } else {
+                        "-".into()
+                    };
+                    out!(
+                        "{id:<5} {:<7} {:<24} {}",
+                        r.source,
+                        r.repositories,
+                        r.action
+                    );
+                }
+            }
+        }
+        RetentionCmd::Remove { id } => {
+            a.audit("retention.remove", None, id.to_string()).await?;
+            if !a.registry.retention_rule_remove(id).await? {
+                bail!("no retention rule {id} (rules of the config file are removed there)");
+            }
+            eprintln!("removed retention rule {id}");
+        }
+        RetentionCmd::Run { dry_run, json } => {
+            let by = wharf::store::Who {
+                actor: Some(a.actor.clone()),
+                ..Default::default()
+            };
+            let report = a.store.retention_run(dry_run, &by).await?;
+            if !dry_run {
+                a.audit(
+                    "retention.run",
+                    None,
+                    format!(
+                        "{} tags deleted, {} manifests condemned, {} bytes to free",
+                        report.tags, report.manifests, report.bytes
+                    ),
+                )
+                .await?;
+            }
+            if json {
+                out!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            out!(
+                "{:<28} {:<24} {:<19} {:>12}  RULE",
+                "REPOSITORY",
+                "TAG",
+                "DIGEST",
+                "BYTES FREED"
+            );
+            for d in &report.deletions {
+                out!(
+                    "{:<28} {:<24} {:<19} {:>12}  {}",
+                    d.repository,
+                    d.tag.as_deref().unwrap_or("(untagged)"),
+                    d.digest.get(..19).unwrap_or(&d.digest),
+                    d.bytes,
+                    d.rule
+                );
+            }
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            eprintln!(
+                "{verb} {} tags and {} manifests ({} freed by garbage collection after the GC delay)",
+                report.tags,
+                report.manifests,
+                super::ci::human(report.bytes)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TagCmd {
+    /// Point a deleted tag back at its manifest, while garbage collection has not taken
+    /// it (`wharf tags list REPO --deleted` lists them).
+    Restore {
+        /// `namespace/name:tag`
+        reference: String,
+        /// Which of the tag's deleted versions, if it was deleted more than once.
+        #[arg(long)]
+        digest: Option<String>,
+    },
+}
+
+pub async fn tag(a: Admin, cmd: TagCmd) -> anyhow::Result<()> {
+    let TagCmd::Restore { reference, digest } = cmd;
+    let (repo, tag) = reference
+        .rsplit_once(':')
+        .filter(|(r, _)| !r.is_empty())
+        .with_context(|| format!("{reference:?}: give repository:tag, e.g. team/api:v1"))?;
+    let repo = wharf::oci::RepoName::parse(repo)
+        .map_err(|e| anyhow::anyhow!("{repo:?} is not a repository name: {e}"))?;
+    if !wharf::oci::name::valid_tag(tag) {
+        bail!("{tag:?} is not a tag: letters, digits, `_`, `.` and `-`, up to 128");
+    }
+    let digest: Option<wharf::oci::Digest> = digest
+        .map(|d| {
+            d.parse()
+                .map_err(|e| anyhow::anyhow!("--digest {d:?}: {e}"))
+        })
+        .transpose()?;
+    let by = wharf::store::Who {
+        actor: Some(a.actor.clone()),
+        ..Default::default()
+    };
+    let d = a
+        .store
+        .tag_restore(&repo, tag, digest.as_ref(), &by)
+        .await?;
+    eprintln!("restored {repo}:{tag} at {d}");
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
     /// Make matching tags immutable: once a tag exists it can be neither moved to another
     /// manifest nor deleted (e.g. `wharf policy immutable 'team/*' --tags 'v*,[0-9]*'`).

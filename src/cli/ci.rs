@@ -122,6 +122,10 @@ pub struct ListArgs {
     /// Print JSON (the API's `results`, every page)
     #[arg(long)]
     json: bool,
+    /// List the tags deleted (by hand or by retention) that `wharf tag restore` can
+    /// bring back: their manifest is still stored
+    #[arg(long)]
+    deleted: bool,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -387,6 +391,41 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
         vec![format!("repository:{}:pull", r.repo)],
     )?;
     runtime()?.block_on(async {
+        if a.deleted {
+            let v = client.deleted_tags(&r.repo).await?;
+            let results = v
+                .get("results")
+                .and_then(|r| r.as_array())
+                .context("the deleted tags answer has no results")?;
+            if a.json {
+                out!("{}", serde_json::to_string_pretty(results)?);
+                return Ok(());
+            }
+            out!(
+                "{:<24} {:<19} {:<20} {:<20} {:<20} REASON",
+                "TAG",
+                "DIGEST",
+                "DELETED",
+                "BY",
+                "COLLECTED AFTER"
+            );
+            let s = |v: &serde_json::Value, k: &str| {
+                v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned()
+            };
+            for t in results {
+                let digest = s(t, "digest");
+                out!(
+                    "{:<24} {:<19} {:<20} {:<20} {:<20} {}",
+                    s(t, "name"),
+                    digest.get(..19).unwrap_or(&digest),
+                    s(t, "deleted_at"),
+                    s(t, "deleted_by"),
+                    s(t, "collected_after"),
+                    s(t, "reason")
+                );
+            }
+            return Ok(());
+        }
         let mut all = Vec::new();
         let mut page = 1;
         loop {

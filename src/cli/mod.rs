@@ -69,6 +69,12 @@ enum Command {
     /// Garbage collection: remove now what nothing references (blobs, links, orphaned
     /// referrers, expired uploads, empty repositories), server running or not.
     Gc(admin::GcArgs),
+    /// Retention rules: which tags and untagged manifests are deleted, which are kept.
+    #[command(subcommand)]
+    Retention(admin::RetentionCmd),
+    /// Tags: restore one deleted by hand or by retention.
+    #[command(subcommand)]
+    Tag(admin::TagCmd),
 }
 
 /// Where the data directory is, for the admin commands.
@@ -158,6 +164,8 @@ pub fn main() -> ExitCode {
         Command::Grant(c) => admin::run(&cli.data, |a| Box::pin(admin::grant(a, c))),
         Command::Audit(c) => admin::run(&cli.data, |a| Box::pin(admin::audit(a, c))),
         Command::Gc(c) => admin::run(&cli.data, |a| Box::pin(admin::gc(a, c))),
+        Command::Retention(c) => admin::run(&cli.data, |a| Box::pin(admin::retention(a, c))),
+        Command::Tag(c) => admin::run(&cli.data, |a| Box::pin(admin::tag(a, c))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -467,6 +467,18 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The deleted tags of `repo` that can still be restored.
+    pub async fn deleted_tags(&self, repo: &RepoName) -> anyhow::Result<serde_json::Value> {
+        let path = format!("/api/v1/repositories/{repo}/tags?deleted=true");
+        let r = self.send(Method::GET, &path, |rb| rb).await?;
+        let r = ok(r, &format!("listing the deleted tags of {repo}")).await?;
+        r.json()
+            .await
+            .context("the deleted tags answer is not JSON")
+    }
+}
+
 fn basic(user: &str, password: &str) -> String {
     use base64::Engine as _;
     format!(

@@ -191,12 +191,47 @@ fn order(q: &Query) -> Result<(TagOrder, &'static str)> {
     })
 }
 
+/// Tags deleted (by hand or by retention) whose manifest is still stored: they can be
+/// restored with `wharf tag restore` until garbage collection takes the manifest.
+async fn deleted_tags(state: &AppState, name: &crate::oci::RepoName) -> Result<Response> {
+    let rows = state.store.deleted_tags(name).await?;
+    let delay = i64::try_from(state.store.gc_settings().delay.as_millis()).unwrap_or(i64::MAX);
+    let results: Vec<_> = rows
+        .iter()
+        .map(|d| {
+            json!({
+                "name": d.tag,
+                "digest": d.digest,
+                "deleted_at": rfc3339(d.deleted_at),
+                "deleted_by": d.by,
+                "reason": d.reason,
+                "collected_after": d.condemned_at.map(|c| rfc3339(c.saturating_add(delay))),
+            })
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "count": results.len(), "results": results, "next": null }),
+    ))
+}
+
 async fn tags(
     state: &AppState,
     site: &Site<'_>,
     name: &crate::oci::RepoName,
     q: &Query,
 ) -> Result<Response> {
+    match q.get("deleted") {
+        None | Some("false") => {}
+        Some("true") => return deleted_tags(state, name).await,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                super::OciErrorCode::Unsupported,
+                format!("deleted={other:?}: use deleted=true"),
+            ));
+        }
+    }
     let page_size = number(q, "page_size", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
     let page = number(q, "page", 1, u32::MAX)?;
     let (order, ordering) = order(q)?;

@@ -212,6 +212,7 @@ impl From<StoreError> for ApiError {
                     .with_detail(detail)
             }
             StoreError::NameUnknown => ApiError::new(StatusCode::NOT_FOUND, C::NameUnknown, msg),
+            StoreError::Refused(_) => ApiError::new(StatusCode::CONFLICT, C::Denied, msg.clone()),
             StoreError::Immutable {
                 ref repository,
                 ref tag,

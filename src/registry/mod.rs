@@ -739,6 +739,11 @@ async fn manifest_get(
         )
         .with_detail(serde_json::json!({ "mediaType": m.media_type })));
     }
+    if !head {
+        // For retention's keep-pulled rules; written in batches, never on this path.
+        store.note_pull(name.as_str(), &m.digest);
+    }
+
     let len = m.content.len();
     let mut r = if head {
         StatusCode::OK.into_response()

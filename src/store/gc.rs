@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::meta::{GC_BATCH, GcBlob, GcLink, GcManifest, GcRun, RepoDeleted, now_ms};
+use super::retention::{Deletion, RetentionRule, plan};
 use super::{Store, StoreError, Who};
 use crate::oci::{Digest, RepoName};
 
@@ -38,6 +39,18 @@ impl Default for GcSettings {
             delete_referrers: true,
         }
     }
+}
+
+/// What a retention run deleted (or, in a dry run, would delete).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RetentionReport {
+    pub dry_run: bool,
+    /// Tags deleted, then manifests condemned (garbage collection deletes them after
+    /// gc_delay), each with the rule and the bytes it frees.
+    pub deletions: Vec<Deletion>,
+    pub tags: u64,
+    pub manifests: u64,
+    pub bytes: u64,
 }
 
 /// What one pass removed, or, in a dry run, would remove.
@@ -102,6 +115,105 @@ impl Store {
             .repository_delete(repo.as_str(), by)
             .await?
             .ok_or(StoreError::NameUnknown)
+    }
+
+    /// The retention rules: the config file's, then those made with `wharf retention`.
+    pub async fn retention_rules(&self) -> Result<Vec<RetentionRule>, StoreError> {
+        let mut rules = self.retention.clone();
+        rules.extend(self.meta.retention_rules().await?);
+        Ok(rules)
+    }
+
+    /// Applies the retention rules to every repository now (or, with `dry_run`, says
+    /// what that would delete). A run deletes tags and condemns the manifests left
+    /// untagged; their bytes go with garbage collection after gc_delay.
+    pub async fn retention_run(
+        &self,
+        dry_run: bool,
+        by: &Who,
+    ) -> Result<RetentionReport, StoreError> {
+        let rules = self.retention_rules().await?;
+        let mut report = RetentionReport {
+            dry_run,
+            ..RetentionReport::default()
+        };
+        if rules.is_empty() {
+            return Ok(report);
+        }
+        let protected = std::collections::HashSet::new();
+        let policies = self.meta.policies().await?;
+        let now = now_ms();
+        let mut last: Option<String> = None;
+        loop {
+            let page = self.meta.repositories(last.as_deref(), 1000).await?;
+            let Some(end) = page.last().cloned() else {
+                break;
+            };
+            for repo in page {
+                let state = self.meta.retention_state(&repo).await?;
+                let mut p = plan(
+                    &repo,
+                    &rules,
+                    &state,
+                    &protected,
+                    |t| policies.iter().any(|pol| pol.locks(&repo, t)),
+                    now,
+                );
+                if p.tags.is_empty() && p.condemn.is_empty() {
+                    continue;
+                }
+                let freed = self
+                    .meta
+                    .bytes_freed(
+                        p.condemn
+                            .iter()
+                            .map(|d| (repo.clone(), d.digest.clone()))
+                            .collect(),
+                    )
+                    .await?;
+                for (d, b) in p.condemn.iter_mut().zip(freed) {
+                    d.bytes = b;
+                    report.bytes += b;
+                }
+                if dry_run {
+                    report.tags += p.tags.len() as u64;
+                    report.manifests += p.condemn.len() as u64;
+                } else {
+                    let (t, m) = self
+                        .meta
+                        .retention_apply(&repo, p.tags.clone(), p.condemn.clone(), by)
+                        .await?;
+                    report.tags += t;
+                    report.manifests += m;
+                }
+                report.deletions.extend(p.tags);
+                report.deletions.extend(p.condemn);
+            }
+            last = Some(end);
+        }
+        Ok(report)
+    }
+
+    /// Tags of `repo` deleted whose manifest is still stored, newest first.
+    pub async fn deleted_tags(
+        &self,
+        repo: &RepoName,
+    ) -> Result<Vec<super::meta::DeletedTag>, StoreError> {
+        Ok(self.meta.deleted_tags(repo.as_str()).await?)
+    }
+
+    /// Points a deleted tag back at its manifest while the manifest is still stored.
+    pub async fn tag_restore(
+        &self,
+        repo: &RepoName,
+        tag: &str,
+        digest: Option<&Digest>,
+        by: &Who,
+    ) -> Result<String, StoreError> {
+        Ok(self
+            .meta
+            .tag_restore(repo.as_str(), tag, digest.map(Digest::as_str), by)
+            .await?)
     }
 
     /// The last `limit` passes, newest first.
@@ -207,6 +319,14 @@ impl Store {
         self.delete_marked(&pending).await?;
         removed.blobs.extend(pending);
         let cutoff = self.cutoff();
+        loop {
+            let batch = self.meta.gc_sweep_condemned(cutoff, GC_BATCH).await?;
+            let done = batch.len() < GC_BATCH as usize;
+            removed.manifests.extend(batch);
+            if done {
+                break;
+            }
+        }
         if self.gc.delete_referrers {
             loop {
                 let batch = self

@@ -12,6 +12,7 @@ pub mod gc;
 pub mod meta;
 pub mod perms;
 pub mod policy;
+pub mod retention;
 
 use std::collections::HashMap;
 use std::io;
@@ -82,6 +83,9 @@ pub enum StoreError {
         tag: String,
         policy: String,
     },
+    /// Cannot be done as things are (the reason says why).
+    #[error("{0}")]
+    Refused(String),
     #[error("storage: {0}")]
     Internal(String),
 }
@@ -137,6 +141,7 @@ impl From<MetaError> for StoreError {
                 policy,
             },
             MetaError::Conflict(what) => StoreError::Internal(format!("{what} already exists")),
+            MetaError::Refused(why) => StoreError::Refused(why),
             MetaError::Db(e) => StoreError::Internal(e),
         }
     }
@@ -217,6 +222,9 @@ pub const UPLOAD_MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(
 /// written to for this long was cut off and is removed.
 pub const MONOLITHIC_MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Manifest pulls held in memory between two writes, at most.
+const MAX_PENDING_PULLS: usize = 100_000;
+
 /// Uploads writing at once, at most, by default (`[limits] max_uploads`).
 pub const DEFAULT_MAX_UPLOADS: usize = 256;
 
@@ -231,6 +239,10 @@ pub struct Store {
     /// Uploads being re-read to verify their digest, at most one per core.
     rehashing: tokio::sync::Semaphore,
     gc: gc::GcSettings,
+    /// Retention rules of the config file.
+    retention: Vec<retention::RetentionRule>,
+    /// Manifest pulls not yet written: `repo@digest` to (repository, digest, unix ms).
+    pulls: Mutex<HashMap<String, (String, String, i64)>>,
 }
 
 impl Store {
@@ -244,6 +256,43 @@ impl Store {
             max_uploads: DEFAULT_MAX_UPLOADS,
             rehashing: tokio::sync::Semaphore::new(crate::auth::parallelism()),
             gc: gc::GcSettings::default(),
+            retention: Vec::new(),
+            pulls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The retention rules of the config file (those of `wharf retention` are read from
+    /// the database at each run).
+    pub fn with_retention(mut self, rules: Vec<retention::RetentionRule>) -> Store {
+        self.retention = rules;
+        self
+    }
+
+    /// Writes the manifest pulls recorded since the last call, in one transaction.
+    pub async fn flush_pulls(&self) -> Result<usize, StoreError> {
+        let pulls: Vec<(String, String, i64)> = {
+            let mut map = self.pulls.lock().expect("pulls lock");
+            if map.is_empty() {
+                return Ok(0);
+            }
+            std::mem::take(&mut *map).into_values().collect()
+        };
+        let n = pulls.len();
+        self.meta.record_pulls(pulls).await?;
+        Ok(n)
+    }
+
+    /// Remembers that `repo`'s manifest `digest` was pulled now; written by
+    /// [`Store::flush_pulls`]. At most [`MAX_PENDING_PULLS`] are held: past it a pull is
+    /// not recorded until the next flush (only retention's `keep-pulled` reads them).
+    pub fn note_pull(&self, repo: &str, digest: &str) {
+        let key = format!("{repo}@{digest}");
+        let now = meta::now_ms();
+        let mut map = self.pulls.lock().expect("pulls lock");
+        if let Some(e) = map.get_mut(&key) {
+            e.2 = now;
+        } else if map.len() < MAX_PENDING_PULLS {
+            map.insert(key, (repo.to_owned(), digest.to_owned(), now));
         }
     }
 

@@ -8,6 +8,7 @@ mod sqlite;
 mod sqlite_auth;
 mod sqlite_events;
 mod sqlite_gc;
+mod sqlite_retention;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -32,6 +33,9 @@ pub enum MetaError {
     },
     #[error("{0} already exists")]
     Conflict(String),
+    /// A request that cannot be done as things are, with the reason.
+    #[error("{0}")]
+    Refused(String),
     /// A tag protected by an immutability policy would be moved or deleted.
     #[error("tag {tag:?} of {repository} cannot be changed: {policy}")]
     Immutable {
@@ -190,7 +194,7 @@ pub struct GcManifest {
     pub repository: String,
     pub digest: String,
     pub size: i64,
-    /// Why: `orphan referrer` (its subject is gone).
+    /// Why: `orphan referrer` (its subject is gone), `retention` (condemned by a rule).
     pub reason: String,
 }
 
@@ -219,6 +223,20 @@ pub struct GcRun {
     pub uploads: u64,
     pub repositories: u64,
     pub error: Option<String>,
+}
+
+/// A deleted tag that can be restored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeletedTag {
+    pub tag: String,
+    pub digest: String,
+    pub deleted_at: i64,
+    pub by: Option<String>,
+    /// `deleted` (by hand) or the retention rule that deleted it.
+    pub reason: String,
+    /// Set when retention condemned the manifest: garbage collection deletes it once
+    /// this is older than gc_delay.
+    pub condemned_at: Option<i64>,
 }
 
 /// What `repository_delete` removed.
@@ -344,7 +362,58 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Removes repositories with no tag, manifest, link or open upload (or, with
     /// `dry_run`, lists them).
     async fn gc_sweep_repositories(&self, dry_run: bool) -> Result<Vec<String>, MetaError>;
+    /// Deletes up to `limit` manifests retention condemned before `cutoff_ms` that are
+    /// still untagged and referenced by no other manifest.
+    async fn gc_sweep_condemned(
+        &self,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GcManifest>, MetaError>;
     async fn gc_record(&self, run: &GcRun) -> Result<(), MetaError>;
+
+    // ---- retention (store/retention.rs) ----
+
+    async fn retention_rule_add(
+        &self,
+        rule: &crate::store::retention::RetentionRule,
+        by: Option<&str>,
+    ) -> Result<i64, MetaError>;
+    async fn retention_rules(
+        &self,
+    ) -> Result<Vec<crate::store::retention::RetentionRule>, MetaError>;
+    async fn retention_rule_remove(&self, id: i64) -> Result<bool, MetaError>;
+    /// A repository's tags and manifests as the planner needs them.
+    async fn retention_state(
+        &self,
+        repo: &str,
+    ) -> Result<crate::store::retention::RepoState, MetaError>;
+    /// In one transaction: deletes each planned tag still pointing at its planned digest
+    /// (unless a policy now protects it), remembering it for restore, and condemns each
+    /// planned manifest still untagged and unreferenced. Returns what it did.
+    async fn retention_apply(
+        &self,
+        repo: &str,
+        tags: Vec<crate::store::retention::Deletion>,
+        condemn: Vec<crate::store::retention::Deletion>,
+        by: &Who,
+    ) -> Result<(u64, u64), MetaError>;
+    /// For each manifest of `items` (repository, digest), the bytes of the blobs it
+    /// references that no manifest outside `items` references (each blob counted once).
+    async fn bytes_freed(&self, items: Vec<(String, String)>) -> Result<Vec<u64>, MetaError>;
+    /// Tags of `repo` deleted whose manifest is still stored, newest first.
+    async fn deleted_tags(&self, repo: &str) -> Result<Vec<DeletedTag>, MetaError>;
+    /// Points `tag` back at the manifest it had when it was deleted (the latest such, or
+    /// the one with `digest`). Errors name why it cannot be: the tag exists, the manifest
+    /// is gone.
+    async fn tag_restore(
+        &self,
+        repo: &str,
+        tag: &str,
+        digest: Option<&str>,
+        by: &Who,
+    ) -> Result<String, MetaError>;
+    /// Records manifest pulls (repository, digest, unix ms) in one transaction.
+    async fn record_pulls(&self, pulls: Vec<(String, String, i64)>) -> Result<(), MetaError>;
     /// The last `limit` passes, newest first.
     async fn gc_runs(&self, limit: u32) -> Result<Vec<GcRun>, MetaError>;
     async fn tag_delete(&self, repo: &str, tag: &str, by: &Who) -> Result<bool, MetaError>;
@@ -1065,5 +1134,156 @@ pub(crate) mod tests {
         assert_eq!(runs.len(), 2);
         assert!(runs[0].dry_run && !runs[1].dry_run);
         assert_eq!(runs[1], run);
+    }
+
+    /// Retention's side of a backend: untagged times, applying a plan, restore, pulls,
+    /// condemned manifests collected.
+    pub(crate) async fn retention_suite(m: &dyn MetaStore) {
+        use crate::store::retention::{Deletion, RetentionRule, RuleAction};
+        let who = Who::default();
+        blob_in(m, "ret/app", &d(1), 1).await;
+        m.manifest_put("ret/app", manifest(d(80), vec![(d(1), 1)], &["a", "b"]))
+            .await
+            .unwrap();
+        m.manifest_put("ret/app", manifest(d(81), vec![(d(1), 1)], &[]))
+            .await
+            .unwrap();
+        let st = m.retention_state("ret/app").await.unwrap();
+        let get = |st: &crate::store::retention::RepoState, n: u8| {
+            st.manifests
+                .iter()
+                .find(|x| x.digest == d(n))
+                .cloned()
+                .unwrap()
+        };
+        assert!(get(&st, 80).untagged_at.is_none());
+        assert!(get(&st, 81).untagged_at.is_some(), "pushed without a tag");
+        assert_eq!(st.tags.len(), 2);
+        // Moving one tag away leaves it tagged; moving the last makes it untagged.
+        m.manifest_put("ret/app", manifest(d(81), vec![(d(1), 1)], &["a"]))
+            .await
+            .unwrap();
+        let st = m.retention_state("ret/app").await.unwrap();
+        assert!(get(&st, 80).untagged_at.is_none() && get(&st, 81).untagged_at.is_none());
+        assert!(m.tag_delete("ret/app", "b", &who).await.unwrap());
+        let st = m.retention_state("ret/app").await.unwrap();
+        assert!(get(&st, 80).untagged_at.is_some());
+
+        // The deleted tag is listed and can be restored; a tag that exists cannot.
+        let del = m.deleted_tags("ret/app").await.unwrap();
+        assert_eq!((del[0].tag.as_str(), del[0].digest.clone()), ("b", d(80)));
+        assert!(matches!(
+            m.tag_restore("ret/app", "zz", None, &who).await,
+            Err(MetaError::Refused(_))
+        ));
+        assert_eq!(
+            m.tag_restore("ret/app", "b", None, &who).await.unwrap(),
+            d(80)
+        );
+        assert_eq!(
+            m.manifest_by_tag("ret/app", "b")
+                .await
+                .unwrap()
+                .unwrap()
+                .digest,
+            d(80)
+        );
+        assert!(m.deleted_tags("ret/app").await.unwrap().is_empty());
+
+        // A plan applied: the tag goes only if still where planned; the manifest is
+        // condemned only if still untagged and unreferenced.
+        let del = |tag: Option<&str>, n: u8| Deletion {
+            repository: "ret/app".into(),
+            tag: tag.map(str::to_owned),
+            digest: d(n),
+            rule: "rule 1".into(),
+            bytes: 0,
+        };
+        let (t, c) = m
+            .retention_apply(
+                "ret/app",
+                vec![del(Some("b"), 80), del(Some("a"), 80)],
+                vec![del(None, 80)],
+                &who,
+            )
+            .await
+            .unwrap();
+        assert_eq!((t, c), (1, 1), "a points at another manifest now");
+        assert!(m.manifest_by_tag("ret/app", "a").await.unwrap().is_some());
+        let st = m.retention_state("ret/app").await.unwrap();
+        assert!(get(&st, 80).condemned);
+        assert_eq!(m.deleted_tags("ret/app").await.unwrap()[0].reason, "rule 1");
+        assert!(
+            m.deleted_tags("ret/app").await.unwrap()[0]
+                .condemned_at
+                .is_some()
+        );
+        // Within the delay it stays (and can come back); restoring clears the sentence.
+        assert!(
+            m.gc_sweep_condemned(now_ms() - 60_000, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        m.tag_restore("ret/app", "b", None, &who).await.unwrap();
+        assert!(!get(&m.retention_state("ret/app").await.unwrap(), 80).condemned);
+        assert!(m.tag_delete("ret/app", "b", &who).await.unwrap());
+        m.retention_apply("ret/app", vec![], vec![del(None, 80)], &who)
+            .await
+            .unwrap();
+        let p = m.gc_preview(now_ms() + 60_000, true).await.unwrap();
+        let swept = m.gc_sweep_condemned(now_ms() + 60_000, 10).await.unwrap();
+        assert_eq!(swept.len(), 1);
+        assert_eq!(p.manifests, swept);
+        assert!(
+            m.manifest_by_digest("ret/app", &d(80))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // After it, nothing is restored.
+        assert!(m.deleted_tags("ret/app").await.unwrap().is_empty());
+        let e = m.tag_restore("ret/app", "b", None, &who).await.unwrap_err();
+        assert!(e.to_string().contains("garbage collected"), "{e}");
+
+        // Pulls: the latest time wins.
+        m.record_pulls(vec![
+            ("ret/app".into(), d(81), 5),
+            ("ret/app".into(), d(81), 9),
+            ("ret/app".into(), d(99), 9),
+        ])
+        .await
+        .unwrap();
+        m.record_pulls(vec![("ret/app".into(), d(81), 7)])
+            .await
+            .unwrap();
+        assert_eq!(
+            get(&m.retention_state("ret/app").await.unwrap(), 81).pulled_at,
+            Some(9)
+        );
+        // Bytes freed: d(1) is shared by 81, so condemning 81 alone frees it (nothing
+        // else references it now).
+        assert_eq!(
+            m.bytes_freed(vec![("ret/app".into(), d(81))])
+                .await
+                .unwrap(),
+            vec![1]
+        );
+
+        // Rules round-trip.
+        let rule = RetentionRule {
+            id: 0,
+            repositories: "ret/*".into(),
+            action: RuleAction::KeepLast {
+                count: 3,
+                tags: vec!["main-*".into()],
+            },
+            source: "cli".into(),
+        };
+        let id = m.retention_rule_add(&rule, Some("admin")).await.unwrap();
+        let got = m.retention_rules().await.unwrap();
+        assert_eq!(got, vec![RetentionRule { id, ..rule }]);
+        assert!(m.retention_rule_remove(id).await.unwrap());
+        assert!(!m.retention_rule_remove(id).await.unwrap());
     }
 }

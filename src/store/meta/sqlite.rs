@@ -9,6 +9,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::sqlite_gc as gc;
+use super::sqlite_retention as retention;
 use super::{
     EventRecord, GcBlob, GcLink, GcManifest, GcPreview, GcRun, Link, ManifestRecord, MetaError,
     MetaStore, NewManifest, Referrer, RepoDeleted, TagOrder, TagRow, UploadRow, Who,
@@ -24,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0004_events.sql"),
     include_str!("../../../migrations/sqlite/0005_hardening.sql"),
     include_str!("../../../migrations/sqlite/0006_gc.sql"),
+    include_str!("../../../migrations/sqlite/0007_retention.sql"),
 ];
 const READERS: usize = 8;
 /// The catalog lists a repository only while it holds a manifest: one emptied by deletes
@@ -693,8 +695,8 @@ impl MetaStore for SqliteMeta {
             }
             ensure_repo(tx, &repo, now)?;
             let stored = tx.execute(
-                "INSERT INTO manifests (repository, digest, media_type, artifact_type, subject, annotations, size, content, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                "INSERT INTO manifests (repository, digest, media_type, artifact_type, subject, annotations, size, content, created_at, untagged_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
                  ON CONFLICT (repository, digest) DO NOTHING",
                 params![
                     repo,
@@ -736,9 +738,13 @@ impl MetaStore for SqliteMeta {
             if new_manifest && m.tags.is_empty() {
                 event(None, "push")?;
             }
+            let mut moved_from = Vec::new();
             for t in &m.tags {
                 check_mutable(tx, &policies, &repo, t, Some(&m.digest))?;
                 let previous = tag_digest(tx, &repo, t)?;
+                if let Some(p) = previous.as_ref().filter(|p| **p != m.digest) {
+                    moved_from.push(p.clone());
+                }
                 if new_manifest {
                     event(Some(t), "push")?;
                 } else if previous.as_deref() != Some(m.digest.as_str()) {
@@ -751,6 +757,12 @@ impl MetaStore for SqliteMeta {
             )?;
             for t in &m.tags {
                 tag.execute(params![repo, t, m.digest, now])?;
+            }
+            if !m.tags.is_empty() {
+                gc::mark_tagged(tx, &repo, &m.digest)?;
+            }
+            for p in &moved_from {
+                gc::mark_untagged_if_bare(tx, &repo, p, now)?;
             }
             let detail = if m.tags.is_empty() {
                 m.digest.clone()
@@ -888,6 +900,89 @@ impl MetaStore for SqliteMeta {
             .await
     }
 
+    async fn gc_sweep_condemned(
+        &self,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GcManifest>, MetaError> {
+        self.write(move |tx| gc::sweep_condemned(tx, cutoff_ms, limit))
+            .await
+    }
+
+    async fn retention_rule_add(
+        &self,
+        rule: &crate::store::retention::RetentionRule,
+        by: Option<&str>,
+    ) -> Result<i64, MetaError> {
+        let (rule, by) = (rule.clone(), by.map(str::to_owned));
+        self.write(move |tx| retention::rule_add(tx, &rule, by.as_deref()))
+            .await
+    }
+
+    async fn retention_rules(
+        &self,
+    ) -> Result<Vec<crate::store::retention::RetentionRule>, MetaError> {
+        self.scan(retention::rules).await
+    }
+
+    async fn retention_rule_remove(&self, id: i64) -> Result<bool, MetaError> {
+        self.write(move |tx| {
+            Ok(tx.execute("DELETE FROM retention_rules WHERE id = ?1", params![id])? > 0)
+        })
+        .await
+    }
+
+    async fn retention_state(
+        &self,
+        repo: &str,
+    ) -> Result<crate::store::retention::RepoState, MetaError> {
+        let repo = repo.to_owned();
+        self.scan(move |c| retention::state(c, &repo)).await
+    }
+
+    async fn retention_apply(
+        &self,
+        repo: &str,
+        tags: Vec<crate::store::retention::Deletion>,
+        condemn: Vec<crate::store::retention::Deletion>,
+        by: &Who,
+    ) -> Result<(u64, u64), MetaError> {
+        let (repo, by) = (repo.to_owned(), by.clone());
+        self.write(move |tx| retention::apply(tx, &repo, &tags, &condemn, &by))
+            .await
+    }
+
+    async fn bytes_freed(&self, items: Vec<(String, String)>) -> Result<Vec<u64>, MetaError> {
+        self.scan(move |c| retention::bytes_freed(c, &items)).await
+    }
+
+    async fn deleted_tags(&self, repo: &str) -> Result<Vec<super::DeletedTag>, MetaError> {
+        let repo = repo.to_owned();
+        self.scan(move |c| retention::deleted_tags(c, &repo)).await
+    }
+
+    async fn tag_restore(
+        &self,
+        repo: &str,
+        tag: &str,
+        digest: Option<&str>,
+        by: &Who,
+    ) -> Result<String, MetaError> {
+        let (repo, tag, digest, by) = (
+            repo.to_owned(),
+            tag.to_owned(),
+            digest.map(str::to_owned),
+            by.clone(),
+        );
+        self.write(move |tx| retention::restore(tx, &repo, &tag, digest.as_deref(), &by))
+            .await
+    }
+
+    async fn record_pulls(&self, pulls: Vec<(String, String, i64)>) -> Result<(), MetaError> {
+        self.write(move |tx| retention::record_pulls(tx, &pulls))
+            .await
+    }
+
     async fn gc_record(&self, run: &GcRun) -> Result<(), MetaError> {
         let run = run.clone();
         self.write(move |tx| gc::record(tx, &run)).await
@@ -909,6 +1004,16 @@ impl MetaStore for SqliteMeta {
                 params![repo, tag],
             )?;
             let now = now_ms();
+            gc::mark_untagged_if_bare(tx, &repo, &digest, now)?;
+            gc::remember_deleted_tag(
+                tx,
+                &repo,
+                &tag,
+                &digest,
+                by.actor.as_deref(),
+                "deleted",
+                now,
+            )?;
             audit_row(
                 tx,
                 "delete.tag",
@@ -1152,6 +1257,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
         super::super::tests::gc_suite(&meta).await;
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+        super::super::tests::retention_suite(&meta).await;
     }
 
     #[tokio::test]

@@ -8,6 +8,53 @@ use super::sqlite::{Event, audit_row, check_mutable, load_policies, needed_by, r
 use super::{GcBlob, GcLink, GcManifest, GcPreview, GcRun, MetaError, RepoDeleted, Who};
 use crate::time::now_ms;
 
+/// A manifest given a tag: no longer untagged, nor condemned.
+pub(super) fn mark_tagged(tx: &Transaction<'_>, repo: &str, digest: &str) -> Result<(), MetaError> {
+    tx.prepare_cached(
+        "UPDATE manifests SET untagged_at = NULL, condemned_at = NULL
+          WHERE repository = ?1 AND digest = ?2 AND (untagged_at IS NOT NULL OR condemned_at IS NOT NULL)",
+    )?
+    .execute(params![repo, digest])?;
+    Ok(())
+}
+
+/// Records when a manifest lost its last tag.
+pub(super) fn mark_untagged_if_bare(
+    tx: &Transaction<'_>,
+    repo: &str,
+    digest: &str,
+    now: i64,
+) -> Result<(), MetaError> {
+    tx.prepare_cached(
+        "UPDATE manifests SET untagged_at = ?3 WHERE repository = ?1 AND digest = ?2
+            AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository = ?1 AND t.digest = ?2)",
+    )?
+    .execute(params![repo, digest, now])?;
+    Ok(())
+}
+
+/// Tags deleted are remembered this long (they can be restored while their manifest is
+/// kept; a condemned manifest is kept for gc_delay).
+const DELETED_TAGS_KEPT_MS: i64 = 90 * 86_400_000;
+
+pub(super) fn remember_deleted_tag(
+    tx: &Transaction<'_>,
+    repo: &str,
+    tag: &str,
+    digest: &str,
+    by: Option<&str>,
+    reason: &str,
+    now: i64,
+) -> Result<(), MetaError> {
+    tx.prepare_cached(
+        "INSERT INTO deleted_tags (repository, name, digest, deleted_at, by_whom, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![repo, tag, digest, now, by, reason])?;
+    tx.prepare_cached("DELETE FROM deleted_tags WHERE deleted_at < ?1")?
+        .execute(params![now - DELETED_TAGS_KEPT_MS])?;
+    Ok(())
+}
+
 /// The actor of the events garbage collection writes.
 pub(super) const GC_ACTOR: &str = "gc";
 
@@ -225,6 +272,37 @@ pub(super) fn sweep_orphan_referrers(
     }
 }
 
+/// Manifests retention condemned before the cutoff, still untagged and unreferenced.
+const CONDEMNED: &str = "SELECT m.repository, m.digest, m.size FROM manifests m
+     WHERE m.condemned_at IS NOT NULL AND m.condemned_at < ?1
+       AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository = m.repository AND t.digest = m.digest)
+       AND NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.repository = m.repository AND r.child = m.digest)
+     ORDER BY m.repository, m.digest";
+
+pub(super) fn sweep_condemned(
+    tx: &Transaction<'_>,
+    cutoff: i64,
+    limit: u32,
+) -> Result<Vec<GcManifest>, MetaError> {
+    let now = now_ms();
+    let found: Vec<GcManifest> = tx
+        .prepare_cached(CONDEMNED)?
+        .query_map(params![cutoff], |r| {
+            Ok(GcManifest {
+                repository: r.get(0)?,
+                digest: r.get(1)?,
+                size: r.get(2)?,
+                reason: "retention".into(),
+            })
+        })?
+        .take(limit as usize)
+        .collect::<Result<_, _>>()?;
+    for m in &found {
+        delete_manifest_row(tx, &m.repository, &m.digest, Some(GC_ACTOR), now)?;
+    }
+    Ok(found)
+}
+
 /// Blobs no repository links, no manifest references and no upload claims.
 const GARBAGE_BLOBS: &str = "SELECT b.digest, b.size FROM blobs b
      WHERE b.digest > ?1 AND b.deleting_at IS NULL
@@ -291,11 +369,10 @@ pub(super) fn preview(
     cutoff: i64,
     referrers: bool,
 ) -> Result<GcPreview, MetaError> {
-    let manifests = if referrers {
-        sweep_orphan_referrers(tx, cutoff, u32::MAX)?
-    } else {
-        Vec::new()
-    };
+    let mut manifests = sweep_condemned(tx, cutoff, u32::MAX)?;
+    if referrers {
+        manifests.extend(sweep_orphan_referrers(tx, cutoff, u32::MAX)?);
+    }
     let links = sweep_links(tx, cutoff, u32::MAX)?;
     let blobs = mark_blobs(tx, "", u32::MAX)?;
     Ok(GcPreview {
