@@ -22,6 +22,7 @@ mod policy;
 mod promote;
 mod referrers;
 mod restart;
+mod retention;
 mod security;
 mod skopeo;
 mod tags_cli;

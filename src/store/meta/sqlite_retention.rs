@@ -235,6 +235,15 @@ pub(super) fn restore(
     digest: Option<&str>,
     by: &Who,
 ) -> Result<String, MetaError> {
+    if let Some(now_at) = tx
+        .prepare_cached("SELECT digest FROM tags WHERE repository = ?1 AND name = ?2")?
+        .query_row(params![repo, tag], |r| r.get::<_, String>(0))
+        .optional()?
+    {
+        return Err(MetaError::Refused(format!(
+            "{repo}:{tag} exists (at {now_at}); delete it first to restore the old one"
+        )));
+    }
     let known: Option<String> = tx
         .prepare_cached(
             "SELECT digest FROM deleted_tags WHERE repository = ?1 AND name = ?2 AND (?3 IS NULL OR digest = ?3)
@@ -254,15 +263,6 @@ pub(super) fn restore(
     if !stored {
         return Err(MetaError::Refused(format!(
             "the manifest {digest} of {repo}:{tag} was garbage collected; it can no longer be restored"
-        )));
-    }
-    if let Some(now_at) = tx
-        .prepare_cached("SELECT digest FROM tags WHERE repository = ?1 AND name = ?2")?
-        .query_row(params![repo, tag], |r| r.get::<_, String>(0))
-        .optional()?
-    {
-        return Err(MetaError::Refused(format!(
-            "{repo}:{tag} exists (at {now_at}); delete it first to restore the old one"
         )));
     }
     let now = now_ms();

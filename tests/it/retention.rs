@@ -1,0 +1,285 @@
+//! Retention through `wharf retention`, the registry API and `wharf gc`: each rule kind,
+//! the dry run equal to the run, restore within the delay and not after it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::common::*;
+
+fn cli_json(reg: &TestRegistry, args: &[&str]) -> Value {
+    serde_json::from_str(&wharf(reg, args)).expect("JSON")
+}
+
+fn planned(report: &Value) -> BTreeSet<(String, String, String)> {
+    report["deletions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["repository"].as_str().unwrap().to_owned(),
+                d["tag"].as_str().unwrap_or("(untagged)").to_owned(),
+                d["digest"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn tags_of(reg: &TestRegistry, repo: &str) -> Vec<String> {
+    let v: Value = reg
+        .get(&format!("/v2/{repo}/tags/list"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    v["tags"]
+        .as_array()
+        .map(|a| a.iter().map(|t| t.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn retention_rules_delete_what_they_name_and_a_tag_can_be_restored_within_the_delay() {
+    let reg = TestRegistry::start_tuned(|c| c.gc_interval = Duration::ZERO);
+    let repo = "ret/app";
+    let mut digest = std::collections::HashMap::new();
+    // Old pull-request and untagged builds first, then the rest.
+    for t in ["pr-1", "old-untagged"] {
+        let (_, d) = reg.push_image(repo, t, t).await;
+        digest.insert(t, d);
+    }
+    let r = reg
+        .client
+        .delete(reg.url(&format!("/v2/{repo}/manifests/old-untagged")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // Ages are in seconds here: the old builds are 6 s older than the rest, and the
+    // rules' limit (5 s) lies well between.
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    for t in ["v1", "main-1", "main-2", "main-3", "main-4", "pr-2"] {
+        let (_, d) = reg.push_image(repo, t, t).await;
+        digest.insert(t, d);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // main-1 is pulled: a keep-pulled rule keeps it although keep-last would not.
+    let pulled = reg.get(&format!("/v2/{repo}/manifests/main-1")).await;
+    assert_eq!(pulled.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the server writes pulls each second
+
+    // No rule: nothing to delete. A keep rule alone deletes nothing either.
+    assert!(
+        planned(&cli_json(
+            &reg,
+            &["retention", "run", "--dry-run", "--json"]
+        ))
+        .is_empty()
+    );
+    wharf(&reg, &["retention", "set", "ret/*", "--keep", "v*"]);
+    assert!(
+        planned(&cli_json(
+            &reg,
+            &["retention", "run", "--dry-run", "--json"]
+        ))
+        .is_empty()
+    );
+    wharf(
+        &reg,
+        &[
+            "retention",
+            "set",
+            "ret/*",
+            "--keep-last",
+            "2",
+            "--tags",
+            "main-*",
+        ],
+    );
+    wharf(
+        &reg,
+        &[
+            "retention",
+            "set",
+            "ret/*",
+            "--delete-older",
+            "5s",
+            "--tags",
+            "pr-*",
+        ],
+    );
+    wharf(
+        &reg,
+        &["retention", "set", "ret/*", "--delete-untagged", "5s"],
+    );
+    wharf(&reg, &["retention", "set", "ret/*", "--keep-pulled", "1h"]);
+    let listed = wharf(&reg, &["retention", "list"]);
+    for want in [
+        "keep v*",
+        "keep-last 2 main-*",
+        "delete pr-* older than 5s",
+        "delete untagged older than 5s",
+        "keep pulled within 1h",
+    ] {
+        assert!(listed.contains(want), "{listed}");
+    }
+    // Bad rules are refused with a reason, and add nothing.
+    for (args, says) in [
+        (vec!["retention", "set", "ret/*"], "exactly one"),
+        (
+            vec![
+                "retention",
+                "set",
+                "ret/*",
+                "--keep",
+                "v*",
+                "--delete-untagged",
+                "1d",
+            ],
+            "exactly one",
+        ),
+        (
+            vec!["retention", "set", "ret/*", "--delete-untagged", "soon"],
+            "soon",
+        ),
+        (
+            vec!["retention", "set", "Bad Name", "--keep", "v*"],
+            "Bad Name",
+        ),
+        (vec!["retention", "set", "ret/*", "--keep", "v/*"], "v/*"),
+    ] {
+        let err = wharf_fails(&reg, &args);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(wharf(&reg, &["retention", "list"]), listed);
+
+    let dry = cli_json(&reg, &["retention", "run", "--dry-run", "--json"]);
+    let want: BTreeSet<(String, String, String)> = [
+        ("main-2", "main-2"),
+        ("pr-1", "pr-1"),
+        ("(untagged)", "main-2"),
+        ("(untagged)", "pr-1"),
+        ("(untagged)", "old-untagged"),
+    ]
+    .iter()
+    .map(|(t, d)| (repo.to_owned(), (*t).to_owned(), digest[d].clone()))
+    .collect();
+    assert_eq!(planned(&dry), want, "{dry:#}");
+    assert!(dry["bytes"].as_u64().unwrap() > 0);
+    let table = wharf(&reg, &["retention", "run", "--dry-run"]);
+    assert!(table.starts_with("REPOSITORY"), "{table}");
+    assert!(
+        table.contains("keep-last 2 main-*") && table.contains("delete pr-* older than 5s"),
+        "{table}"
+    );
+    assert_eq!(
+        tags_of(&reg, repo).await.len(),
+        7,
+        "a dry run deletes nothing"
+    );
+
+    let real = cli_json(&reg, &["retention", "run", "--json"]);
+    assert_eq!(
+        planned(&real),
+        planned(&dry),
+        "the run deletes what the dry run said"
+    );
+    assert_eq!(
+        (real["tags"].as_u64(), real["manifests"].as_u64()),
+        (Some(2), Some(3))
+    );
+    let mut left = tags_of(&reg, repo).await;
+    left.sort();
+    assert_eq!(left, ["main-1", "main-3", "main-4", "pr-2", "v1"]);
+    let audit = wharf(&reg, &["audit", "--json"]);
+    assert!(
+        audit.contains("retention.delete.tag") && audit.contains("retention.run"),
+        "{audit}"
+    );
+    // A second run finds nothing more.
+    assert!(planned(&cli_json(&reg, &["retention", "run", "--json"])).is_empty());
+
+    // The deleted tags are listed, and one comes back while its manifest is kept.
+    let deleted = run(wharf_cmd(&reg.data)
+        .args([
+            "tags",
+            "list",
+            &format!("{}/{repo}", reg.host()),
+            "--deleted",
+            "--json",
+        ])
+        .env("WHARF_USERNAME", "admin")
+        .env("WHARF_PASSWORD", ADMIN_PASSWORD)
+        .env("DOCKER_CONFIG", "/nonexistent"));
+    let deleted: Value = serde_json::from_str(&deleted).unwrap();
+    let names: BTreeSet<&str> = deleted
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["main-2", "old-untagged", "pr-1"].into());
+    assert!(
+        deleted
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["reason"].as_str().unwrap().contains("keep-last"))
+    );
+    let kept = cli_json(&reg, &["gc", "--json", "--gc-delay", "1h"]);
+    assert_eq!(
+        kept["manifests"], 0,
+        "condemned manifests wait for the delay: {kept}"
+    );
+    wharf(&reg, &["tag", "restore", &format!("{repo}:pr-1")]);
+    assert_eq!(
+        reg.get(&format!("/v2/{repo}/manifests/pr-1"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let err = wharf_fails(&reg, &["tag", "restore", &format!("{repo}:pr-1")]);
+    assert!(err.contains("exists"), "{err}");
+    let err = wharf_fails(&reg, &["tag", "restore", &format!("{repo}:never")]);
+    assert!(err.contains("no deleted tag"), "{err}");
+    let err = wharf_fails(&reg, &["tag", "restore", "no-tag-given"]);
+    assert!(err.contains("repository:tag"), "{err}");
+
+    // Past the delay, the pass deletes the condemned manifests and their bytes; then
+    // nothing can be restored.
+    let files = reg.blob_files().len();
+    let gone = cli_json(&reg, &["gc", "--json", "--gc-delay", "0s"]);
+    assert_eq!(gone["manifests"], 2, "main-2 and old-untagged: {gone}");
+    assert!(reg.blob_files().len() < files);
+    for t in ["main-2", "old-untagged"] {
+        let err = wharf_fails(&reg, &["tag", "restore", &format!("{repo}:{t}")]);
+        assert!(
+            err.contains("garbage collected") || err.contains("no deleted tag"),
+            "{t}: {err}"
+        );
+        assert_eq!(
+            reg.get(&format!("/v2/{repo}/manifests/{}", digest[t]))
+                .await
+                .status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+    for t in ["v1", "main-1", "main-3", "main-4", "pr-1", "pr-2"] {
+        crate::gc::assert_pullable(&reg, repo, t).await;
+    }
+    // Rules are removed by id.
+    let id = listed
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    wharf(&reg, &["retention", "remove", &id]);
+    let err = wharf_fails(&reg, &["retention", "remove", &id]);
+    assert!(err.contains("no retention rule"), "{err}");
+}
