@@ -124,8 +124,12 @@ pub struct ListArgs {
     json: bool,
     /// List the tags deleted (by hand or by retention) that `wharf tag restore` can
     /// bring back: their manifest is still stored
-    #[arg(long)]
+    #[arg(long, conflicts_with = "untagged")]
     deleted: bool,
+    /// List the manifests with no tag (index children, referrers, builds whose tag
+    /// moved on), with when they lost their tag and whether retention condemned them
+    #[arg(long)]
+    untagged: bool,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -391,8 +395,47 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
         vec![format!("repository:{}:pull", r.repo)],
     )?;
     runtime()?.block_on(async {
+        if a.untagged {
+            let v = client.tags_listing(&r.repo, "untagged").await?;
+            let results = v
+                .get("results")
+                .and_then(|r| r.as_array())
+                .context("the untagged answer has no results")?;
+            if a.json {
+                out!("{}", serde_json::to_string_pretty(results)?);
+                return Ok(());
+            }
+            out!(
+                "{:<19} {:>10}  {:<20} {:<20} {:<8} COLLECTED AFTER",
+                "DIGEST",
+                "SIZE",
+                "PUSHED",
+                "UNTAGGED",
+                "IN INDEX"
+            );
+            let s = |v: &serde_json::Value, k: &str| {
+                v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned()
+            };
+            for m in results {
+                let digest = s(m, "digest");
+                out!(
+                    "{:<19} {:>10}  {:<20} {:<20} {:<8} {}",
+                    digest.get(..19).unwrap_or(&digest),
+                    m.get("size").and_then(|x| x.as_u64()).unwrap_or(0),
+                    s(m, "pushed_at"),
+                    s(m, "untagged_at"),
+                    if m.get("in_index").and_then(|x| x.as_bool()) == Some(true) {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    s(m, "collected_after")
+                );
+            }
+            return Ok(());
+        }
         if a.deleted {
-            let v = client.deleted_tags(&r.repo).await?;
+            let v = client.tags_listing(&r.repo, "deleted").await?;
             let results = v
                 .get("results")
                 .and_then(|r| r.as_array())

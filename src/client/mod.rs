@@ -468,14 +468,17 @@ impl Client {
 }
 
 impl Client {
-    /// The deleted tags of `repo` that can still be restored.
-    pub async fn deleted_tags(&self, repo: &RepoName) -> anyhow::Result<serde_json::Value> {
-        let path = format!("/api/v1/repositories/{repo}/tags?deleted=true");
+    /// The deleted tags of `repo` that can still be restored (`what` = `deleted`), or
+    /// its manifests with no tag (`untagged`).
+    pub async fn tags_listing(
+        &self,
+        repo: &RepoName,
+        what: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let path = format!("/api/v1/repositories/{repo}/tags?{what}=true");
         let r = self.send(Method::GET, &path, |rb| rb).await?;
-        let r = ok(r, &format!("listing the deleted tags of {repo}")).await?;
-        r.json()
-            .await
-            .context("the deleted tags answer is not JSON")
+        let r = ok(r, &format!("listing the {what} tags of {repo}")).await?;
+        r.json().await.context("the tags answer is not JSON")
     }
 }
 

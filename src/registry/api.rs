@@ -191,6 +191,32 @@ fn order(q: &Query) -> Result<(TagOrder, &'static str)> {
     })
 }
 
+/// Manifests with no tag: index children, referrers, builds whose tag moved on.
+async fn untagged(state: &AppState, name: &crate::oci::RepoName) -> Result<Response> {
+    let rows = state.store.untagged_manifests(name).await?;
+    let delay = i64::try_from(state.store.gc_settings().delay.as_millis()).unwrap_or(i64::MAX);
+    let results: Vec<_> = rows
+        .iter()
+        .map(|m| {
+            json!({
+                "digest": m.digest,
+                "media_type": m.media_type,
+                "size": m.size,
+                "pushed_at": rfc3339(m.created_at),
+                "untagged_at": m.untagged_at.map(rfc3339),
+                "last_pulled": m.pulled_at.map(rfc3339),
+                "in_index": m.referenced,
+                "subject": m.subject,
+                "collected_after": m.condemned_at.map(|c| rfc3339(c.saturating_add(delay))),
+            })
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "count": results.len(), "results": results, "next": null }),
+    ))
+}
+
 /// Tags deleted (by hand or by retention) whose manifest is still stored: they can be
 /// restored with `wharf tag restore` until garbage collection takes the manifest.
 async fn deleted_tags(state: &AppState, name: &crate::oci::RepoName) -> Result<Response> {
@@ -221,6 +247,17 @@ async fn tags(
     name: &crate::oci::RepoName,
     q: &Query,
 ) -> Result<Response> {
+    match q.get("untagged") {
+        None | Some("false") => {}
+        Some("true") => return untagged(state, name).await,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                super::OciErrorCode::Unsupported,
+                format!("untagged={other:?}: use untagged=true"),
+            ));
+        }
+    }
     match q.get("deleted") {
         None | Some("false") => {}
         Some("true") => return deleted_tags(state, name).await,

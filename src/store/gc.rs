@@ -194,6 +194,14 @@ impl Store {
         Ok(report)
     }
 
+    /// Manifests of `repo` with no tag, oldest first.
+    pub async fn untagged_manifests(
+        &self,
+        repo: &RepoName,
+    ) -> Result<Vec<super::meta::UntaggedManifest>, StoreError> {
+        Ok(self.meta.untagged_manifests(repo.as_str()).await?)
+    }
+
     /// Tags of `repo` deleted whose manifest is still stored, newest first.
     pub async fn deleted_tags(
         &self,

@@ -229,6 +229,36 @@ async fn retention_rules_delete_what_they_name_and_a_tag_can_be_restored_within_
             .iter()
             .any(|d| d["reason"].as_str().unwrap().contains("keep-last"))
     );
+    // The untagged manifests are listed, with when the condemned ones will go.
+    let untagged = run(wharf_cmd(&reg.data)
+        .args([
+            "tags",
+            "list",
+            &format!("{}/{repo}", reg.host()),
+            "--untagged",
+            "--json",
+        ])
+        .env("WHARF_USERNAME", "admin")
+        .env("WHARF_PASSWORD", ADMIN_PASSWORD)
+        .env("DOCKER_CONFIG", "/nonexistent"));
+    let untagged: Value = serde_json::from_str(&untagged).unwrap();
+    let condemned: BTreeSet<&str> = untagged
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["collected_after"].is_string())
+        .map(|m| m["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        condemned,
+        [
+            digest["main-2"].as_str(),
+            digest["pr-1"].as_str(),
+            digest["old-untagged"].as_str()
+        ]
+        .into(),
+        "{untagged:#}"
+    );
     let kept = cli_json(&reg, &["gc", "--json", "--gc-delay", "1h"]);
     assert_eq!(
         kept["manifests"], 0,

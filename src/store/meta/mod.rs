@@ -225,6 +225,23 @@ pub struct GcRun {
     pub error: Option<String>,
 }
 
+/// A manifest with no tag.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UntaggedManifest {
+    pub digest: String,
+    pub media_type: String,
+    pub size: i64,
+    pub created_at: i64,
+    pub untagged_at: Option<i64>,
+    pub pulled_at: Option<i64>,
+    /// Another manifest of the repository (an index) references it.
+    pub referenced: bool,
+    /// Retention condemned it (garbage collection deletes it after gc_delay).
+    pub condemned_at: Option<i64>,
+    /// The manifest it refers to, for a referrer.
+    pub subject: Option<String>,
+}
+
 /// A deleted tag that can be restored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeletedTag {
@@ -412,6 +429,8 @@ pub trait MetaStore: Send + Sync + 'static {
         digest: Option<&str>,
         by: &Who,
     ) -> Result<String, MetaError>;
+    /// Manifests of `repo` with no tag (index children included, marked), oldest first.
+    async fn untagged_manifests(&self, repo: &str) -> Result<Vec<UntaggedManifest>, MetaError>;
     /// Records manifest pulls (repository, digest, unix ms) in one transaction.
     async fn record_pulls(&self, pulls: Vec<(String, String, i64)>) -> Result<(), MetaError>;
     /// The last `limit` passes, newest first.

@@ -978,6 +978,14 @@ impl MetaStore for SqliteMeta {
             .await
     }
 
+    async fn untagged_manifests(
+        &self,
+        repo: &str,
+    ) -> Result<Vec<super::UntaggedManifest>, MetaError> {
+        let repo = repo.to_owned();
+        self.scan(move |c| retention::untagged(c, &repo)).await
+    }
+
     async fn record_pulls(&self, pulls: Vec<(String, String, i64)>) -> Result<(), MetaError> {
         self.write(move |tx| retention::record_pulls(tx, &pulls))
             .await

@@ -305,3 +305,32 @@ pub(super) fn record_pulls(
     }
     Ok(())
 }
+
+pub(super) fn untagged(
+    conn: &Connection,
+    repo: &str,
+) -> Result<Vec<super::UntaggedManifest>, MetaError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT m.digest, m.media_type, m.size, m.created_at, m.untagged_at, m.pulled_at,
+                    EXISTS (SELECT 1 FROM manifest_references r WHERE r.repository = m.repository AND r.child = m.digest),
+                    m.condemned_at, m.subject
+               FROM manifests m WHERE m.repository = ?1
+                AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository = m.repository AND t.digest = m.digest)
+              ORDER BY m.created_at, m.digest",
+        )?
+        .query_map(params![repo], |r| {
+            Ok(super::UntaggedManifest {
+                digest: r.get(0)?,
+                media_type: r.get(1)?,
+                size: r.get(2)?,
+                created_at: r.get(3)?,
+                untagged_at: r.get(4)?,
+                pulled_at: r.get(5)?,
+                referenced: r.get(6)?,
+                condemned_at: r.get(7)?,
+                subject: r.get(8)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?)
+}
