@@ -677,6 +677,170 @@ pub async fn retention(a: Admin, cmd: RetentionCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args, Debug)]
+pub struct UsageArgs {
+    /// Only this namespace (`team` for `team/api`).
+    namespace: Option<String>,
+    #[arg(long)]
+    json: bool,
+    /// Check that the counters equal a recomputation from scratch; fail if not.
+    #[arg(long)]
+    verify: bool,
+}
+
+/// Bytes (a blob counted once per namespace), blobs, tags, manifests, last push.
+pub async fn usage(a: Admin, args: UsageArgs) -> anyhow::Result<()> {
+    let rows = a
+        .store
+        .usage_report(args.namespace.as_deref(), args.verify)
+        .await?;
+    if args.json {
+        out!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        out!(
+            "{:<11} {:<32} {:>10} {:>6} {:>5} {:>9} {:<20} QUOTA",
+            "KIND",
+            "NAME",
+            "SIZE",
+            "BLOBS",
+            "TAGS",
+            "MANIFESTS",
+            "LAST PUSH"
+        );
+        for r in &rows {
+            let quota = r
+                .quota
+                .map(|q| {
+                    format!(
+                        "{} ({}%)",
+                        wharf::store::meta::human_bytes(q),
+                        r.bytes * 100 / q.max(1)
+                    )
+                })
+                .unwrap_or_else(|| "-".into());
+            out!(
+                "{:<11} {:<32} {:>10} {:>6} {:>5} {:>9} {:<20} {quota}",
+                r.kind,
+                r.name,
+                wharf::store::meta::human_bytes(r.bytes),
+                r.blobs,
+                r.tags,
+                r.manifests,
+                r.last_push.map(rfc3339).unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    if args.verify {
+        eprintln!("the usage counters equal a recomputation from the blob links");
+    }
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuotaCmd {
+    /// Limit a namespace (`team/*`, its blobs counted once) or a repository, e.g.
+    /// `wharf quota set 'team/*' 50GiB`. Pushes past it are refused with DENIED.
+    Set {
+        target: String,
+        size: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Remove {
+        target: String,
+    },
+}
+
+/// `50GiB`, `500MiB`, `2TB`, `1000000`.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: f64 = n.parse().map_err(|_| {
+        anyhow::anyhow!("invalid size {s:?}: write a number and a unit, e.g. 50GiB, 500MiB")
+    })?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "kB" | "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => bail!("invalid size {s:?}: units are B, KiB, MiB, GiB, TiB, kB, MB, GB, TB"),
+    };
+    let v = n * mult as f64;
+    if !(1.0..9.0e18).contains(&v) {
+        bail!("invalid size {s:?}: give at least one byte");
+    }
+    Ok(v as u64)
+}
+
+pub async fn quota(a: Admin, cmd: QuotaCmd) -> anyhow::Result<()> {
+    match cmd {
+        QuotaCmd::Set { target, size } => {
+            let bytes = parse_size(&size)?;
+            let target = quota_target(&target)?;
+            a.audit("quota.set", Some(&target), format!("{bytes} bytes"))
+                .await?;
+            let r = a.store.quota_set(&target, bytes, Some(&a.actor)).await;
+            a.failed("quota.set", r.map_err(Into::into)).await?;
+            eprintln!(
+                "quota of {target} set to {}",
+                wharf::store::meta::human_bytes(bytes)
+            );
+        }
+        QuotaCmd::List { json } => {
+            let q = a.store.quotas().await?;
+            if json {
+                out!("{}", serde_json::to_string_pretty(&q)?);
+            } else {
+                for q in q {
+                    out!(
+                        "{:<32} {:>10} used {:>10} ({}%)",
+                        q.target,
+                        wharf::store::meta::human_bytes(q.bytes),
+                        wharf::store::meta::human_bytes(q.used),
+                        q.used * 100 / q.bytes.max(1)
+                    );
+                }
+            }
+        }
+        QuotaCmd::Remove { target } => {
+            let target = quota_target(&target)?;
+            a.audit("quota.remove", Some(&target), String::new())
+                .await?;
+            if !a.store.quota_remove(&target).await? {
+                bail!("no quota on {target}");
+            }
+            eprintln!("removed the quota of {target}");
+        }
+    }
+    Ok(())
+}
+
+/// `team/*` or a repository name.
+fn quota_target(t: &str) -> anyhow::Result<String> {
+    match t.strip_suffix("/*") {
+        Some(ns) if !ns.contains('/') && wharf::oci::RepoName::parse(ns).is_ok() => {
+            Ok(t.to_owned())
+        }
+        Some(_) => bail!("{t:?}: a quota applies to a namespace (`team/*`) or a repository"),
+        None => {
+            wharf::oci::RepoName::parse(t).map_err(|e| {
+                anyhow::anyhow!("{t:?} is not a repository name or `namespace/*`: {e}")
+            })?;
+            Ok(t.to_owned())
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum TagCmd {
     /// Point a deleted tag back at its manifest, while garbage collection has not taken

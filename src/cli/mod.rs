@@ -72,6 +72,11 @@ enum Command {
     /// Retention rules: which tags and untagged manifests are deleted, which are kept.
     #[command(subcommand)]
     Retention(admin::RetentionCmd),
+    /// Storage used per namespace and repository, with quotas.
+    Usage(admin::UsageArgs),
+    /// Storage quotas per namespace (`team/*`) or repository.
+    #[command(subcommand)]
+    Quota(admin::QuotaCmd),
     /// Tags: restore one deleted by hand or by retention.
     #[command(subcommand)]
     Tag(admin::TagCmd),
@@ -166,6 +171,8 @@ pub fn main() -> ExitCode {
         Command::Gc(c) => admin::run(&cli.data, |a| Box::pin(admin::gc(a, c))),
         Command::Retention(c) => admin::run(&cli.data, |a| Box::pin(admin::retention(a, c))),
         Command::Tag(c) => admin::run(&cli.data, |a| Box::pin(admin::tag(a, c))),
+        Command::Usage(c) => admin::run(&cli.data, |a| Box::pin(admin::usage(a, c))),
+        Command::Quota(c) => admin::run(&cli.data, |a| Box::pin(admin::quota(a, c))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -101,7 +101,9 @@ pub async fn handle(
                     budget as u64,
                 ),
             ];
-            let mut r = (StatusCode::OK, state.metrics.render(&gauges)).into_response();
+            let mut text = state.metrics.render(&gauges);
+            text.push_str(&usage_metrics(state).await?);
+            let mut r = (StatusCode::OK, text).into_response();
             set(&mut r, "content-type", "text/plain; version=0.0.4");
             Ok(r)
         }
@@ -189,6 +191,57 @@ fn order(q: &Query) -> Result<(TagOrder, &'static str)> {
             ));
         }
     })
+}
+
+/// Stored bytes and blobs per namespace and repository (blobs counted once per
+/// namespace), and the quotas.
+async fn usage_metrics(state: &AppState) -> Result<String> {
+    use std::fmt::Write as _;
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = String::new();
+    let rows = state.store.usage_counters().await?;
+    out.push_str("# HELP wharf_storage_bytes Bytes of blobs stored, deduplicated per namespace.\n# TYPE wharf_storage_bytes gauge\n");
+    for r in &rows {
+        if let Some((kind, name)) = r.scope.split_once(':') {
+            let label = if kind == "ns" {
+                "namespace"
+            } else {
+                "repository"
+            };
+            let _ = writeln!(
+                out,
+                "wharf_storage_bytes{{{label}=\"{}\"}} {}",
+                esc(name),
+                r.bytes
+            );
+        }
+    }
+    out.push_str("# HELP wharf_storage_blobs Blobs stored, deduplicated per namespace.\n# TYPE wharf_storage_blobs gauge\n");
+    for r in &rows {
+        if let Some((kind, name)) = r.scope.split_once(':') {
+            let label = if kind == "ns" {
+                "namespace"
+            } else {
+                "repository"
+            };
+            let _ = writeln!(
+                out,
+                "wharf_storage_blobs{{{label}=\"{}\"}} {}",
+                esc(name),
+                r.blobs
+            );
+        }
+    }
+    out.push_str("# HELP wharf_quota_bytes Quota per namespace (team/*) or repository.\n# TYPE wharf_quota_bytes gauge\n");
+    for q in state.store.quotas().await? {
+        let _ = writeln!(
+            out,
+            "wharf_quota_bytes{{target=\"{}\"}} {}",
+            esc(&q.target),
+            q.bytes
+        );
+    }
+    Ok(out)
 }
 
 /// Manifests with no tag: index children, referrers, builds whose tag moved on.

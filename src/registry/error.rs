@@ -213,6 +213,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::NameUnknown => ApiError::new(StatusCode::NOT_FOUND, C::NameUnknown, msg),
             StoreError::Refused(_) => ApiError::new(StatusCode::CONFLICT, C::Denied, msg.clone()),
+            StoreError::Quota(_) => ApiError::new(StatusCode::FORBIDDEN, C::Denied, msg.clone()),
             StoreError::Immutable {
                 ref repository,
                 ref tag,

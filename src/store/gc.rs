@@ -41,6 +41,21 @@ impl Default for GcSettings {
     }
 }
 
+/// One line of the usage report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageEntry {
+    /// `namespace` or `repository`.
+    pub kind: String,
+    pub name: String,
+    pub bytes: u64,
+    pub blobs: u64,
+    pub tags: u64,
+    pub manifests: u64,
+    /// Unix ms.
+    pub last_push: Option<i64>,
+    pub quota: Option<u64>,
+}
+
 /// What a retention run deleted (or, in a dry run, would delete).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RetentionReport {
@@ -192,6 +207,114 @@ impl Store {
             last = Some(end);
         }
         Ok(report)
+    }
+
+    /// The usage counters (`ns:team`, `repo:team/api`).
+    pub async fn usage_counters(&self) -> Result<Vec<super::meta::UsageRow>, StoreError> {
+        Ok(self.meta.usage(false).await?)
+    }
+
+    /// The usage report: per namespace and repository, bytes (blobs counted once per
+    /// namespace), blobs, tags, manifests and the last push; only `namespace`'s if
+    /// given. With `verify`, the counters are compared with a recomputation from the
+    /// links, and a difference is an error naming it.
+    pub async fn usage_report(
+        &self,
+        namespace: Option<&str>,
+        verify: bool,
+    ) -> Result<Vec<UsageEntry>, StoreError> {
+        let counters = self.meta.usage(false).await?;
+        if verify {
+            let fresh = self.meta.usage(true).await?;
+            if fresh != counters {
+                let differ: Vec<String> = fresh
+                    .iter()
+                    .filter(|f| !counters.contains(f))
+                    .map(|f| format!("{} is {} bytes in {} blobs", f.scope, f.bytes, f.blobs))
+                    .chain(counters.iter().filter(|c| !fresh.contains(c)).map(|c| {
+                        format!(
+                            "the counter of {} says {} bytes in {} blobs",
+                            c.scope, c.bytes, c.blobs
+                        )
+                    }))
+                    .collect();
+                return Err(StoreError::Internal(format!(
+                    "usage counters differ from a recomputation: {}",
+                    differ.join("; ")
+                )));
+            }
+        }
+        let contents = self.meta.usage_contents().await?;
+        let quotas = self.meta.quotas().await?;
+        let mut out: Vec<UsageEntry> = Vec::new();
+        for r in &counters {
+            let Some((kind, name)) = r.scope.split_once(':') else {
+                continue;
+            };
+            let ns = super::meta::namespace_of(name);
+            if namespace.is_some_and(|want| want != ns) {
+                continue;
+            }
+            let mut e = UsageEntry {
+                kind: if kind == "ns" {
+                    "namespace"
+                } else {
+                    "repository"
+                }
+                .into(),
+                name: name.to_owned(),
+                bytes: r.bytes,
+                blobs: r.blobs,
+                tags: 0,
+                manifests: 0,
+                last_push: None,
+                quota: None,
+            };
+            for c in &contents {
+                let inside = if kind == "ns" {
+                    super::meta::namespace_of(&c.repository) == name
+                } else {
+                    c.repository == name
+                };
+                if inside {
+                    e.tags += c.tags;
+                    e.manifests += c.manifests;
+                    e.last_push = e.last_push.max(c.last_push);
+                }
+            }
+            let target = if kind == "ns" {
+                format!("{name}/*")
+            } else {
+                name.to_owned()
+            };
+            e.quota = quotas.iter().find(|q| q.target == target).map(|q| q.bytes);
+            out.push(e);
+        }
+        out.sort_by(|a, b| {
+            super::meta::namespace_of(&a.name)
+                .cmp(super::meta::namespace_of(&b.name))
+                .then_with(|| b.kind.cmp(&a.kind))
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        Ok(out)
+    }
+
+    pub async fn quotas(&self) -> Result<Vec<super::meta::Quota>, StoreError> {
+        Ok(self.meta.quotas().await?)
+    }
+
+    /// Sets a quota on `team/*` (a namespace: its blobs counted once) or a repository.
+    pub async fn quota_set(
+        &self,
+        target: &str,
+        bytes: u64,
+        by: Option<&str>,
+    ) -> Result<(), StoreError> {
+        Ok(self.meta.quota_set(target, bytes, by).await?)
+    }
+
+    pub async fn quota_remove(&self, target: &str) -> Result<bool, StoreError> {
+        Ok(self.meta.quota_remove(target).await?)
     }
 
     /// Manifests of `repo` with no tag, oldest first.

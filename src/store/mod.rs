@@ -83,6 +83,9 @@ pub enum StoreError {
         tag: String,
         policy: String,
     },
+    /// A quota would be exceeded.
+    #[error("{0}")]
+    Quota(String),
     /// Cannot be done as things are (the reason says why).
     #[error("{0}")]
     Refused(String),
@@ -142,6 +145,7 @@ impl From<MetaError> for StoreError {
             },
             MetaError::Conflict(what) => StoreError::Internal(format!("{what} already exists")),
             MetaError::Refused(why) => StoreError::Refused(why),
+            MetaError::Quota(why) => StoreError::Quota(why),
             MetaError::Db(e) => StoreError::Internal(e),
         }
     }
@@ -639,9 +643,22 @@ impl Store {
             self.claim(id, digest).await?;
             self.blobs.upload_commit(id, size, digest).await?;
         }
-        self.meta
+        match self
+            .meta
             .upload_complete(id, repo.as_str(), digest.as_str(), size)
-            .await?;
+            .await
+        {
+            Ok(()) => {}
+            // Over quota: nothing was counted; the upload ends (its bytes, if no one
+            // else's, go with the next garbage collection pass).
+            Err(MetaError::Quota(why)) => {
+                let _ = self.meta.upload_delete(id).await;
+                drop(state);
+                self.forget(id);
+                return Err(StoreError::Quota(why));
+            }
+            Err(e) => return Err(e.into()),
+        }
         drop(state);
         self.forget(id);
         Ok(size)

@@ -9,6 +9,8 @@ mod sqlite_auth;
 mod sqlite_events;
 mod sqlite_gc;
 mod sqlite_retention;
+mod sqlite_usage;
+pub use sqlite_usage::{human as human_bytes, namespace_of};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -33,6 +35,9 @@ pub enum MetaError {
     },
     #[error("{0} already exists")]
     Conflict(String),
+    /// A quota would be exceeded (the message names it and the figures).
+    #[error("{0}")]
+    Quota(String),
     /// A request that cannot be done as things are, with the reason.
     #[error("{0}")]
     Refused(String),
@@ -223,6 +228,33 @@ pub struct GcRun {
     pub uploads: u64,
     pub repositories: u64,
     pub error: Option<String>,
+}
+
+/// A quota and what its target uses now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Quota {
+    /// `team/*` or a repository.
+    pub target: String,
+    pub bytes: u64,
+    pub used: u64,
+}
+
+/// A usage counter: `ns:team` or `repo:team/api`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageRow {
+    pub scope: String,
+    pub bytes: u64,
+    pub blobs: u64,
+}
+
+/// What a repository holds, for the usage report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RepoContents {
+    pub repository: String,
+    pub tags: u64,
+    pub manifests: u64,
+    /// When a tag was last pushed or moved (unix ms).
+    pub last_push: Option<i64>,
 }
 
 /// A manifest with no tag.
@@ -431,6 +463,16 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<String, MetaError>;
     /// Manifests of `repo` with no tag (index children included, marked), oldest first.
     async fn untagged_manifests(&self, repo: &str) -> Result<Vec<UntaggedManifest>, MetaError>;
+    // ---- usage and quotas ----
+
+    /// Sets the quota of `target` (`team/*` or a repository) to `bytes`.
+    async fn quota_set(&self, target: &str, bytes: u64, by: Option<&str>) -> Result<(), MetaError>;
+    async fn quota_remove(&self, target: &str) -> Result<bool, MetaError>;
+    async fn quotas(&self) -> Result<Vec<Quota>, MetaError>;
+    /// The usage counters as kept, and (`recompute`) as recomputed from the links.
+    async fn usage(&self, recompute: bool) -> Result<Vec<UsageRow>, MetaError>;
+    /// Per repository: tags, manifests, and the last push (unix ms).
+    async fn usage_contents(&self) -> Result<Vec<RepoContents>, MetaError>;
     /// Records manifest pulls (repository, digest, unix ms) in one transaction.
     async fn record_pulls(&self, pulls: Vec<(String, String, i64)>) -> Result<(), MetaError>;
     /// The last `limit` passes, newest first.
@@ -485,6 +527,11 @@ pub(crate) mod tests {
 
     fn d(n: u8) -> String {
         format!("sha256:{}", format!("{n:02x}").repeat(32))
+    }
+
+    /// An image manifest record with no tag, for tests of other modules.
+    pub(crate) fn tests_manifest(digest: String, blobs: Vec<(String, i64)>) -> NewManifest {
+        manifest(digest, blobs, &[])
     }
 
     fn manifest(digest: String, blobs: Vec<(String, i64)>, tags: &[&str]) -> NewManifest {
@@ -1304,5 +1351,93 @@ pub(crate) mod tests {
         assert_eq!(got, vec![RetentionRule { id, ..rule }]);
         assert!(m.retention_rule_remove(id).await.unwrap());
         assert!(!m.retention_rule_remove(id).await.unwrap());
+    }
+
+    /// Usage and quotas: a blob counted once per namespace, released with its last link,
+    /// a push past a quota refused with nothing counted.
+    pub(crate) async fn usage_suite(m: &dyn MetaStore) {
+        let who = Who::default();
+        let bytes = |rows: &[UsageRow], scope: &str| {
+            rows.iter()
+                .find(|r| r.scope == scope)
+                .map(|r| (r.bytes, r.blobs))
+        };
+        blob_in(m, "q/a", &d(1), 100).await;
+        blob_in(m, "q/b", &d(1), 100).await;
+        m.mount_blob("q/c", "q/a", &d(1), &who).await.unwrap();
+        blob_in(m, "other/a", &d(1), 100).await;
+        blob_in(m, "q/a", &d(2), 50).await;
+        let u = m.usage(false).await.unwrap();
+        assert_eq!(
+            bytes(&u, "ns:q"),
+            Some((150, 2)),
+            "d(1) counts once in q: {u:?}"
+        );
+        assert_eq!(bytes(&u, "repo:q/a"), Some((150, 2)));
+        assert_eq!(bytes(&u, "repo:q/c"), Some((100, 1)));
+        assert_eq!(bytes(&u, "ns:other"), Some((100, 1)));
+        assert_eq!(u, m.usage(true).await.unwrap());
+        // A re-push of a linked blob changes nothing.
+        blob_in(m, "q/a", &d(2), 50).await;
+        assert_eq!(m.usage(false).await.unwrap(), u);
+
+        // Quotas: a namespace's and a repository's.
+        m.quota_set("q/*", 200, Some("admin")).await.unwrap();
+        m.upload_create("over", "q/d", false).await.unwrap();
+        m.upload_verified("over", &d(3)).await.unwrap();
+        let e = m
+            .upload_complete("over", "q/d", &d(3), 60)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, MetaError::Quota(ref msg) if msg == "quota of q/ exceeded: 210 B of 200 B"),
+            "{e}"
+        );
+        assert_eq!(m.usage(false).await.unwrap(), u, "nothing partial counted");
+        assert_eq!(m.linked_blob("q/d", &d(3)).await.unwrap(), None);
+        // A blob the namespace already holds costs nothing more.
+        assert_eq!(
+            m.mount_blob("q/d", "q/a", &d(2), &who).await.unwrap(),
+            Some(50)
+        );
+        m.quota_set("q/d", 10, None).await.unwrap();
+        assert!(matches!(
+            m.mount_blob("q/e", "q/d", &d(2), &who).await,
+            Ok(Some(50))
+        ));
+        let e = m
+            .manifest_put("q/d", manifest(d(90), vec![(d(2), 50)], &["x"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, MetaError::Quota(ref msg) if msg.starts_with("quota of q/d exceeded")),
+            "{e}"
+        );
+        let q = m.quotas().await.unwrap();
+        assert_eq!(q.len(), 2);
+        assert_eq!((q[0].target.as_str(), q[0].used), ("q/*", 150));
+        assert!(m.quota_remove("q/d").await.unwrap());
+        assert!(!m.quota_remove("q/d").await.unwrap());
+        m.manifest_put("q/d", manifest(d(90), vec![(d(2), 50)], &["x"]))
+            .await
+            .unwrap();
+
+        // Released with the last link of the namespace, by a delete, a sweep or a
+        // repository delete.
+        assert!(m.unlink_blob("q/b", &d(1), &who).await.unwrap());
+        assert_eq!(
+            bytes(&m.usage(false).await.unwrap(), "ns:q"),
+            Some((150, 2))
+        );
+        m.repository_delete("q/c", &who).await.unwrap();
+        m.repository_delete("q/e", &who).await.unwrap();
+        m.repository_delete("q/d", &who).await.unwrap();
+        assert_eq!(bytes(&m.usage(false).await.unwrap(), "ns:q"), Some((150, 2)));
+        m.gc_sweep_links(now_ms() + 60_000, 100).await.unwrap();
+        let after = m.usage(false).await.unwrap();
+        assert!(after.is_empty(), "every link left was unreferenced: {after:?}");
+        assert_eq!(after, m.usage(true).await.unwrap());
+        let contents = m.usage_contents().await.unwrap();
+        assert!(contents.iter().any(|c| c.repository == "other/a"));
     }
 }

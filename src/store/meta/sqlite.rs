@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::sqlite_gc as gc;
 use super::sqlite_retention as retention;
+use super::sqlite_usage as usage;
 use super::{
     EventRecord, GcBlob, GcLink, GcManifest, GcPreview, GcRun, Link, ManifestRecord, MetaError,
     MetaStore, NewManifest, Referrer, RepoDeleted, TagOrder, TagRow, UploadRow, Who,
@@ -26,6 +27,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0005_hardening.sql"),
     include_str!("../../../migrations/sqlite/0006_gc.sql"),
     include_str!("../../../migrations/sqlite/0007_retention.sql"),
+    include_str!("../../../migrations/sqlite/0008_usage.sql"),
 ];
 const READERS: usize = 8;
 /// The catalog lists a repository only while it holds a manifest: one emptied by deletes
@@ -242,13 +244,33 @@ fn ensure_repo(tx: &Transaction<'_>, repo: &str, now: i64) -> Result<(), MetaErr
     Ok(())
 }
 
+/// Links `digest` into `repo` (or marks an existing link used), charging a new link to
+/// the usage counters: refused with `Quota` past a quota, which rolls the link back.
 fn link(tx: &Transaction<'_>, repo: &str, digest: &str, now: i64) -> Result<(), MetaError> {
     ensure_repo(tx, repo, now)?;
-    tx.execute(
-        "INSERT INTO repository_blobs (repository, digest, created_at, touched_at) VALUES (?1, ?2, ?3, ?3)
-         ON CONFLICT (repository, digest) DO UPDATE SET touched_at = excluded.touched_at",
-        params![repo, digest, now],
-    )?;
+    let updated = tx
+        .prepare_cached(
+            "UPDATE repository_blobs SET touched_at = ?3 WHERE repository = ?1 AND digest = ?2",
+        )?
+        .execute(params![repo, digest, now])?;
+    if updated == 0 {
+        tx.prepare_cached(
+            "INSERT INTO repository_blobs (repository, digest, created_at, touched_at) VALUES (?1, ?2, ?3, ?3)",
+        )?
+        .execute(params![repo, digest, now])?;
+        usage::charge(tx, repo, digest)?;
+    }
+    Ok(())
+}
+
+/// Removes `repo`'s link to `digest`, releasing it from the usage counters.
+pub(super) fn unlink(tx: &Transaction<'_>, repo: &str, digest: &str) -> Result<(), MetaError> {
+    let n = tx
+        .prepare_cached("DELETE FROM repository_blobs WHERE repository = ?1 AND digest = ?2")?
+        .execute(params![repo, digest])?;
+    if n > 0 {
+        usage::release(tx, repo, digest)?;
+    }
     Ok(())
 }
 
@@ -548,10 +570,7 @@ impl MetaStore for SqliteMeta {
                 return Ok(false);
             }
             check_unneeded(tx, &repo, &digest, format!("blob {digest}"))?;
-            tx.execute(
-                "DELETE FROM repository_blobs WHERE repository = ?1 AND digest = ?2",
-                params![repo, digest],
-            )?;
+            unlink(tx, &repo, &digest)?;
             audit_row(tx, "delete.blob", &repo, &digest, &by, now_ms())?;
             Ok(true)
         })
@@ -676,6 +695,8 @@ impl MetaStore for SqliteMeta {
         let repo = repo.to_owned();
         self.write(move |tx| {
             let now = now_ms();
+            // A repository or namespace over its quota takes no more manifests.
+            usage::check(tx, &repo)?;
             for (digest, declared) in &m.blobs {
                 let size = linked_size(tx, &repo, digest)?.ok_or_else(|| MetaError::MissingBlob(digest.clone()))?;
                 check_size(digest, *declared, size)?;
@@ -986,6 +1007,36 @@ impl MetaStore for SqliteMeta {
         self.scan(move |c| retention::untagged(c, &repo)).await
     }
 
+    async fn quota_set(&self, target: &str, bytes: u64, by: Option<&str>) -> Result<(), MetaError> {
+        let (target, by) = (target.to_owned(), by.map(str::to_owned));
+        self.write(move |tx| usage::quota_set(tx, &target, bytes, by.as_deref()))
+            .await
+    }
+
+    async fn quota_remove(&self, target: &str) -> Result<bool, MetaError> {
+        let target = target.to_owned();
+        self.write(move |tx| {
+            Ok(tx.execute("DELETE FROM quotas WHERE target = ?1", params![target])? > 0)
+        })
+        .await
+    }
+
+    async fn quotas(&self) -> Result<Vec<super::Quota>, MetaError> {
+        self.scan(usage::quotas).await
+    }
+
+    async fn usage(&self, recompute: bool) -> Result<Vec<super::UsageRow>, MetaError> {
+        if recompute {
+            self.scan(usage::recompute).await
+        } else {
+            self.scan(usage::counters).await
+        }
+    }
+
+    async fn usage_contents(&self) -> Result<Vec<super::RepoContents>, MetaError> {
+        self.scan(usage::contents).await
+    }
+
     async fn record_pulls(&self, pulls: Vec<(String, String, i64)>) -> Result<(), MetaError> {
         self.write(move |tx| retention::record_pulls(tx, &pulls))
             .await
@@ -1268,6 +1319,107 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
         super::super::tests::retention_suite(&meta).await;
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+        super::super::tests::usage_suite(&meta).await;
+    }
+
+    /// Random sequences of pushes, mounts, manifest and tag deletes, blob deletes,
+    /// repository deletes and collection passes: the usage counters always equal a
+    /// recomputation from the links.
+    #[test]
+    fn usage_counters_always_equal_a_recomputation() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        #[derive(Debug, Clone)]
+        enum Op {
+            Push(u8, u8),
+            Mount(u8, u8, u8),
+            Manifest(u8, u8, u8),
+            DeleteManifest(u8, u8),
+            DeleteTag(u8),
+            Unlink(u8, u8),
+            DeleteRepo(u8),
+            Gc,
+        }
+        let op = prop_oneof![
+            (0..4u8, 0..5u8).prop_map(|(r, b)| Op::Push(r, b)),
+            (0..4u8, 0..4u8, 0..5u8).prop_map(|(r, f, b)| Op::Mount(r, f, b)),
+            (0..4u8, 0..5u8, 0..3u8).prop_map(|(r, b, t)| Op::Manifest(r, b, t)),
+            (0..4u8, 0..5u8).prop_map(|(r, b)| Op::DeleteManifest(r, b)),
+            (0..4u8).prop_map(Op::DeleteTag),
+            (0..4u8, 0..5u8).prop_map(|(r, b)| Op::Unlink(r, b)),
+            (0..4u8).prop_map(Op::DeleteRepo),
+            Just(Op::Gc),
+        ];
+        let repo = |r: u8| ["a/x", "a/y", "b/x", "c"][r as usize].to_owned();
+        let blob = |b: u8| format!("sha256:{}", format!("{:02x}", b + 1).repeat(32));
+        let mdig =
+            |r: u8, b: u8| format!("sha256:{}", format!("{:02x}", 0x80 + r * 8 + b).repeat(32));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut runner = TestRunner::new(Config {
+            cases: 48,
+            ..Config::default()
+        });
+        runner
+            .run(&proptest::collection::vec(op, 1..40), |ops| {
+                rt.block_on(async {
+                    let dir = tempfile::tempdir().unwrap();
+                    let m = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+                    let who = Who::default();
+                    for (i, op) in ops.iter().enumerate() {
+                        match op.clone() {
+                            Op::Push(r, b) => {
+                                let id = format!("u{i}");
+                                m.upload_create(&id, &repo(r), false).await.unwrap();
+                                m.upload_verified(&id, &blob(b)).await.unwrap();
+                                m.upload_complete(&id, &repo(r), &blob(b), 10 + u64::from(b))
+                                    .await
+                                    .unwrap();
+                            }
+                            Op::Mount(r, f, b) => {
+                                m.mount_blob(&repo(r), &repo(f), &blob(b), &who)
+                                    .await
+                                    .unwrap();
+                            }
+                            Op::Manifest(r, b, t) => {
+                                let mut nm = super::super::tests::tests_manifest(
+                                    mdig(r, b),
+                                    vec![(blob(b), 10 + i64::from(b))],
+                                );
+                                nm.tags = vec![format!("t{t}")];
+                                let _ = m.manifest_put(&repo(r), nm).await;
+                            }
+                            Op::DeleteManifest(r, b) => {
+                                let _ = m.manifest_delete(&repo(r), &mdig(r, b), &who, true).await;
+                            }
+                            Op::DeleteTag(r) => {
+                                let _ = m.tag_delete(&repo(r), "t0", &who).await;
+                            }
+                            Op::Unlink(r, b) => {
+                                let _ = m.unlink_blob(&repo(r), &blob(b), &who).await;
+                            }
+                            Op::DeleteRepo(r) => {
+                                let _ = m.repository_delete(&repo(r), &who).await;
+                            }
+                            Op::Gc => {
+                                m.gc_sweep_links(now_ms() + 60_000, 100).await.unwrap();
+                                let marked = m.gc_mark_blobs(100).await.unwrap();
+                                m.gc_forget(marked.into_iter().map(|b| b.digest).collect())
+                                    .await
+                                    .unwrap();
+                            }
+                        }
+                        let kept = m.usage(false).await.unwrap();
+                        let fresh = m.usage(true).await.unwrap();
+                        prop_assert_eq!(kept, fresh, "after {:?}", &ops[..=i]);
+                    }
+                    Ok(())
+                })
+            })
+            .unwrap();
     }
 
     #[tokio::test]

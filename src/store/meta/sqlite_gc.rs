@@ -162,10 +162,14 @@ pub(super) fn repository_delete(
     for d in &manifests {
         delete_manifest_row(tx, repo, d, by.actor.as_deref(), now)?;
     }
-    let links = tx.execute(
-        "DELETE FROM repository_blobs WHERE repository = ?1",
-        params![repo],
-    )?;
+    let linked: Vec<String> = tx
+        .prepare_cached("SELECT digest FROM repository_blobs WHERE repository = ?1")?
+        .query_map(params![repo], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for d in &linked {
+        super::sqlite::unlink(tx, repo, d)?;
+    }
+    let links = linked.len();
     tx.execute("DELETE FROM repositories WHERE name = ?1", params![repo])?;
     let done = RepoDeleted {
         tags: tags.len() as u64,
@@ -218,10 +222,8 @@ pub(super) fn sweep_links(
             return Ok(out);
         };
         (repo, digest) = (last.repository.clone(), last.digest.clone());
-        let mut del = tx
-            .prepare_cached("DELETE FROM repository_blobs WHERE repository = ?1 AND digest = ?2")?;
         for l in &found {
-            del.execute(params![l.repository, l.digest])?;
+            super::sqlite::unlink(tx, &l.repository, &l.digest)?;
         }
         out.extend(found);
         if out.len() >= limit as usize {
