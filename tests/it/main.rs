@@ -20,6 +20,7 @@ mod memory;
 mod podman;
 mod policy;
 mod promote;
+mod quota;
 mod referrers;
 mod restart;
 mod retention;

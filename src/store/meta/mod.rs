@@ -1432,10 +1432,16 @@ pub(crate) mod tests {
         m.repository_delete("q/c", &who).await.unwrap();
         m.repository_delete("q/e", &who).await.unwrap();
         m.repository_delete("q/d", &who).await.unwrap();
-        assert_eq!(bytes(&m.usage(false).await.unwrap(), "ns:q"), Some((150, 2)));
+        assert_eq!(
+            bytes(&m.usage(false).await.unwrap(), "ns:q"),
+            Some((150, 2))
+        );
         m.gc_sweep_links(now_ms() + 60_000, 100).await.unwrap();
         let after = m.usage(false).await.unwrap();
-        assert!(after.is_empty(), "every link left was unreferenced: {after:?}");
+        assert!(
+            after.is_empty(),
+            "every link left was unreferenced: {after:?}"
+        );
         assert_eq!(after, m.usage(true).await.unwrap());
         let contents = m.usage_contents().await.unwrap();
         assert!(contents.iter().any(|c| c.repository == "other/a"));
