@@ -210,6 +210,7 @@ impl Agent {
         agent.login().await.ok();
         agent.recover().await;
         tokio::spawn(Arc::clone(&agent).watch_access());
+        tokio::spawn(Arc::clone(&agent).report_every_hour());
         for name in agent.stacks.keys() {
             tokio::spawn(Arc::clone(&agent).worker(name.clone()));
         }
@@ -556,8 +557,94 @@ impl Agent {
             Ok(Outcome::Deployed { .. } | Outcome::RolledBack { .. } | Outcome::Failed { .. })
         ) {
             self.prune_images().await;
+            self.report_deploys(Some(&stack.name)).await;
         }
         outcome
+    }
+
+    /// What this agent calls itself in its reports: the host's name.
+    fn agent_name(&self) -> String {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "wharf-agent".into())
+    }
+
+    /// Tells the registry what each stack (or just `only`) runs, and each service's last
+    /// `keep_images` healthy images (its rollback targets), so that retention never
+    /// deletes them. Sent at start, after each deploy, and every hour; one that fails
+    /// is logged and sent again at the next of those.
+    async fn report_deploys(&self, only: Option<&str>) {
+        let Ok(client) = self.access.client() else {
+            return;
+        };
+        let agent = self.agent_name();
+        let keep = self.config.keep_images.max(1);
+        for s in &self.config.stacks {
+            if only.is_some_and(|o| o != s.name) {
+                continue;
+            }
+            let list = match self.history.list(&s.name, 500) {
+                Ok(l) => l,
+                Err(e) => return tracing::warn!(error = %e, "agent: no deploy report"),
+            };
+            let mut services = Vec::new();
+            let mut seen: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            let running = list
+                .iter()
+                .find(|d| d.state == "success" || d.state == "running");
+            for d in running
+                .into_iter()
+                .chain(list.iter().filter(|d| d.state == "success"))
+            {
+                for (svc, image) in &d.after {
+                    let images = seen.entry(svc).or_default();
+                    if images.contains(&image.as_str()) || images.len() > keep {
+                        continue;
+                    }
+                    let Ok(r) = crate::client::ImageRef::parse(image, None) else {
+                        continue;
+                    };
+                    let crate::oci::Reference::Digest(digest) = &r.reference else {
+                        continue;
+                    };
+                    if r.registry.as_deref().is_some_and(|h| h != client.host()) {
+                        continue;
+                    }
+                    let state = if images.is_empty() {
+                        "running"
+                    } else {
+                        "previous"
+                    };
+                    images.push(image);
+                    services.push(serde_json::json!({
+                        "service": svc,
+                        "repository": r.repo.as_str(),
+                        "digest": digest.as_str(),
+                        "state": state,
+                        "deployed_at": d.finished_at.unwrap_or(d.started_at),
+                    }));
+                }
+            }
+            let report =
+                serde_json::json!({ "agent": agent, "stack": s.name, "services": services });
+            match client.report_deploys(&report).await {
+                Ok(()) => {
+                    tracing::debug!(stack = %s.name, "agent: reported its deploys to the registry")
+                }
+                Err(e) => {
+                    tracing::warn!(stack = %s.name, "agent: could not report its deploys to the registry: {e:#}")
+                }
+            }
+        }
+    }
+
+    async fn report_every_hour(self: Arc<Self>) {
+        loop {
+            self.report_deploys(None).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
     }
 
     /// At SIGTERM: no deploy starts any more, and each one running ends (healthy, or

@@ -678,6 +678,61 @@ pub async fn retention(a: Admin, cmd: RetentionCmd) -> anyhow::Result<()> {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct DeploysArgs {
+    #[arg(long)]
+    json: bool,
+    /// Forget everything an agent reported (one that was decommissioned): retention
+    /// no longer spares its digests.
+    #[arg(long, value_name = "AGENT")]
+    forget: Option<String>,
+}
+
+/// What deploy agents report running where, and their rollback targets.
+pub async fn deploys(a: Admin, args: DeploysArgs) -> anyhow::Result<()> {
+    if let Some(agent) = args.forget {
+        let by = wharf::store::Who {
+            actor: Some(a.actor.clone()),
+            ..Default::default()
+        };
+        let n = a.store.deployments_forget(&agent, &by).await?;
+        if n == 0 {
+            bail!("no agent {agent:?} has reported");
+        }
+        eprintln!("forgot {n} deployments reported by {agent}");
+        return Ok(());
+    }
+    let rows = a.store.deployments().await?;
+    if args.json {
+        out!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    out!(
+        "{:<16} {:<14} {:<14} {:<9} {:<28} {:<19} {:<20} REPORTED",
+        "AGENT",
+        "STACK",
+        "SERVICE",
+        "STATE",
+        "REPOSITORY",
+        "DIGEST",
+        "DEPLOYED"
+    );
+    for d in rows {
+        out!(
+            "{:<16} {:<14} {:<14} {:<9} {:<28} {:<19} {:<20} {}",
+            d.agent,
+            d.stack,
+            d.service,
+            d.state,
+            d.repository,
+            d.digest.get(..19).unwrap_or(&d.digest),
+            rfc3339(d.deployed_at),
+            rfc3339(d.reported_at)
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
 pub struct UsageArgs {
     /// Only this namespace (`team` for `team/api`).
     namespace: Option<String>,

@@ -72,6 +72,8 @@ enum Command {
     /// Retention rules: which tags and untagged manifests are deleted, which are kept.
     #[command(subcommand)]
     Retention(admin::RetentionCmd),
+    /// What deploy agents report running where (retention never deletes those digests).
+    Deploys(admin::DeploysArgs),
     /// Storage used per namespace and repository, with quotas.
     Usage(admin::UsageArgs),
     /// Storage quotas per namespace (`team/*`) or repository.
@@ -171,6 +173,7 @@ pub fn main() -> ExitCode {
         Command::Gc(c) => admin::run(&cli.data, |a| Box::pin(admin::gc(a, c))),
         Command::Retention(c) => admin::run(&cli.data, |a| Box::pin(admin::retention(a, c))),
         Command::Tag(c) => admin::run(&cli.data, |a| Box::pin(admin::tag(a, c))),
+        Command::Deploys(c) => admin::run(&cli.data, |a| Box::pin(admin::deploys(a, c))),
         Command::Usage(c) => admin::run(&cli.data, |a| Box::pin(admin::usage(a, c))),
         Command::Quota(c) => admin::run(&cli.data, |a| Box::pin(admin::quota(a, c))),
     };

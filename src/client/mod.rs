@@ -468,6 +468,15 @@ impl Client {
 }
 
 impl Client {
+    /// A deploy agent's report of what a stack runs (`POST /api/v1/deploys`).
+    pub async fn report_deploys(&self, report: &serde_json::Value) -> anyhow::Result<()> {
+        let r = self
+            .send(Method::POST, "/api/v1/deploys", |rb| rb.json(report))
+            .await?;
+        ok(r, "reporting deploys").await?;
+        Ok(())
+    }
+
     /// The deleted tags of `repo` that can still be restored (`what` = `deleted`), or
     /// its manifests with no tag (`untagged`).
     pub async fn tags_listing(

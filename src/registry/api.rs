@@ -24,6 +24,7 @@ const MAX_PAGE_SIZE: u32 = 1000;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Api<'a> {
     Metrics,
+    Deploys,
     Tags { name: &'a str },
     Cli { file: &'a str },
 }
@@ -38,6 +39,9 @@ pub fn parse(path: &str) -> Option<Api<'_>> {
     if path == "/metrics" {
         return Some(Api::Metrics);
     }
+    if path == "/api/v1/deploys" {
+        return Some(Api::Deploys);
+    }
     if let Some(file) = path.strip_prefix("/api/v1/cli/") {
         return Some(Api::Cli { file });
     }
@@ -50,19 +54,32 @@ pub fn parse(path: &str) -> Option<Api<'_>> {
     (!name.is_empty()).then_some(Api::Tags { name })
 }
 
+/// A request to wharf's own API, past authentication.
+pub struct ApiRequest<'a> {
+    pub method: &'a Method,
+    pub q: &'a Query,
+    pub client: Option<std::net::IpAddr>,
+    pub body: axum::body::Body,
+}
+
 pub async fn handle(
     state: &AppState,
     site: &Site<'_>,
     caller: &Caller,
     api: Api<'_>,
-    method: &Method,
-    q: &Query,
-    client: Option<std::net::IpAddr>,
+    req: ApiRequest<'_>,
 ) -> Result<Response> {
-    if method != Method::GET && method != Method::HEAD {
+    let ApiRequest {
+        method,
+        q,
+        client,
+        body,
+    } = req;
+    if method != Method::GET && method != Method::HEAD && !matches!(api, Api::Deploys) {
         return Err(method_not_allowed());
     }
     match api {
+        Api::Deploys => deploys(state, site, caller, method, client, body).await,
         Api::Metrics => {
             match &caller.principal {
                 Principal::Anonymous => {
@@ -191,6 +208,143 @@ fn order(q: &Query) -> Result<(TagOrder, &'static str)> {
             ));
         }
     })
+}
+
+/// A deploy agent's report of one stack: what each service runs and its last rollback
+/// targets (`POST`), and what agents report (`GET`, the repositories the caller may
+/// pull). Reporting needs pull on every repository named, which an agent's read token
+/// has.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployReport {
+    agent: String,
+    stack: String,
+    services: Vec<ReportedService>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportedService {
+    service: String,
+    repository: String,
+    digest: String,
+    state: String,
+    /// Unix ms.
+    deployed_at: i64,
+}
+
+/// Services one report may list, at most (a stack's services times their rollback
+/// targets).
+const MAX_REPORTED: usize = 1000;
+
+async fn deploys(
+    state: &AppState,
+    site: &Site<'_>,
+    caller: &Caller,
+    method: &Method,
+    client: Option<std::net::IpAddr>,
+    body: axum::body::Body,
+) -> Result<Response> {
+    if caller.principal == Principal::Anonymous {
+        return Err(site.unauthorized("authentication required", None, None));
+    }
+    let bad = |m: String| ApiError::unsupported(StatusCode::BAD_REQUEST, m);
+    if method == Method::GET || method == Method::HEAD {
+        let mut allowed: std::collections::HashMap<String, bool> = Default::default();
+        let mut rows = Vec::new();
+        for d in state.store.deployments().await? {
+            let ok = match allowed.get(&d.repository) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = authz::require(
+                        &state.auth,
+                        site,
+                        caller,
+                        &d.repository,
+                        Action::Pull,
+                        client,
+                    )
+                    .await
+                    .is_ok();
+                    allowed.insert(d.repository.clone(), ok);
+                    ok
+                }
+            };
+            if ok {
+                rows.push(d);
+            }
+        }
+        return Ok(json(StatusCode::OK, &json!({ "deployments": rows })));
+    }
+    if method != Method::POST {
+        return Err(method_not_allowed());
+    }
+    let bytes = super::read_limited(body, 1024 * 1024)
+        .await
+        .map_err(|seen| match seen {
+            Some(_) => bad("a deploy report is at most 1 MiB".into()),
+            None => ApiError::from(crate::store::StoreError::Body(std::io::Error::other(
+                "request body failed",
+            ))),
+        })?;
+    let report: DeployReport = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(format!("the deploy report is not valid: {e}")))?;
+    let label = |what: &str, v: &str| {
+        if v.is_empty() || v.len() > 128 || v.chars().any(|c| c.is_control()) {
+            Err(bad(format!("{what} {v:?}: 1 to 128 printable characters")))
+        } else {
+            Ok(())
+        }
+    };
+    label("agent", &report.agent)?;
+    label("stack", &report.stack)?;
+    if report.services.len() > MAX_REPORTED {
+        return Err(bad(format!(
+            "a report lists at most {MAX_REPORTED} services"
+        )));
+    }
+    let mut rows = Vec::with_capacity(report.services.len());
+    for s in &report.services {
+        label("service", &s.service)?;
+        let name = repo(&s.repository)?;
+        let digest: crate::oci::Digest = s.digest.parse()?;
+        if s.state != "running" && s.state != "previous" {
+            return Err(bad(format!("state {:?}: running or previous", s.state)));
+        }
+        authz::require(
+            &state.auth,
+            site,
+            caller,
+            name.as_str(),
+            Action::Pull,
+            client,
+        )
+        .await?;
+        rows.push(crate::store::meta::Deployment {
+            agent: report.agent.clone(),
+            stack: report.stack.clone(),
+            service: s.service.clone(),
+            repository: name.to_string(),
+            digest: digest.to_string(),
+            state: s.state.clone(),
+            deployed_at: s.deployed_at,
+            reported_at: 0,
+            reported_by: None,
+        });
+    }
+    let by = crate::store::Who {
+        actor: caller.principal.name().map(str::to_owned),
+        credential: caller.principal.credential().map(str::to_owned),
+        client: client.map(|c| c.to_string()),
+    };
+    state
+        .store
+        .deployments_report(&report.agent, &report.stack, rows, &by)
+        .await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "recorded": report.services.len() }),
+    ))
 }
 
 /// Stored bytes and blobs per namespace and repository (blobs counted once per

@@ -272,7 +272,13 @@ async fn handle(
         seen.route = Route::Api;
         let caller = authz::authenticate(auth, &site, &parts.headers, client).await?;
         authenticated(&caller, seen);
-        return api::handle(state, &site, &caller, api, &parts.method, &q, client).await;
+        let req = api::ApiRequest {
+            method: &parts.method,
+            q: &q,
+            client,
+            body,
+        };
+        return api::handle(state, &site, &caller, api, req).await;
     }
     let rest = match path {
         "/v2" => "",
@@ -831,7 +837,10 @@ async fn manifest_put(
 /// Reads a body of at most `limit` bytes. Over the limit: `Err(Some(bytes seen))`, after
 /// reading on up to [`incoming::DRAIN_LIMIT`] to tell how large; a failed body:
 /// `Err(None)`.
-async fn read_limited(body: Body, limit: usize) -> std::result::Result<Bytes, Option<usize>> {
+pub(crate) async fn read_limited(
+    body: Body,
+    limit: usize,
+) -> std::result::Result<Bytes, Option<usize>> {
     use futures_util::StreamExt;
     let mut stream = body.into_data_stream();
     let mut buf = bytes::BytesMut::new();

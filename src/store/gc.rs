@@ -155,7 +155,6 @@ impl Store {
         if rules.is_empty() {
             return Ok(report);
         }
-        let protected = std::collections::HashSet::new();
         let policies = self.meta.policies().await?;
         let now = now_ms();
         let mut last: Option<String> = None;
@@ -166,6 +165,13 @@ impl Store {
             };
             for repo in page {
                 let state = self.meta.retention_state(&repo).await?;
+                // What deploy agents run, and their rollback targets, always stays.
+                let protected: std::collections::HashSet<String> = self
+                    .meta
+                    .deployed_digests(&repo)
+                    .await?
+                    .into_iter()
+                    .collect();
                 let mut p = plan(
                     &repo,
                     &rules,
@@ -207,6 +213,25 @@ impl Store {
             last = Some(end);
         }
         Ok(report)
+    }
+
+    /// Replaces what a deploy agent reports for one of its stacks.
+    pub async fn deployments_report(
+        &self,
+        agent: &str,
+        stack: &str,
+        rows: Vec<super::meta::Deployment>,
+        by: &Who,
+    ) -> Result<(), StoreError> {
+        Ok(self.meta.deployments_report(agent, stack, rows, by).await?)
+    }
+
+    pub async fn deployments(&self) -> Result<Vec<super::meta::Deployment>, StoreError> {
+        Ok(self.meta.deployments().await?)
+    }
+
+    pub async fn deployments_forget(&self, agent: &str, by: &Who) -> Result<u64, StoreError> {
+        Ok(self.meta.deployments_forget(agent, by).await?)
     }
 
     /// The usage counters (`ns:team`, `repo:team/api`).

@@ -1816,6 +1816,71 @@ async fn old_images_are_removed_beyond_keep_images_and_a_rollback_pulls_them_bac
     );
     let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
     assert!(log.contains("removed"), "{log}");
+
+    // Issue 16: the agent reports what runs (v1) and its rollback targets (the last two
+    // healthy before it) to the registry, and retention never deletes those digests.
+    let digest_of = |v: &str| pins[v].rsplit_once('@').unwrap().1.to_owned();
+    let mut reported = Vec::new();
+    wait_until("the agent reports its deploys", 30, || {
+        let out = crate::common::wharf(&reg, &["deploys", "--json"]);
+        let rows: Value = serde_json::from_str(&out).unwrap();
+        reported = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["stack"] == "web" && r["repository"] == repo.as_str())
+            .map(|r| {
+                (
+                    r["state"].as_str().unwrap().to_owned(),
+                    r["digest"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        reported.contains(&("running".to_owned(), digest_of("v1")))
+    });
+    assert!(
+        reported.contains(&("previous".to_owned(), digest_of("v5"))),
+        "{reported:?}"
+    );
+    assert!(
+        reported.contains(&("previous".to_owned(), digest_of("v4"))),
+        "{reported:?}"
+    );
+    let table = crate::common::wharf(&reg, &["deploys"]);
+    assert!(
+        table.contains("running") && table.contains(&repo),
+        "{table}"
+    );
+    crate::common::wharf(
+        &reg,
+        &[
+            "retention",
+            "set",
+            &repo,
+            "--delete-older",
+            "1s",
+            "--tags",
+            "v*",
+        ],
+    );
+    let plan: Value =
+        serde_json::from_str(&crate::common::wharf(&reg, &["retention", "run", "--json"])).unwrap();
+    let mut deleted: Vec<&str> = plan["deletions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["tag"].as_str())
+        .collect();
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        ["v2", "v3"],
+        "deployed digests are spared: {plan:#}"
+    );
+    for v in ["v1", "v4", "v5"] {
+        let r = reg.get(&format!("/v2/{repo}/manifests/{v}")).await;
+        assert_eq!(r.status(), reqwest::StatusCode::OK, "{v}");
+    }
     let _ = Command::new("docker")
         .arg("rmi")
         .args(pins.values())

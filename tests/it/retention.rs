@@ -313,3 +313,104 @@ async fn retention_rules_delete_what_they_name_and_a_tag_can_be_restored_within_
     let err = wharf_fails(&reg, &["retention", "remove", &id]);
     assert!(err.contains("no retention rule"), "{err}");
 }
+
+/// `POST /api/v1/deploys` from the attacker's side: it needs a login and pull on every
+/// repository it names; bad reports change nothing; one user's report never removes
+/// what another user reported (so a reader can add protection, never take it away).
+#[tokio::test]
+async fn deploy_reports_need_pull_and_never_remove_what_another_reported() {
+    let reg = TestRegistry::start_tuned(|c| c.gc_interval = Duration::ZERO);
+    let (_, d1) = reg.push_image("team/api", "v1", "one").await;
+    let (_, d2) = reg.push_image("team/api", "v2", "two").await;
+    let (_, secret) = reg.push_image("private/x", "v1", "x").await;
+    add_user(&reg, "agent", "agent-password-1");
+    add_user(&reg, "mallory", "mallory-password-1");
+    wharf(&reg, &["grant", "agent", "team/*", "pull"]);
+    wharf(&reg, &["grant", "mallory", "team/*", "pull"]);
+    let agent = client_as("agent", "agent-password-1");
+    let mallory = client_as("mallory", "mallory-password-1");
+    let report = |digest: &str, repo: &str| {
+        serde_json::json!({"agent": "web-1", "stack": "web", "services": [
+            {"service": "api", "repository": repo, "digest": digest, "state": "running", "deployed_at": 1}
+        ]})
+    };
+    let post = |c: &reqwest::Client, body: Value| {
+        let c = c.clone();
+        let url = reg.url("/api/v1/deploys");
+        async move { c.post(url).json(&body).send().await.unwrap() }
+    };
+    let r = post(&agent, report(&d1, "team/api")).await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+
+    // Anonymous: 401. A repository the caller may not pull: 403, nothing recorded.
+    let r = post(&reqwest::Client::new(), report(&d1, "team/api")).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let (status, code) = error_of(post(&mallory, report(&secret, "private/x")).await).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "DENIED"));
+    // Malformed reports: 400 with the OCI error body.
+    for bad in [
+        serde_json::json!({"agent": "web-1"}),
+        serde_json::json!({"agent": "", "stack": "web", "services": []}),
+        serde_json::json!({"agent": "a", "stack": "web", "services": [{"service": "api", "repository": "team/api", "digest": "sha256:nope", "state": "running", "deployed_at": 1}]}),
+        serde_json::json!({"agent": "a", "stack": "web", "services": [{"service": "api", "repository": "team/api", "digest": d1, "state": "dead", "deployed_at": 1}]}),
+        serde_json::json!({"agent": "a", "stack": "web", "services": [{"service": "api", "repository": "Bad Name", "digest": d1, "state": "running", "deployed_at": 1}]}),
+    ] {
+        let (status, _) = error_of(post(&agent, bad.clone()).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    // Mallory reports the same agent and stack with another digest: her rows are
+    // added, the agent's stay.
+    let r = post(&mallory, report(&d2, "team/api")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = post(
+        &mallory,
+        serde_json::json!({"agent": "web-1", "stack": "web", "services": []}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let rows: Value = serde_json::from_str(&wharf(&reg, &["deploys", "--json"])).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0]["digest"].as_str(), rows[0]["reported_by"].as_str()),
+        (Some(d1.as_str()), Some("agent"))
+    );
+    // The listing over the API shows only what the caller may pull.
+    let listed: Value = agent
+        .get(reg.url("/api/v1/deploys"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["deployments"].as_array().unwrap().len(), 1);
+    // Retention spares the reported digest; forgetting the agent lifts that.
+    wharf(
+        &reg,
+        &[
+            "retention",
+            "set",
+            "team/*",
+            "--delete-older",
+            "1ms",
+            "--tags",
+            "v*",
+        ],
+    );
+    let plan: Value =
+        serde_json::from_str(&wharf(&reg, &["retention", "run", "--dry-run", "--json"])).unwrap();
+    let tags: Vec<&str> = plan["deletions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["tag"].as_str())
+        .collect();
+    assert_eq!(tags, ["v2"]);
+    let err = wharf_fails(&reg, &["deploys", "--forget", "nobody"]);
+    assert!(err.contains("no agent"), "{err}");
+    wharf(&reg, &["deploys", "--forget", "web-1"]);
+    let plan: Value =
+        serde_json::from_str(&wharf(&reg, &["retention", "run", "--dry-run", "--json"])).unwrap();
+    assert_eq!(plan["tags"], 2);
+}

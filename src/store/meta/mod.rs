@@ -230,6 +230,24 @@ pub struct GcRun {
     pub error: Option<String>,
 }
 
+/// A digest a deploy agent reports: running, or one of its last rollback targets.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Deployment {
+    pub agent: String,
+    pub stack: String,
+    pub service: String,
+    pub repository: String,
+    pub digest: String,
+    /// `running` or `previous`.
+    pub state: String,
+    /// Unix ms.
+    pub deployed_at: i64,
+    #[serde(default)]
+    pub reported_at: i64,
+    #[serde(default)]
+    pub reported_by: Option<String>,
+}
+
 /// A quota and what its target uses now.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Quota {
@@ -463,6 +481,23 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<String, MetaError>;
     /// Manifests of `repo` with no tag (index children included, marked), oldest first.
     async fn untagged_manifests(&self, repo: &str) -> Result<Vec<UntaggedManifest>, MetaError>;
+    // ---- deployments ----
+
+    /// Replaces what `agent` reported for `stack` with `rows` (an empty list clears it).
+    async fn deployments_report(
+        &self,
+        agent: &str,
+        stack: &str,
+        rows: Vec<Deployment>,
+        by: &Who,
+    ) -> Result<(), MetaError>;
+    /// Everything reported, by agent, stack and service.
+    async fn deployments(&self) -> Result<Vec<Deployment>, MetaError>;
+    /// Forgets an agent's reports (one that was decommissioned); returns the rows removed.
+    async fn deployments_forget(&self, agent: &str, by: &Who) -> Result<u64, MetaError>;
+    /// The digests of `repo` some agent reports.
+    async fn deployed_digests(&self, repo: &str) -> Result<Vec<String>, MetaError>;
+
     // ---- usage and quotas ----
 
     /// Sets the quota of `target` (`team/*` or a repository) to `bytes`.

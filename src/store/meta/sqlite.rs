@@ -28,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0006_gc.sql"),
     include_str!("../../../migrations/sqlite/0007_retention.sql"),
     include_str!("../../../migrations/sqlite/0008_usage.sql"),
+    include_str!("../../../migrations/sqlite/0009_deployments.sql"),
 ];
 const READERS: usize = 8;
 /// The catalog lists a repository only while it holds a manifest: one emptied by deletes
@@ -1005,6 +1006,97 @@ impl MetaStore for SqliteMeta {
     ) -> Result<Vec<super::UntaggedManifest>, MetaError> {
         let repo = repo.to_owned();
         self.scan(move |c| retention::untagged(c, &repo)).await
+    }
+
+    async fn deployments_report(
+        &self,
+        agent: &str,
+        stack: &str,
+        rows: Vec<super::Deployment>,
+        by: &Who,
+    ) -> Result<(), MetaError> {
+        let (agent, stack, by) = (agent.to_owned(), stack.to_owned(), by.clone());
+        self.write(move |tx| {
+            let now = now_ms();
+            let reporter = by.actor.clone().unwrap_or_default();
+            tx.execute(
+                "DELETE FROM deployments WHERE agent = ?1 AND stack = ?2 AND reported_by = ?3",
+                params![agent, stack, reporter],
+            )?;
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO deployments (agent, stack, service, repository, digest, state, deployed_at, reported_at, reported_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (reported_by, agent, stack, service, digest) DO UPDATE SET state = excluded.state",
+            )?;
+            for r in &rows {
+                ins.execute(params![
+                    agent,
+                    stack,
+                    r.service,
+                    r.repository,
+                    r.digest,
+                    r.state,
+                    r.deployed_at,
+                    now,
+                    reporter
+                ])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn deployments(&self) -> Result<Vec<super::Deployment>, MetaError> {
+        self.scan(|c| {
+            Ok(c.prepare_cached(
+                "SELECT agent, stack, service, repository, digest, state, deployed_at, reported_at, reported_by
+                   FROM deployments ORDER BY agent, stack, service, state DESC, deployed_at DESC",
+            )?
+            .query_map([], |r| {
+                Ok(super::Deployment {
+                    agent: r.get(0)?,
+                    stack: r.get(1)?,
+                    service: r.get(2)?,
+                    repository: r.get(3)?,
+                    digest: r.get(4)?,
+                    state: r.get(5)?,
+                    deployed_at: r.get(6)?,
+                    reported_at: r.get(7)?,
+                    reported_by: r.get(8)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn deployments_forget(&self, agent: &str, by: &Who) -> Result<u64, MetaError> {
+        let (agent, by) = (agent.to_owned(), by.clone());
+        self.write(move |tx| {
+            let n = tx.execute("DELETE FROM deployments WHERE agent = ?1", params![agent])?;
+            audit_row(
+                tx,
+                "deploys.forget",
+                "",
+                &format!("{agent}: {n} rows"),
+                &by,
+                now_ms(),
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn deployed_digests(&self, repo: &str) -> Result<Vec<String>, MetaError> {
+        let repo = repo.to_owned();
+        self.read(move |c| {
+            Ok(
+                c.prepare_cached("SELECT DISTINCT digest FROM deployments WHERE repository = ?1")?
+                    .query_map(params![repo], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
+            )
+        })
+        .await
     }
 
     async fn quota_set(&self, target: &str, bytes: u64, by: Option<&str>) -> Result<(), MetaError> {
