@@ -42,6 +42,9 @@ pub struct Config {
     pub gc_interval: Duration,
     /// Retention rules of the file (`[[retention]]`).
     pub retention: Vec<crate::store::retention::RetentionRule>,
+    /// Record when each manifest was last pulled (for `keep-pulled` rules); written in
+    /// batches once a second.
+    pub track_pulls: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -150,6 +153,7 @@ struct FileConfig {
     delete_referrers: Option<bool>,
     #[serde(default)]
     retention: Vec<crate::store::retention::RuleConfig>,
+    track_pulls: Option<bool>,
 }
 
 fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -234,6 +238,7 @@ impl Config {
             gc: Default::default(),
             gc_interval: crate::store::gc::DEFAULT_GC_INTERVAL,
             retention: Vec::new(),
+            track_pulls: true,
         }
     }
 
@@ -309,6 +314,7 @@ impl Config {
                 .iter()
                 .map(|r| r.to_rule())
                 .collect::<Result<_, _>>()?,
+            track_pulls: file_cfg.track_pulls.unwrap_or(true),
         })
     }
 }

@@ -107,7 +107,8 @@ pub async fn serve(
         Store::new(blobs, Arc::clone(&meta) as _)
             .with_max_uploads(limits.max_uploads)
             .with_gc(config.gc.clone())
-            .with_retention(config.retention.clone()),
+            .with_retention(config.retention.clone())
+            .with_pull_tracking(config.track_pulls),
     );
     let events = Arc::clone(&meta) as Arc<dyn EventsMeta>;
     let auth = Arc::new(Auth::with_settings(

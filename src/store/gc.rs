@@ -470,10 +470,16 @@ impl Store {
 
     async fn gc_pass(&self) -> Result<GcReport, StoreError> {
         let mut removed = Removed::default();
+        let mut clock = Instant::now();
+        let mut step = |name: &str| {
+            tracing::debug!("gc: {name} took {} ms", clock.elapsed().as_millis());
+            clock = Instant::now();
+        };
         // A pass a crash cut short left blobs marked: finish them first.
         let pending = self.meta.gc_marked().await?;
         self.delete_marked(&pending).await?;
         removed.blobs.extend(pending);
+        step("finishing marked blobs");
         let cutoff = self.cutoff();
         loop {
             let batch = self.meta.gc_sweep_condemned(cutoff, GC_BATCH).await?;
@@ -496,6 +502,7 @@ impl Store {
                 }
             }
         }
+        step("manifests");
         loop {
             let batch = self.meta.gc_sweep_links(cutoff, GC_BATCH).await?;
             let done = batch.len() < GC_BATCH as usize;
@@ -504,6 +511,7 @@ impl Store {
                 break;
             }
         }
+        step("links");
         loop {
             let batch = self.meta.gc_mark_blobs(GC_BATCH).await?;
             self.delete_marked(&batch).await?;
@@ -513,8 +521,10 @@ impl Store {
                 break;
             }
         }
+        step("blobs");
         let orphans = self.files_without_rows(true).await?;
         self.delete_marked(&orphans).await?;
+        step("files without rows");
         let orphan_files = orphans.len() as u64;
         removed.blobs.extend(orphans);
         for id in self.expired_uploads().await? {
@@ -524,6 +534,7 @@ impl Store {
         }
         self.sweep_upload_data().await?;
         removed.repositories = self.meta.gc_sweep_repositories(false).await?;
+        step("uploads and repositories");
         Ok(GcReport {
             dry_run: false,
             blobs: removed.blobs.len() as u64,
@@ -543,11 +554,23 @@ impl Store {
         if blobs.is_empty() {
             return Ok(());
         }
+        // Several deletes at once: each is a file system (or object store) round trip.
+        use futures_util::StreamExt;
+        let mut digests = Vec::with_capacity(blobs.len());
         for b in blobs {
             match b.digest.parse::<Digest>() {
-                Ok(d) => self.blobs.delete(&d).await?,
+                Ok(d) => digests.push(d),
                 Err(_) => tracing::warn!(digest = %b.digest, "a blob row with a malformed digest"),
             }
+        }
+        let mut deletes = futures_util::stream::iter(digests)
+            .map(|d| {
+                let store = std::sync::Arc::clone(&self.blobs);
+                async move { store.delete(&d).await }
+            })
+            .buffer_unordered(16);
+        while let Some(r) = deletes.next().await {
+            r?;
         }
         self.meta
             .gc_forget(blobs.iter().map(|b| b.digest.clone()).collect())

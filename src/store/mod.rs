@@ -247,6 +247,7 @@ pub struct Store {
     retention: Vec<retention::RetentionRule>,
     /// Manifest pulls not yet written: `repo@digest` to (repository, digest, unix ms).
     pulls: Mutex<HashMap<String, (String, String, i64)>>,
+    track_pulls: bool,
 }
 
 impl Store {
@@ -262,7 +263,14 @@ impl Store {
             gc: gc::GcSettings::default(),
             retention: Vec::new(),
             pulls: Mutex::new(HashMap::new()),
+            track_pulls: true,
         }
+    }
+
+    /// Whether manifest pulls are recorded (for retention's `keep-pulled`).
+    pub fn with_pull_tracking(mut self, on: bool) -> Store {
+        self.track_pulls = on;
+        self
     }
 
     /// The retention rules of the config file (those of `wharf retention` are read from
@@ -290,6 +298,9 @@ impl Store {
     /// [`Store::flush_pulls`]. At most [`MAX_PENDING_PULLS`] are held: past it a pull is
     /// not recorded until the next flush (only retention's `keep-pulled` reads them).
     pub fn note_pull(&self, repo: &str, digest: &str) {
+        if !self.track_pulls {
+            return;
+        }
         let key = format!("{repo}@{digest}");
         let now = meta::now_ms();
         let mut map = self.pulls.lock().expect("pulls lock");

@@ -29,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0007_retention.sql"),
     include_str!("../../../migrations/sqlite/0008_usage.sql"),
     include_str!("../../../migrations/sqlite/0009_deployments.sql"),
+    include_str!("../../../migrations/sqlite/0010_reference_index.sql"),
 ];
 const READERS: usize = 8;
 /// The catalog lists a repository only while it holds a manifest: one emptied by deletes
@@ -66,7 +67,14 @@ impl From<rusqlite::Error> for MetaError {
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Waiting for another process's transaction (an admin command, `wharf gc`): SQLite's
+    // own busy timeout sleeps in growing steps (up to 100 ms each), which a request
+    // waiting behind a short transaction pays in full; polling every millisecond for
+    // up to 10 s answers as soon as the lock is free.
+    conn.busy_handler(Some(|tries: i32| {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        tries < 10_000
+    }))?;
     // WAL with synchronous=FULL: a committed transaction survives power loss, not only a
     // process crash. Readers never block the writer.
     conn.execute_batch(
@@ -1137,6 +1145,20 @@ impl MetaStore for SqliteMeta {
     async fn gc_record(&self, run: &GcRun) -> Result<(), MetaError> {
         let run = run.clone();
         self.write(move |tx| gc::record(tx, &run)).await
+    }
+
+    async fn gc_checkpoint(&self) -> Result<(), MetaError> {
+        let turn = Arc::clone(&self.turn).lock_owned().await;
+        let writer = Arc::clone(&self.writer);
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            let conn = writer.lock().expect("writer lock");
+            // PASSIVE: copies what no reader needs, never waits for readers or writers.
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| MetaError::Db(format!("blocking task: {e}")))?
     }
 
     async fn gc_runs(&self, limit: u32) -> Result<Vec<GcRun>, MetaError> {
