@@ -420,6 +420,8 @@ async fn the_catalog_over_many_private_repositories_costs_a_page() {
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000)
              INSERT INTO repositories (name, created_at) SELECT printf('private/r%06d', i), 0 FROM n;
              INSERT INTO repositories (name, created_at) VALUES ('pub/a', 0), ('pub/b', 0), ('pub/c', 0), ('zz/open', 0);
+             INSERT INTO manifests (repository, digest, media_type, size, content, created_at)
+                 SELECT name, 'sha256:' || printf('%064d', 0), 'application/vnd.oci.image.manifest.v1+json', 2, x'7b7d', 0 FROM repositories;
              INSERT INTO visibility (pattern, public, updated_at) VALUES ('pub/*', 1, 0), ('zz/open', 1, 0);
              UPDATE auth_state SET generation = generation + 1;",
         )

@@ -84,8 +84,10 @@ async fn tags_list_sorted_and_paginated_with_link() {
 async fn catalog_sorted_and_paginated() {
     let reg = TestRegistry::start();
     for repo in ["zeta", "alpha/one", "alpha", "mid/x/y"] {
-        reg.push_blob(repo, b"x").await;
+        reg.push_image(repo, "v1", repo).await;
     }
+    // A repository holding only blobs (a push under way) is not in the catalog.
+    reg.push_blob("blobs/only", b"x").await;
     let all: Value = reg.get("/v2/_catalog").await.json().await.unwrap();
     assert_eq!(
         all,

@@ -631,14 +631,16 @@ async fn an_upload_finishes_only_as_the_blob_its_own_bytes_are() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::rename(reg.data.join("uploads").join(&id), dir.join(hex)).unwrap();
     reg.stop();
-    let reg = TestRegistry::start_in(&data);
-    rusqlite::Connection::open(reg.data.join("meta.db"))
+    // The digest is recorded before the rename, as the server does: it is also the
+    // upload's claim, which keeps garbage collection (its pass at start) off the file.
+    rusqlite::Connection::open(data.join("meta.db"))
         .unwrap()
         .execute(
             "UPDATE uploads SET digest = ?1 WHERE id = ?2",
             [&digest, &id],
         )
         .unwrap();
+    let reg = TestRegistry::start_in(&data);
     // Naming the victim's blob (same size, present) is still refused.
     let r = reg
         .client
