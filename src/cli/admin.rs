@@ -707,18 +707,19 @@ pub async fn deploys(a: Admin, args: DeploysArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     out!(
-        "{:<16} {:<14} {:<14} {:<9} {:<28} {:<19} {:<20} REPORTED",
+        "{:<16} {:<14} {:<14} {:<9} {:<28} {:<19} {:<20} {:<20} BY",
         "AGENT",
         "STACK",
         "SERVICE",
         "STATE",
         "REPOSITORY",
         "DIGEST",
-        "DEPLOYED"
+        "DEPLOYED",
+        "REPORTED"
     );
     for d in rows {
         out!(
-            "{:<16} {:<14} {:<14} {:<9} {:<28} {:<19} {:<20} {}",
+            "{:<16} {:<14} {:<14} {:<9} {:<28} {:<19} {:<20} {:<20} {}",
             d.agent,
             d.stack,
             d.service,
@@ -726,7 +727,8 @@ pub async fn deploys(a: Admin, args: DeploysArgs) -> anyhow::Result<()> {
             d.repository,
             d.digest.get(..19).unwrap_or(&d.digest),
             rfc3339(d.deployed_at),
-            rfc3339(d.reported_at)
+            rfc3339(d.reported_at),
+            d.reported_by.as_deref().unwrap_or("-")
         );
     }
     Ok(())

@@ -389,10 +389,12 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
         bail!("give a repository without tag or digest, e.g. team/api");
     }
     let r = ImageRef::parse(&a.repository, Some("latest"))?;
+    // Deleted tags are listed for those who may push (like restoring them).
+    let actions = if a.deleted { "pull,push" } else { "pull" };
     let client = connect(
         &a.registry,
         &[&r],
-        vec![format!("repository:{}:pull", r.repo)],
+        vec![format!("repository:{}:{actions}", r.repo)],
     )?;
     runtime()?.block_on(async {
         if a.untagged {

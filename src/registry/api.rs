@@ -171,6 +171,19 @@ pub async fn handle(
                 client,
             )
             .await?;
+            // Deleted tags can name what was deliberately taken down: for those who
+            // may push, like restoring them.
+            if q.get("deleted") == Some("true") {
+                authz::require(
+                    &state.auth,
+                    site,
+                    caller,
+                    name.as_str(),
+                    Action::Push,
+                    client,
+                )
+                .await?;
+            }
             tags(state, site, &name, q).await
         }
     }
@@ -290,7 +303,11 @@ async fn deploys(
     let report: DeployReport = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("the deploy report is not valid: {e}")))?;
     let label = |what: &str, v: &str| {
-        if v.is_empty() || v.len() > 128 || v.chars().any(|c| c.is_control()) {
+        let odd = |c: char| {
+            c.is_control()
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+        };
+        if v.is_empty() || v.len() > 128 || v.chars().any(odd) {
             Err(bad(format!("{what} {v:?}: 1 to 128 printable characters")))
         } else {
             Ok(())

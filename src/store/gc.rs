@@ -19,6 +19,10 @@ pub const DEFAULT_GC_DELAY: Duration = Duration::from_secs(24 * 3600);
 /// The default time between the server's passes.
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// A pass's lease, renewed after each batch: a pass that died is taken over once it
+/// runs out.
+const GC_LEASE_MS: i64 = 30_000;
+
 /// How long an upload waits for the collector to finish deleting a blob it is about to
 /// store again, at most (the deletion of one file takes milliseconds).
 const CLAIM_WAIT: Duration = Duration::from_secs(30);
@@ -114,6 +118,7 @@ impl Store {
                 Err(super::MetaError::Collecting(_)) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                Err(super::MetaError::Refused(_)) => return Err(StoreError::UploadUnknown),
                 other => return Ok(other?),
             }
         }
@@ -382,10 +387,21 @@ impl Store {
     pub async fn gc(&self, dry_run: bool, by: &str) -> Result<GcReport, StoreError> {
         let started_at = now_ms();
         let clock = Instant::now();
+        // One pass at a time, whichever process runs it: two would share marks, and one
+        // could delete the bytes of a blob the other has already forgotten and an
+        // upload has stored again.
+        let owner = format!("{by} {}", uuid::Uuid::new_v4());
+        if !dry_run && !self.meta.gc_lease(&owner, GC_LEASE_MS).await? {
+            return Err(StoreError::Overloaded(
+                "another garbage collection pass is running; try again when it has ended".into(),
+            ));
+        }
         let result = if dry_run {
             self.gc_preview().await
         } else {
-            self.gc_pass().await
+            let r = self.gc_pass(&owner, by == "server").await;
+            let _ = self.meta.gc_release(&owner).await;
+            r
         };
         let mut run = GcRun {
             started_at,
@@ -468,7 +484,18 @@ impl Store {
         })
     }
 
-    async fn gc_pass(&self) -> Result<GcReport, StoreError> {
+    /// One pass, holding the lease of `owner`. Uploads are expired only by the server
+    /// (`uploads`): only it knows which are being written to now.
+    async fn gc_pass(&self, owner: &str, uploads: bool) -> Result<GcReport, StoreError> {
+        let renew = || async {
+            if self.meta.gc_lease(owner, GC_LEASE_MS).await? {
+                Ok(())
+            } else {
+                Err(StoreError::Internal(
+                    "the garbage collection lease was lost".into(),
+                ))
+            }
+        };
         let mut removed = Removed::default();
         let mut clock = Instant::now();
         let mut step = |name: &str| {
@@ -477,13 +504,14 @@ impl Store {
         };
         // A pass a crash cut short left blobs marked: finish them first.
         let pending = self.meta.gc_marked().await?;
-        self.delete_marked(&pending).await?;
+        let pending = self.delete_marked(&pending).await?;
         removed.blobs.extend(pending);
         step("finishing marked blobs");
         let cutoff = self.cutoff();
+        // Until none is left: deleting an index condemns its platform manifests.
         loop {
             let batch = self.meta.gc_sweep_condemned(cutoff, GC_BATCH).await?;
-            let done = batch.len() < GC_BATCH as usize;
+            let done = batch.is_empty();
             removed.manifests.extend(batch);
             if done {
                 break;
@@ -504,6 +532,7 @@ impl Store {
         }
         step("manifests");
         loop {
+            renew().await?;
             let batch = self.meta.gc_sweep_links(cutoff, GC_BATCH).await?;
             let done = batch.len() < GC_BATCH as usize;
             removed.links.extend(batch);
@@ -512,27 +541,35 @@ impl Store {
             }
         }
         step("links");
+        let mut after = String::new();
         loop {
-            let batch = self.meta.gc_mark_blobs(GC_BATCH).await?;
-            self.delete_marked(&batch).await?;
+            renew().await?;
+            let batch = self.meta.gc_mark_blobs(&after, GC_BATCH).await?;
             let done = batch.len() < GC_BATCH as usize;
-            removed.blobs.extend(batch);
+            if let Some(last) = batch.last() {
+                after = last.digest.clone();
+            }
+            let deleted = self.delete_marked(&batch).await?;
+            removed.blobs.extend(deleted);
             if done {
                 break;
             }
         }
         step("blobs");
+        renew().await?;
         let orphans = self.files_without_rows(true).await?;
-        self.delete_marked(&orphans).await?;
+        let orphans = self.delete_marked(&orphans).await?;
         step("files without rows");
         let orphan_files = orphans.len() as u64;
         removed.blobs.extend(orphans);
-        for id in self.expired_uploads().await? {
-            if self.expire_upload(&id).await? {
-                removed.uploads.push(id);
+        if uploads {
+            for id in self.expired_uploads().await? {
+                if self.expire_upload(&id).await? {
+                    removed.uploads.push(id);
+                }
             }
+            self.sweep_upload_data().await?;
         }
-        self.sweep_upload_data().await?;
         removed.repositories = self.meta.gc_sweep_repositories(false).await?;
         step("uploads and repositories");
         Ok(GcReport {
@@ -549,33 +586,44 @@ impl Store {
         })
     }
 
-    /// Deletes the bytes of blobs marked as being deleted, then their rows.
-    async fn delete_marked(&self, blobs: &[GcBlob]) -> Result<(), StoreError> {
+    /// Deletes the bytes of blobs marked as being deleted, then their rows; returns those
+    /// deleted. A blob whose bytes could not be deleted is unmarked (its bytes are
+    /// intact) and logged, so one bad file never stops collection nor blocks its digest.
+    async fn delete_marked(&self, blobs: &[GcBlob]) -> Result<Vec<GcBlob>, StoreError> {
         if blobs.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // Several deletes at once: each is a file system (or object store) round trip.
         use futures_util::StreamExt;
-        let mut digests = Vec::with_capacity(blobs.len());
-        for b in blobs {
-            match b.digest.parse::<Digest>() {
-                Ok(d) => digests.push(d),
-                Err(_) => tracing::warn!(digest = %b.digest, "a blob row with a malformed digest"),
-            }
-        }
-        let mut deletes = futures_util::stream::iter(digests)
-            .map(|d| {
+        let mut deletes = futures_util::stream::iter(blobs.iter().cloned())
+            .map(|b| {
                 let store = std::sync::Arc::clone(&self.blobs);
-                async move { store.delete(&d).await }
+                async move {
+                    let r = match b.digest.parse::<Digest>() {
+                        Ok(d) => store.delete(&d).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("malformed digest: {e}")),
+                    };
+                    (b, r)
+                }
             })
             .buffer_unordered(16);
-        while let Some(r) = deletes.next().await {
-            r?;
+        let (mut done, mut failed) = (Vec::new(), Vec::new());
+        while let Some((b, r)) = deletes.next().await {
+            match r {
+                Ok(()) => done.push(b),
+                Err(e) => {
+                    tracing::warn!(digest = %b.digest, "garbage collection could not delete the blob's bytes (kept): {e}");
+                    failed.push(b.digest);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            self.meta.gc_unmark(failed).await?;
         }
         self.meta
-            .gc_forget(blobs.iter().map(|b| b.digest.clone()).collect())
+            .gc_forget(done.iter().map(|b| b.digest.clone()).collect())
             .await?;
-        Ok(())
+        Ok(done)
     }
 }
 
@@ -599,6 +647,8 @@ mod tests {
         inner: FsBlobStore,
         entered: tokio::sync::Notify,
         release: tokio::sync::Semaphore,
+        /// Deletes fail (a file the process may not remove).
+        fail: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
@@ -636,6 +686,11 @@ mod tests {
         async fn delete(&self, d: &Digest) -> Result<(), BlobError> {
             self.entered.notify_one();
             self.release.acquire().await.unwrap().forget();
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(BlobError::Io(std::io::Error::from(
+                    std::io::ErrorKind::PermissionDenied,
+                )));
+            }
             self.inner.delete(d).await
         }
         async fn list(&self) -> Result<Vec<(Digest, u64)>, BlobError> {
@@ -671,6 +726,7 @@ mod tests {
             inner: FsBlobStore::open(dir.path()).unwrap(),
             entered: tokio::sync::Notify::new(),
             release: tokio::sync::Semaphore::new(0),
+            fail: std::sync::atomic::AtomicBool::new(false),
         });
         let meta = Arc::new(SqliteMeta::open(&dir.path().join("meta.db")).unwrap());
         let store = Arc::new(
@@ -703,6 +759,62 @@ mod tests {
         assert_eq!(push.await.unwrap().unwrap(), DATA.len() as u64);
         assert_eq!(store.blob_size(&b, &d).await.unwrap(), DATA.len() as u64);
         assert_eq!(read_all(&store, &d, DATA.len() as u64).await.unwrap(), DATA);
+    }
+
+    /// A blob whose bytes cannot be deleted is kept and unmarked: the pass goes on, the
+    /// next one is not stuck on it, and its digest can be pushed. While one pass runs,
+    /// another is refused.
+    #[tokio::test]
+    async fn a_delete_that_fails_stops_nothing_and_passes_run_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Arc::new(GatedDeletes {
+            inner: FsBlobStore::open(dir.path()).unwrap(),
+            entered: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+            fail: std::sync::atomic::AtomicBool::new(true),
+        });
+        let meta = Arc::new(SqliteMeta::open(&dir.path().join("meta.db")).unwrap());
+        let store = Arc::new(
+            Store::new(Arc::clone(&blobs) as _, meta).with_gc(GcSettings {
+                delay: Duration::ZERO,
+                delete_referrers: true,
+            }),
+        );
+        let repo = RepoName::parse("fail/app").unwrap();
+        let d = Digest::sha256_of(b"stuck");
+        store
+            .blob_put(&repo, &d, None, body(b"stuck"))
+            .await
+            .unwrap();
+        store.blob_delete(&repo, &d, &who()).await.unwrap();
+        let first = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.gc(false, "server").await }
+        });
+        blobs.entered.notified().await;
+        let second = store.gc(false, "cli:test").await;
+        assert!(
+            matches!(second, Err(StoreError::Overloaded(ref m)) if m.contains("another")),
+            "{second:?}"
+        );
+        blobs.release.add_permits(1000);
+        let r = first.await.unwrap().unwrap();
+        assert_eq!(r.blobs, 0, "nothing counted as removed");
+        assert_eq!(
+            blobs.stat(&d).await.unwrap(),
+            Some(5),
+            "the bytes are intact"
+        );
+        // Not stuck: the digest can be pushed again at once, and a later pass deletes it.
+        store
+            .blob_put(&repo, &d, None, body(b"stuck"))
+            .await
+            .unwrap();
+        store.blob_delete(&repo, &d, &who()).await.unwrap();
+        blobs.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        let r = store.gc(false, "server").await.unwrap();
+        assert_eq!(r.blobs, 1);
+        assert_eq!(blobs.stat(&d).await.unwrap(), None);
     }
 
     /// A HEAD answered 200 keeps the link for a whole delay, so the manifest that
@@ -781,7 +893,7 @@ mod tests {
             .unwrap();
         store.blob_delete(&repo, &d, &who()).await.unwrap();
         // A pass marked it and died before deleting anything.
-        assert_eq!(meta.gc_mark_blobs(10).await.unwrap().len(), 1);
+        assert_eq!(meta.gc_mark_blobs("", 10).await.unwrap().len(), 1);
         // Bytes with no row at all (a crash between rename and commit, long ago).
         let stray = Digest::sha256_of(b"stray");
         blobs

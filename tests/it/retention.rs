@@ -385,6 +385,19 @@ async fn deploy_reports_need_pull_and_never_remove_what_another_reported() {
         .await
         .unwrap();
     assert_eq!(listed["deployments"].as_array().unwrap().len(), 1);
+    // Deleted tags are listed for those who may push, not for readers.
+    let r = mallory
+        .get(reg.url("/api/v1/repositories/team/api/tags?deleted=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = mallory
+        .get(reg.url("/api/v1/repositories/team/api/tags?untagged=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     // Retention spares the reported digest; forgetting the agent lifts that.
     wharf(
         &reg,

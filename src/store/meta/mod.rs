@@ -82,6 +82,9 @@ pub struct Who {
     pub client: Option<String>,
 }
 
+/// Deployment rows one user's reports may hold, at most.
+pub const MAX_DEPLOYMENTS_PER_REPORTER: i64 = 10_000;
+
 /// Uploads open at once in one repository, at most.
 pub const MAX_OPEN_UPLOADS: i64 = 1000;
 
@@ -417,7 +420,13 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Marks up to `limit` blobs that no repository links, no manifest references and no
     /// upload claims as being deleted, and returns them. From then on nothing can link
     /// or claim them until [`MetaStore::gc_forget`] removes their rows.
-    async fn gc_mark_blobs(&self, limit: u32) -> Result<Vec<GcBlob>, MetaError>;
+    async fn gc_mark_blobs(&self, after: &str, limit: u32) -> Result<Vec<GcBlob>, MetaError>;
+    /// Takes (or renews) the lease of the one pass that may run, for `ms`; false if
+    /// another owner holds it and it has not run out.
+    async fn gc_lease(&self, owner: &str, ms: i64) -> Result<bool, MetaError>;
+    async fn gc_release(&self, owner: &str) -> Result<(), MetaError>;
+    /// Clears the mark of blobs whose bytes could not be deleted (they are intact).
+    async fn gc_unmark(&self, digests: Vec<String>) -> Result<(), MetaError>;
     /// Of blobs the backend holds (`found`), those with no row: with `mark`, a row
     /// marked as being deleted is made for each one no upload claims, and those are
     /// returned; without, those that would be.
@@ -1004,7 +1013,7 @@ pub(crate) mod tests {
 
         // A blob nothing links, references or claims is marked; from then on no upload
         // can claim it and no mount can link it until its row is forgotten.
-        let marked = m.gc_mark_blobs(100).await.unwrap();
+        let marked = m.gc_mark_blobs("", 100).await.unwrap();
         assert_eq!(
             marked,
             vec![GcBlob {
@@ -1016,7 +1025,7 @@ pub(crate) mod tests {
             preview.blobs, marked,
             "the dry run lists what the pass removes"
         );
-        assert!(m.gc_mark_blobs(100).await.unwrap().is_empty());
+        assert!(m.gc_mark_blobs("", 100).await.unwrap().is_empty());
         m.upload_create("claim2", "gc/b", false).await.unwrap();
         assert!(matches!(
             m.upload_verified("claim2", &d(2)).await,
@@ -1042,7 +1051,7 @@ pub(crate) mod tests {
         assert!(m.unlink_blob("gc/b", &d(2), &Who::default()).await.unwrap());
         m.upload_create("claim2b", "gc/c", false).await.unwrap();
         m.upload_verified("claim2b", &d(2)).await.unwrap();
-        assert!(m.gc_mark_blobs(100).await.unwrap().is_empty());
+        assert!(m.gc_mark_blobs("", 100).await.unwrap().is_empty());
         m.upload_complete("claim2b", "gc/c", &d(2), 20)
             .await
             .unwrap();
@@ -1214,7 +1223,7 @@ pub(crate) mod tests {
 
         // In the end everything unreferenced goes, and everything referenced stays.
         m.gc_sweep_links(later, 1000).await.unwrap();
-        while !m.gc_mark_blobs(1).await.unwrap().is_empty() {}
+        while !m.gc_mark_blobs("", 1).await.unwrap().is_empty() {}
         let left = digests(&m.gc_marked().await.unwrap(), |b| b.digest.clone());
         assert!(left.contains(&d(1)) && left.contains(&d(2)), "{left:?}");
         assert!(!left.contains(&d(5)) && !left.contains(&d(6)), "{left:?}");
@@ -1485,5 +1494,126 @@ pub(crate) mod tests {
         assert_eq!(after, m.usage(true).await.unwrap());
         let contents = m.usage_contents().await.unwrap();
         assert!(contents.iter().any(|c| c.repository == "other/a"));
+    }
+
+    /// What a review found: one pass at a time, condemned manifests an agent reports or
+    /// someone pulled since stay, an index's platform manifests go with it, referrers of
+    /// kept subjects count as referenced, a restore never tags an incomplete manifest.
+    pub(crate) async fn review_suite(m: &dyn MetaStore) {
+        use crate::store::retention::Deletion;
+        let who = Who::default();
+        // The lease.
+        assert!(m.gc_lease("a", 60_000).await.unwrap());
+        assert!(
+            !m.gc_lease("b", 60_000).await.unwrap(),
+            "one pass at a time"
+        );
+        assert!(
+            m.gc_lease("a", 60_000).await.unwrap(),
+            "renewed by its owner"
+        );
+        m.gc_release("a").await.unwrap();
+        assert!(m.gc_lease("b", -1).await.unwrap());
+        assert!(
+            m.gc_lease("c", 60_000).await.unwrap(),
+            "a lease that ran out is taken over"
+        );
+        m.gc_release("c").await.unwrap();
+
+        let later = now_ms() + 60_000;
+        let del = |tag: Option<&str>, n: u8| Deletion {
+            repository: "rv/app".into(),
+            tag: tag.map(str::to_owned),
+            digest: d(n),
+            rule: "rule".into(),
+            bytes: 0,
+        };
+        blob_in(m, "rv/app", &d(1), 1).await;
+        blob_in(m, "rv/app", &d(2), 2).await;
+        // A condemned manifest an agent reports stays.
+        m.manifest_put("rv/app", manifest(d(100), vec![(d(1), 1)], &[]))
+            .await
+            .unwrap();
+        m.retention_apply("rv/app", vec![], vec![del(None, 100)], &who)
+            .await
+            .unwrap();
+        let report = Deployment {
+            agent: "a".into(),
+            stack: "s".into(),
+            service: "web".into(),
+            repository: "rv/app".into(),
+            digest: d(100),
+            state: "running".into(),
+            deployed_at: 1,
+            reported_at: 0,
+            reported_by: None,
+        };
+        m.deployments_report("a", "s", vec![report], &who)
+            .await
+            .unwrap();
+        assert!(m.gc_sweep_condemned(later, 10).await.unwrap().is_empty());
+        m.deployments_report("a", "s", vec![], &who).await.unwrap();
+        // ... and so does one pulled since it was condemned.
+        m.record_pulls(vec![("rv/app".into(), d(100), now_ms() + 1)])
+            .await
+            .unwrap();
+        assert!(m.gc_sweep_condemned(later, 10).await.unwrap().is_empty());
+
+        // A condemned index takes its untagged platform manifests with it.
+        m.manifest_put("rv/app", manifest(d(101), vec![(d(1), 1)], &[]))
+            .await
+            .unwrap();
+        m.manifest_put("rv/app", manifest(d(102), vec![(d(2), 2)], &["keep"]))
+            .await
+            .unwrap();
+        let mut index = manifest(d(103), vec![], &["multi"]);
+        index.media_type = "application/vnd.oci.image.index.v1+json".into();
+        index.children = vec![(d(101), 2), (d(102), 2)];
+        m.manifest_put("rv/app", index).await.unwrap();
+        assert!(m.tag_delete("rv/app", "multi", &who).await.unwrap());
+        m.retention_apply("rv/app", vec![], vec![del(None, 103)], &who)
+            .await
+            .unwrap();
+        let mut gone = Vec::new();
+        loop {
+            let batch = m.gc_sweep_condemned(later, 10).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            gone.extend(batch.into_iter().map(|g| g.digest));
+        }
+        gone.sort();
+        assert_eq!(gone, vec![d(101), d(103)], "the tagged child stays");
+
+        // A referrer of a kept subject counts as referenced for delete-untagged.
+        let mut sig = manifest(d(104), vec![(d(1), 1)], &[]);
+        sig.subject = Some(d(102));
+        m.manifest_put("rv/app", sig).await.unwrap();
+        let st = m.retention_state("rv/app").await.unwrap();
+        assert!(
+            st.manifests
+                .iter()
+                .any(|x| x.digest == d(104) && x.referenced)
+        );
+
+        // A restore never tags a manifest missing a layer.
+        m.manifest_put("rv/app", manifest(d(105), vec![(d(2), 2)], &["gone"]))
+            .await
+            .unwrap();
+        assert!(m.tag_delete("rv/app", "keep", &who).await.unwrap());
+        assert!(m.tag_delete("rv/app", "gone", &who).await.unwrap());
+        assert!(m.unlink_blob("rv/app", &d(2), &who).await.unwrap());
+        let e = m
+            .tag_restore("rv/app", "gone", None, &who)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("cannot be restored"), "{e}");
+        assert!(m.manifest_by_tag("rv/app", "gone").await.unwrap().is_none());
+
+        // Claiming a digest for an upload that is gone is refused.
+        assert!(matches!(
+            m.upload_verified("no-such-upload", &d(1)).await,
+            Err(MetaError::Refused(_))
+        ));
     }
 }

@@ -30,6 +30,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0008_usage.sql"),
     include_str!("../../../migrations/sqlite/0009_deployments.sql"),
     include_str!("../../../migrations/sqlite/0010_reference_index.sql"),
+    include_str!("../../../migrations/sqlite/0011_gc_lease.sql"),
 ];
 const READERS: usize = 8;
 /// The catalog lists a repository only while it holds a manifest: one emptied by deletes
@@ -644,10 +645,15 @@ impl MetaStore for SqliteMeta {
             if gc::being_collected(tx, &digest)? {
                 return Err(MetaError::Collecting(digest));
             }
-            tx.execute(
+            let n = tx.execute(
                 "UPDATE uploads SET digest = ?2, updated_at = ?3 WHERE id = ?1",
                 params![id, digest, now_ms()],
             )?;
+            // No row, no claim: the upload was cancelled or expired meanwhile, and its
+            // bytes must not be put in place unclaimed.
+            if n == 0 {
+                return Err(MetaError::Refused(format!("upload {id} is gone")));
+            }
             Ok(())
         })
         .await
@@ -906,10 +912,46 @@ impl MetaStore for SqliteMeta {
             .await
     }
 
-    async fn gc_mark_blobs(&self, limit: u32) -> Result<Vec<GcBlob>, MetaError> {
-        // Marked blobs are skipped by the query, so each batch starts from the beginning
-        // and stays short; the pass ends when a batch finds none.
-        self.write(move |tx| gc::mark_blobs(tx, "", limit)).await
+    async fn gc_mark_blobs(&self, after: &str, limit: u32) -> Result<Vec<GcBlob>, MetaError> {
+        let after = after.to_owned();
+        self.write(move |tx| gc::mark_blobs(tx, &after, limit))
+            .await
+    }
+
+    async fn gc_lease(&self, owner: &str, ms: i64) -> Result<bool, MetaError> {
+        let owner = owner.to_owned();
+        self.write(move |tx| {
+            let now = now_ms();
+            let n = tx.execute(
+                "INSERT INTO gc_lease (id, owner, until) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, until = excluded.until
+                   WHERE gc_lease.owner = excluded.owner OR gc_lease.until < ?3",
+                params![owner, now.saturating_add(ms), now],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn gc_release(&self, owner: &str) -> Result<(), MetaError> {
+        let owner = owner.to_owned();
+        self.write(move |tx| {
+            tx.execute("DELETE FROM gc_lease WHERE owner = ?1", params![owner])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn gc_unmark(&self, digests: Vec<String>) -> Result<(), MetaError> {
+        self.write(move |tx| {
+            let mut st =
+                tx.prepare_cached("UPDATE blobs SET deleting_at = NULL WHERE digest = ?1")?;
+            for d in &digests {
+                st.execute(params![d])?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn gc_orphans(&self, found: Vec<GcBlob>, mark: bool) -> Result<Vec<GcBlob>, MetaError> {
@@ -1031,6 +1073,20 @@ impl MetaStore for SqliteMeta {
                 "DELETE FROM deployments WHERE agent = ?1 AND stack = ?2 AND reported_by = ?3",
                 params![agent, stack, reporter],
             )?;
+            // Reports of an agent that went quiet for 30 days (it reports hourly) are
+            // forgotten; and one user's reports are bounded.
+            tx.execute(
+                "DELETE FROM deployments WHERE reported_at < ?1",
+                params![now - 30 * 86_400_000],
+            )?;
+            let held: i64 = tx
+                .prepare_cached("SELECT count(*) FROM deployments WHERE reported_by = ?1")?
+                .query_row(params![reporter], |r| r.get(0))?;
+            if held + rows.len() as i64 > super::MAX_DEPLOYMENTS_PER_REPORTER {
+                return Err(MetaError::Limit(format!(
+                    "{reporter} already reports {held} deployments, the most one user may; forget old agents with `wharf deploys --forget`"
+                )));
+            }
             let mut ins = tx.prepare_cached(
                 "INSERT INTO deployments (agent, stack, service, repository, digest, state, deployed_at, reported_at, reported_by)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -1436,6 +1492,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
         super::super::tests::usage_suite(&meta).await;
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+        super::super::tests::review_suite(&meta).await;
     }
 
     /// Random sequences of pushes, mounts, manifest and tag deletes, blob deletes,
@@ -1520,7 +1579,7 @@ mod tests {
                             }
                             Op::Gc => {
                                 m.gc_sweep_links(now_ms() + 60_000, 100).await.unwrap();
-                                let marked = m.gc_mark_blobs(100).await.unwrap();
+                                let marked = m.gc_mark_blobs("", 100).await.unwrap();
                                 m.gc_forget(marked.into_iter().map(|b| b.digest).collect())
                                     .await
                                     .unwrap();

@@ -275,10 +275,14 @@ pub(super) fn sweep_orphan_referrers(
 }
 
 /// Manifests retention condemned before the cutoff, still untagged and unreferenced.
+/// Not one a deploy agent reports (it may have been deployed since it was condemned),
+/// nor one pulled since.
 const CONDEMNED: &str = "SELECT m.repository, m.digest, m.size FROM manifests m
      WHERE m.condemned_at IS NOT NULL AND m.condemned_at < ?1
+       AND (m.pulled_at IS NULL OR m.pulled_at < m.condemned_at)
        AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository = m.repository AND t.digest = m.digest)
        AND NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.repository = m.repository AND r.child = m.digest)
+       AND NOT EXISTS (SELECT 1 FROM deployments d WHERE d.repository = m.repository AND d.digest = m.digest)
      ORDER BY m.repository, m.digest";
 
 pub(super) fn sweep_condemned(
@@ -300,7 +304,25 @@ pub(super) fn sweep_condemned(
         .take(limit as usize)
         .collect::<Result<_, _>>()?;
     for m in &found {
+        // The platform manifests of a condemned index go with it: condemned as of the
+        // same time, so the next query of this loop finds those nothing else needs.
+        let (condemned_at, children): (i64, Vec<String>) = (
+            tx.prepare_cached("SELECT condemned_at FROM manifests WHERE repository = ?1 AND digest = ?2")?
+                .query_row(params![m.repository, m.digest], |r| r.get(0))?,
+            tx.prepare_cached(
+                "SELECT child FROM manifest_references WHERE repository = ?1 AND manifest = ?2 AND kind = 'manifest'",
+            )?
+            .query_map(params![m.repository, m.digest], |r| r.get(0))?
+            .collect::<Result<_, _>>()?,
+        );
         delete_manifest_row(tx, &m.repository, &m.digest, Some(GC_ACTOR), now)?;
+        for c in children {
+            tx.prepare_cached(
+                "UPDATE manifests SET condemned_at = ?3 WHERE repository = ?1 AND digest = ?2 AND condemned_at IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository = ?1 AND t.digest = ?2)",
+            )?
+            .execute(params![m.repository, c, condemned_at])?;
+        }
     }
     Ok(found)
 }

@@ -76,6 +76,8 @@ pub(super) fn state(conn: &Connection, repo: &str) -> Result<RepoState, MetaErro
         .prepare_cached(
             "SELECT m.digest, m.untagged_at, m.pulled_at, m.condemned_at IS NOT NULL,
                     EXISTS (SELECT 1 FROM manifest_references r WHERE r.repository = m.repository AND r.child = m.digest)
+                    OR (m.subject IS NOT NULL
+                        AND EXISTS (SELECT 1 FROM manifests s WHERE s.repository = m.repository AND s.digest = m.subject))
                FROM manifests m WHERE m.repository = ?1",
         )?
         .query_map(params![repo], |r| {
@@ -149,7 +151,8 @@ pub(super) fn apply(
                 "UPDATE manifests SET condemned_at = ?3 WHERE repository = ?1 AND digest = ?2
                    AND condemned_at IS NULL
                    AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository = ?1 AND t.digest = ?2)
-                   AND NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.repository = ?1 AND r.child = ?2)",
+                   AND NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.repository = ?1 AND r.child = ?2)
+                   AND NOT EXISTS (SELECT 1 FROM deployments x WHERE x.repository = ?1 AND x.digest = ?2)",
             )?
             .execute(params![repo, d.digest, now])?;
         if n > 0 {
@@ -263,6 +266,22 @@ pub(super) fn restore(
     if !stored {
         return Err(MetaError::Refused(format!(
             "the manifest {digest} of {repo}:{tag} was garbage collected; it can no longer be restored"
+        )));
+    }
+    // A tag stands only on a whole manifest: a layer or child deleted since the tag went
+    // would make it an image that cannot be pulled.
+    let missing: Option<String> = tx
+        .prepare_cached(
+            "SELECT r.child FROM manifest_references r WHERE r.repository = ?1 AND r.manifest = ?2
+               AND ((r.kind = 'blob' AND NOT EXISTS (SELECT 1 FROM repository_blobs l WHERE l.repository = ?1 AND l.digest = r.child))
+                 OR (r.kind = 'manifest' AND NOT EXISTS (SELECT 1 FROM manifests c WHERE c.repository = ?1 AND c.digest = r.child)))
+             LIMIT 1",
+        )?
+        .query_row(params![repo, digest], |r| r.get(0))
+        .optional()?;
+    if let Some(m) = missing {
+        return Err(MetaError::Refused(format!(
+            "{repo}:{tag} cannot be restored: {m}, which its manifest {digest} needs, was deleted since"
         )));
     }
     let now = now_ms();
