@@ -371,36 +371,30 @@ async fn usage_metrics(state: &AppState) -> Result<String> {
     let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let mut out = String::new();
     let rows = state.store.usage_counters().await?;
-    out.push_str("# HELP wharf_storage_bytes Bytes of blobs stored, deduplicated per namespace.\n# TYPE wharf_storage_bytes gauge\n");
-    for r in &rows {
-        if let Some((kind, name)) = r.scope.split_once(':') {
-            let label = if kind == "ns" {
-                "namespace"
-            } else {
-                "repository"
-            };
-            let _ = writeln!(
-                out,
-                "wharf_storage_bytes{{{label}=\"{}\"}} {}",
-                esc(name),
-                r.bytes
-            );
-        }
-    }
-    out.push_str("# HELP wharf_storage_blobs Blobs stored, deduplicated per namespace.\n# TYPE wharf_storage_blobs gauge\n");
-    for r in &rows {
-        if let Some((kind, name)) = r.scope.split_once(':') {
-            let label = if kind == "ns" {
-                "namespace"
-            } else {
-                "repository"
-            };
-            let _ = writeln!(
-                out,
-                "wharf_storage_blobs{{{label}=\"{}\"}} {}",
-                esc(name),
-                r.blobs
-            );
+    type Value = fn(&crate::store::meta::UsageRow) -> u64;
+    let gauges: [(&str, &str, Value); 2] = [
+        (
+            "wharf_storage_bytes",
+            "Bytes of blobs stored, deduplicated per namespace.",
+            |r| r.bytes,
+        ),
+        (
+            "wharf_storage_blobs",
+            "Blobs stored, deduplicated per namespace.",
+            |r| r.blobs,
+        ),
+    ];
+    for (metric, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+        for r in &rows {
+            if let Some((kind, name)) = r.scope.split_once(':') {
+                let label = if kind == "ns" {
+                    "namespace"
+                } else {
+                    "repository"
+                };
+                let _ = writeln!(out, "{metric}{{{label}=\"{}\"}} {}", esc(name), value(r));
+            }
         }
     }
     out.push_str("# HELP wharf_quota_bytes Quota per namespace (team/*) or repository.\n# TYPE wharf_quota_bytes gauge\n");
