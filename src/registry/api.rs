@@ -397,6 +397,31 @@ async fn usage_metrics(state: &AppState) -> Result<String> {
             }
         }
     }
+    let contents = state.store.usage_contents().await?;
+    type Count = fn(&crate::store::meta::RepoContents) -> Option<i64>;
+    let counts: [(&str, &str, Count); 3] = [
+        ("wharf_repository_tags", "Tags per repository.", |c| {
+            i64::try_from(c.tags).ok()
+        }),
+        (
+            "wharf_repository_manifests",
+            "Manifests per repository.",
+            |c| i64::try_from(c.manifests).ok(),
+        ),
+        (
+            "wharf_repository_last_push_seconds",
+            "When a tag of the repository was last pushed or moved (unix seconds).",
+            |c| c.last_push.map(|ms| ms / 1000),
+        ),
+    ];
+    for (metric, help, value) in counts {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+        for c in &contents {
+            if let Some(v) = value(c) {
+                let _ = writeln!(out, "{metric}{{repository=\"{}\"}} {v}", esc(&c.repository));
+            }
+        }
+    }
     out.push_str("# HELP wharf_quota_bytes Quota per namespace (team/*) or repository.\n# TYPE wharf_quota_bytes gauge\n");
     for q in state.store.quotas().await? {
         let _ = writeln!(

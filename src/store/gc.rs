@@ -329,6 +329,11 @@ impl Store {
         Ok(out)
     }
 
+    /// Per repository: tags, manifests and the last push.
+    pub async fn usage_contents(&self) -> Result<Vec<super::meta::RepoContents>, StoreError> {
+        Ok(self.meta.usage_contents().await?)
+    }
+
     pub async fn quotas(&self) -> Result<Vec<super::meta::Quota>, StoreError> {
         Ok(self.meta.quotas().await?)
     }

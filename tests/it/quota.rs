@@ -110,6 +110,13 @@ async fn quotas_refuse_pushes_past_them_counting_a_blob_once_per_namespace() {
         metrics.contains("wharf_storage_bytes{repository=\"team/b\"} 600"),
         "{metrics}"
     );
+    for m in [
+        "wharf_repository_tags{repository=\"team/a\"} 1",
+        "wharf_repository_manifests{repository=\"team/a\"} 1",
+        "wharf_repository_last_push_seconds{repository=\"team/a\"}",
+    ] {
+        assert!(metrics.contains(m), "{m}: {metrics}");
+    }
     let list = wharf(&reg, &["quota", "list"]);
     assert!(list.is_empty(), "{list}");
 
