@@ -173,7 +173,7 @@ pub async fn handle(
             .await?;
             // Deleted tags can name what was deliberately taken down: for those who
             // may push, like restoring them.
-            if q.get("deleted") == Some("true") {
+            if flag(q, "deleted")? {
                 authz::require(
                     &state.auth,
                     site,
@@ -186,6 +186,19 @@ pub async fn handle(
             }
             tags(state, site, &name, q).await
         }
+    }
+}
+
+/// A `key=true|false` parameter (absent: false).
+fn flag(q: &Query, key: &str) -> Result<bool> {
+    match q.get(key) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            super::OciErrorCode::Unsupported,
+            format!("{key}={other:?}: use {key}=true"),
+        )),
     }
 }
 
@@ -490,27 +503,11 @@ async fn tags(
     name: &crate::oci::RepoName,
     q: &Query,
 ) -> Result<Response> {
-    match q.get("untagged") {
-        None | Some("false") => {}
-        Some("true") => return untagged(state, name).await,
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                super::OciErrorCode::Unsupported,
-                format!("untagged={other:?}: use untagged=true"),
-            ));
-        }
+    if flag(q, "untagged")? {
+        return untagged(state, name).await;
     }
-    match q.get("deleted") {
-        None | Some("false") => {}
-        Some("true") => return deleted_tags(state, name).await,
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                super::OciErrorCode::Unsupported,
-                format!("deleted={other:?}: use deleted=true"),
-            ));
-        }
+    if flag(q, "deleted")? {
+        return deleted_tags(state, name).await;
     }
     let page_size = number(q, "page_size", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
     let page = number(q, "page", 1, u32::MAX)?;

@@ -398,6 +398,18 @@ async fn deploy_reports_need_pull_and_never_remove_what_another_reported() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    let (status, code) = error_of(
+        mallory
+            .get(reg.url("/api/v1/repositories/team/api/tags?untagged=maybe"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "UNSUPPORTED")
+    );
     // Retention spares the reported digest; forgetting the agent lifts that.
     wharf(
         &reg,
