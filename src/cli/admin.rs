@@ -1301,6 +1301,8 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
                 media_type: None,
                 size: None,
                 actor: Some(a.actor.clone()),
+                quota: None,
+                detail: None,
             };
             let http = reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))

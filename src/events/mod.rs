@@ -25,7 +25,7 @@ use crate::store::meta::events::{Attempt, DueDelivery, EventsMeta, WebhookRecord
 use crate::store::policy::glob_match;
 use crate::time::rfc3339;
 
-pub const ACTIONS: &[&str] = &["push", "tag", "untag", "delete"];
+pub const ACTIONS: &[&str] = &["push", "tag", "untag", "delete", "quota"];
 pub const FORMATS: &[&str] = &["wharf", "cncf", "dockerhub"];
 
 /// A webhook in `wharf.toml` (`[[webhooks]]`).
@@ -92,7 +92,7 @@ impl Default for DeliverySettings {
 pub enum WebhookError {
     #[error("webhook URL {0:?} must start with http:// or https://")]
     Url(String),
-    #[error("unknown action {0:?}: use push, tag, untag, delete")]
+    #[error("unknown action {0:?}: use push, tag, untag, delete, quota")]
     Action(String),
     #[error("unknown format {0:?}: use wharf, cncf or dockerhub")]
     Format(String),
@@ -102,6 +102,8 @@ pub enum WebhookError {
     Tag(String),
     #[error("the webhook secret must be at least 16 characters")]
     Secret,
+    #[error("the quota action is sent in the wharf format only")]
+    QuotaFormat,
 }
 
 /// Checks a webhook's fields; returns the record to store.
@@ -129,6 +131,9 @@ pub fn validate(
     if !FORMATS.contains(&c.format.as_str()) {
         return Err(WebhookError::Format(c.format.clone()));
     }
+    if c.format != "wharf" && c.actions.iter().any(|a| a == "quota") {
+        return Err(WebhookError::QuotaFormat);
+    }
     Pattern::parse(&c.repositories)?;
     let mut tags = Vec::new();
     for t in &c.tags {
@@ -153,9 +158,18 @@ pub fn validate(
     })
 }
 
-/// Whether `hook` wants `e`.
+/// Whether `hook` wants `e`. A quota warning goes to the hooks whose repositories cover
+/// the quota's whole target, in the wharf format only (the others describe manifests).
 pub fn matches(hook: &WebhookRecord, e: &EventRecord) -> bool {
-    let repo_ok = Pattern::parse(&hook.repositories).is_ok_and(|p| p.matches(&e.repository));
+    let Ok(wanted) = Pattern::parse(&hook.repositories) else {
+        return false;
+    };
+    if e.action == "quota" {
+        return hook.format == "wharf"
+            && hook.actions.iter().any(|a| a == "quota")
+            && Pattern::parse(&e.repository).is_ok_and(|t| wanted.covers(&t));
+    }
+    let repo_ok = wanted.matches(&e.repository);
     let action_ok = hook.actions.contains(&e.action);
     let tag_ok = hook.tags.iter().any(|g| match &e.tag {
         Some(t) => glob_match(g.as_bytes(), t.as_bytes()),
@@ -174,6 +188,20 @@ pub fn payload(format: &str, e: &EventRecord, registry: &str) -> (Vec<u8>, &'sta
         .map_or(registry, |(_, h)| h)
         .trim_end_matches('/');
     let value = match format {
+        _ if e.action == "quota" => json!({
+            "id": e.uuid,
+            "action": "quota",
+            "timestamp": rfc3339(e.at),
+            "registry": host,
+            "quota": e.repository,
+            "used_bytes": e.size,
+            "quota_bytes": e.quota,
+            "percent": match (e.size, e.quota) {
+                (Some(u), Some(q)) if q > 0 => Some(u * 100 / q),
+                _ => None,
+            },
+            "message": e.detail,
+        }),
         "cncf" => {
             let action = if e.action == "push" || e.action == "tag" {
                 "push"
@@ -324,6 +352,10 @@ fn jitter() -> f64 {
     f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
 }
 
+/// Delivered and failed deliveries, and events every webhook is past, are kept this long.
+pub const KEEP_DAYS: i64 = 30;
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Runs delivery until the process ends.
 pub async fn run_dispatcher(
     meta: Arc<dyn EventsMeta>,
@@ -340,8 +372,18 @@ pub async fn run_dispatcher(
     };
     let mut tick = tokio::time::interval(Duration::from_millis(settings.poll_ms.max(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruned_at = std::time::Instant::now() - PRUNE_EVERY;
     loop {
         tick.tick().await;
+        if pruned_at.elapsed() >= PRUNE_EVERY {
+            pruned_at = std::time::Instant::now();
+            let before = crate::store::meta::now_ms() - KEEP_DAYS * 86_400_000;
+            match meta.prune(before).await {
+                Ok((0, 0)) => {}
+                Ok((d, e)) => tracing::info!(deliveries = d, events = e, "webhooks: pruned"),
+                Err(e) => tracing::warn!(error = %e, "webhooks: cannot prune"),
+            }
+        }
         let hooks = match meta.webhooks().await {
             Ok(h) => h,
             Err(e) => {
@@ -435,7 +477,63 @@ mod tests {
             media_type: Some("application/vnd.oci.image.manifest.v1+json".into()),
             size: Some(500),
             actor: Some("ci".into()),
+            quota: None,
+            detail: None,
         }
+    }
+
+    fn quota_event(target: &str) -> EventRecord {
+        EventRecord {
+            action: "quota".into(),
+            repository: target.into(),
+            tag: None,
+            digest: String::new(),
+            media_type: None,
+            size: Some(900),
+            quota: Some(1000),
+            detail: Some("team/ uses 900 B of its quota of 1000 B (90%)".into()),
+            ..event("quota", None)
+        }
+    }
+
+    #[test]
+    fn quota_warnings_reach_hooks_covering_their_target_in_the_wharf_format() {
+        let h = hook(&["prod"], &["push", "quota"], "wharf");
+        assert!(
+            matches(&h, &quota_event("team/*")),
+            "tag filters do not apply"
+        );
+        assert!(matches(&h, &quota_event("team/api")));
+        assert!(!matches(&h, &quota_event("other/*")));
+        let narrow = WebhookRecord {
+            repositories: "team/api".into(),
+            ..h.clone()
+        };
+        assert!(!matches(&narrow, &quota_event("team/*")), "a narrower hook");
+        assert!(matches(&narrow, &quota_event("team/api")));
+        let no_action = hook(&["*"], &["push"], "wharf");
+        assert!(!matches(&no_action, &quota_event("team/*")));
+        let (body, _) = payload("wharf", &quota_event("team/*"), "http://r.example:5000");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["action"], "quota");
+        assert_eq!(v["quota"], "team/*");
+        assert_eq!(v["used_bytes"], 900);
+        assert_eq!(v["quota_bytes"], 1000);
+        assert_eq!(v["percent"], 90);
+        assert_eq!(v["registry"], "r.example:5000");
+        // Only the wharf format describes quotas; others are refused when added.
+        let c = WebhookConfig {
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: "0123456789abcdef".into(),
+            repositories: "*".into(),
+            tags: vec!["*".into()],
+            actions: vec!["quota".into()],
+            format: "cncf".into(),
+        };
+        assert_eq!(
+            validate("h".into(), &c, "cli").unwrap_err(),
+            WebhookError::QuotaFormat
+        );
     }
 
     fn hook(tags: &[&str], actions: &[&str], format: &str) -> WebhookRecord {

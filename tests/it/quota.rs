@@ -67,11 +67,61 @@ async fn quotas_refuse_pushes_past_them_counting_a_blob_once_per_namespace() {
         "{table}"
     );
 
-    // Past 85 %, one warning in the audit log.
+    // Past 85 %, one warning in the audit log and one `quota` event to the webhooks
+    // that cover the namespace (not to one on a single repository of it).
+    let receiver = crate::webhooks::Receiver::start();
+    let add = |repos: &str, path: &str| {
+        let url = format!("{}{path}", receiver.url);
+        wharf(
+            &reg,
+            &[
+                "webhook",
+                "add",
+                &url,
+                "--repositories",
+                repos,
+                "--actions",
+                "quota,push",
+            ],
+        )
+    };
+    add("team/*", "/ns");
+    add("team/a", "/repo");
+    let refused = wharf_fails(
+        &reg,
+        &[
+            "webhook",
+            "add",
+            &receiver.url,
+            "--actions",
+            "quota",
+            "--format",
+            "cncf",
+        ],
+    );
+    assert!(refused.contains("wharf format only"), "{refused}");
     reg.push_blob("team/a", &pattern(300, 3)).await;
     reg.push_blob("team/a", &pattern(10, 4)).await;
     let audit = wharf(&reg, &["audit", "--json"]);
     assert_eq!(audit.matches("quota.warning").count(), 1, "{audit}");
+    let got = receiver.wait_for("/ns", 1);
+    let warning = got[0].json();
+    assert_eq!(warning["action"], "quota", "{warning}");
+    assert_eq!(warning["quota"], "team/*");
+    assert_eq!(warning["used_bytes"], 900);
+    assert_eq!(warning["quota_bytes"], 1000);
+    assert_eq!(warning["percent"], 90);
+    assert_eq!(
+        warning["message"],
+        "team/ uses 900 B of its quota of 1000 B (90%)"
+    );
+    assert_eq!(got[0].header("wharf-event"), Some("quota"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(receiver.at("/ns").len(), 1, "warned once");
+    assert!(
+        receiver.at("/repo").is_empty(),
+        "a narrower hook gets no namespace warning"
+    );
 
     // A manifest PUT is refused while the namespace is over its quota.
     let (m, _) = {

@@ -91,4 +91,8 @@ pub trait EventsMeta: Send + Sync + 'static {
     async fn record_attempt(&self, delivery: i64, attempt: Attempt) -> Result<(), MetaError>;
     /// The newest deliveries of `hook`.
     async fn deliveries(&self, hook: &str, limit: u32) -> Result<Vec<DeliveryRecord>, MetaError>;
+    /// Forgets delivered and failed deliveries last changed before `before` (unix ms),
+    /// then events older than that which every webhook's cursor is past and no delivery
+    /// names. Returns (deliveries, events) removed.
+    async fn prune(&self, before: i64) -> Result<(u64, u64), MetaError>;
 }

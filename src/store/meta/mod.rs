@@ -144,7 +144,9 @@ pub struct EventRecord {
     /// Unix milliseconds.
     pub at: i64,
     /// `push` (a new manifest, once per tag it was pushed with), `tag` (an existing
-    /// manifest given a tag: a promotion or re-tag), `untag`, `delete` (a manifest).
+    /// manifest given a tag: a promotion or re-tag), `untag`, `delete` (a manifest),
+    /// `quota` (a quota passed 85 %: `repository` is its target, `team/*` or a
+    /// repository, `digest` is empty, `size` the bytes used and `quota` the limit).
     pub action: String,
     pub repository: String,
     pub tag: Option<String>,
@@ -152,6 +154,9 @@ pub struct EventRecord {
     pub media_type: Option<String>,
     pub size: Option<i64>,
     pub actor: Option<String>,
+    pub quota: Option<i64>,
+    /// What a person reads (a quota warning's message).
+    pub detail: Option<String>,
 }
 
 /// The order of a tag details listing.

@@ -31,6 +31,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0009_deployments.sql"),
     include_str!("../../../migrations/sqlite/0010_reference_index.sql"),
     include_str!("../../../migrations/sqlite/0011_gc_lease.sql"),
+    include_str!("../../../migrations/sqlite/0012_quota_events.sql"),
 ];
 const READERS: usize = 8;
 /// The catalog lists a repository only while it holds a manifest: one emptied by deletes
@@ -223,6 +224,15 @@ impl SqliteMeta {
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), MetaError> {
+    // Foreign keys are off while migrating, as SQLite's table-rebuild procedure needs,
+    // and each migration is checked against them before it commits.
+    conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+    let done = migrate_steps(conn);
+    conn.execute_batch("PRAGMA foreign_keys = ON")?;
+    done
+}
+
+fn migrate_steps(conn: &mut Connection) -> Result<(), MetaError> {
     // Each step reads the version and applies the next migration in one IMMEDIATE
     // transaction, so processes opening the database at the same time (a server and an
     // admin command) serialize instead of applying a migration twice.
@@ -241,6 +251,15 @@ fn migrate(conn: &mut Connection) -> Result<(), MetaError> {
             return Ok(tx.commit()?);
         }
         tx.execute_batch(MIGRATIONS[version])?;
+        let broken: Option<String> = tx
+            .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+            .optional()?;
+        if let Some(table) = broken {
+            return Err(MetaError::Db(format!(
+                "migration {} leaves rows of {table} pointing at nothing",
+                version + 1
+            )));
+        }
         tx.execute_batch(&format!("PRAGMA user_version = {}", version + 1))?;
         tx.commit()?;
     }
@@ -334,8 +353,7 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManifestRecord> {
 }
 
 /// The columns [`event_row`] reads, from `events e`.
-pub(super) const EVENT_COLUMNS: &str =
-    "e.id, e.uuid, e.at, e.action, e.repository, e.tag, e.digest, e.media_type, e.size, e.actor";
+pub(super) const EVENT_COLUMNS: &str = "e.id, e.uuid, e.at, e.action, e.repository, e.tag, e.digest, e.media_type, e.size, e.actor, e.quota, e.detail";
 
 /// An event from [`EVENT_COLUMNS`] starting at column `at`.
 pub(super) fn event_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<EventRecord> {
@@ -350,10 +368,13 @@ pub(super) fn event_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Ev
         media_type: r.get(at + 7)?,
         size: r.get(at + 8)?,
         actor: r.get(at + 9)?,
+        quota: r.get(at + 10)?,
+        detail: r.get(at + 11)?,
     })
 }
 
 /// An event to record in the outbox.
+#[derive(Default)]
 pub(super) struct Event<'a> {
     pub action: &'a str,
     pub repository: &'a str,
@@ -363,12 +384,14 @@ pub(super) struct Event<'a> {
     pub size: Option<i64>,
     pub actor: Option<&'a str>,
     pub at: i64,
+    pub quota: Option<i64>,
+    pub detail: Option<&'a str>,
 }
 
 pub(super) fn record_event(tx: &Transaction<'_>, e: &Event<'_>) -> Result<(), MetaError> {
     tx.prepare_cached(
-        "INSERT INTO events (uuid, at, action, repository, tag, digest, media_type, size, actor)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO events (uuid, at, action, repository, tag, digest, media_type, size, actor, quota, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         uuid::Uuid::new_v4().to_string(),
@@ -379,7 +402,9 @@ pub(super) fn record_event(tx: &Transaction<'_>, e: &Event<'_>) -> Result<(), Me
         e.digest,
         e.media_type,
         e.size,
-        e.actor
+        e.actor,
+        e.quota,
+        e.detail
     ])?;
     Ok(())
 }
@@ -769,6 +794,7 @@ impl MetaStore for SqliteMeta {
                     size: Some(size),
                     actor: m.by.actor.as_deref(),
                     at: now,
+                    ..Event::default()
                 })
             };
             if new_manifest && m.tags.is_empty() {
@@ -1262,6 +1288,7 @@ impl MetaStore for SqliteMeta {
                     size: None,
                     actor: by.actor.as_deref(),
                     at: now,
+                    ..Event::default()
                 },
             )?;
             Ok(true)
@@ -1629,5 +1656,51 @@ mod migration_tests {
         for h in handles {
             h.join().unwrap().unwrap();
         }
+    }
+
+    #[test]
+    fn the_events_rebuild_keeps_ids_deliveries_and_the_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        {
+            let c = open_connection(&path).unwrap();
+            for (i, m) in MIGRATIONS[..11].iter().enumerate() {
+                c.execute_batch(m).unwrap();
+                c.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+                    .unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO events (id, uuid, at, action, repository, digest) VALUES
+                   (7, 'u7', 1, 'push', 'a', 'sha256:x'), (9, 'u9', 2, 'tag', 'a', 'sha256:x');
+                 DELETE FROM events WHERE id = 9;
+                 INSERT INTO webhooks VALUES ('h', 'http://x', 's', '*', '*', 'push', 'wharf', 'cli', 0, 7);
+                 INSERT INTO deliveries (webhook, event, status, next_attempt_at, created_at, updated_at)
+                   VALUES ('h', 7, 'pending', 0, 0, 0);",
+            )
+            .unwrap();
+        }
+        let m = SqliteMeta::open(&path).unwrap();
+        let c = m.writer.lock().unwrap();
+        let delivery_event: i64 = c
+            .query_row(
+                "SELECT e.id FROM deliveries d JOIN events e ON e.id = d.event",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(delivery_event, 7);
+        c.execute(
+            "INSERT INTO events (uuid, at, action, repository, digest, quota) VALUES ('n', 3, 'quota', 'team/*', '', 10)",
+            [],
+        )
+        .unwrap();
+        let id: i64 = c
+            .query_row("SELECT id FROM events WHERE uuid = 'n'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(id, 10, "an id once used is never given again");
+        assert!(
+            c.query_row("PRAGMA foreign_key_check", [], |_| Ok(()))
+                .is_err()
+        );
     }
 }

@@ -255,4 +255,60 @@ impl EventsMeta for SqliteMeta {
         })
         .await
     }
+
+    async fn prune(&self, before: i64) -> Result<(u64, u64), MetaError> {
+        self.write(move |tx| {
+            let deliveries = tx.execute(
+                "DELETE FROM deliveries WHERE status IN ('delivered', 'failed') AND updated_at < ?1",
+                params![before],
+            )?;
+            let events = tx.execute(
+                "DELETE FROM events WHERE at < ?1
+                   AND id <= (SELECT coalesce(min(cursor), (SELECT max(id) FROM events)) FROM webhooks)
+                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event = events.id)",
+                params![before],
+            )?;
+            Ok((deliveries as u64, events as u64))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::meta::MetaStore;
+
+    #[tokio::test]
+    async fn pruning_keeps_what_is_recent_pending_or_not_yet_fanned_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+        m.write(|tx| {
+            tx.execute_batch(
+                "INSERT INTO events (id, uuid, at, action, repository, digest) VALUES
+                   (1, 'old-delivered', 10, 'push', 'a', 'd'), (2, 'old-pending', 10, 'push', 'a', 'd'),
+                   (3, 'old-no-hook', 10, 'push', 'a', 'd'), (4, 'old-past-cursor', 10, 'push', 'a', 'd'),
+                   (5, 'new', 5000, 'push', 'a', 'd');
+                 INSERT INTO webhooks VALUES ('h', 'http://x', 's', '*', '*', 'push', 'wharf', 'cli', 0, 3);
+                 INSERT INTO deliveries (webhook, event, status, next_attempt_at, created_at, updated_at) VALUES
+                   ('h', 1, 'delivered', 0, 10, 10), ('h', 2, 'pending', 0, 10, 10),
+                   ('h', 5, 'failed', 0, 5000, 5000);",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(m.prune(1000).await.unwrap(), (1, 2));
+        let left: Vec<String> = m
+            .events_after(0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.uuid)
+            .collect();
+        // 2 waits for its delivery, 4 for the webhook's fan-out, 5 is recent.
+        assert_eq!(left, ["old-pending", "old-past-cursor", "new"]);
+        assert_eq!(m.deliveries("h", 10).await.unwrap().len(), 2);
+        assert_eq!(m.prune(1000).await.unwrap(), (0, 0));
+    }
 }

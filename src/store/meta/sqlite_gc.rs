@@ -98,6 +98,7 @@ pub(super) fn delete_manifest_row(
             size: Some(size),
             actor,
             at: now,
+            ..Event::default()
         },
     )?;
     Ok(true)

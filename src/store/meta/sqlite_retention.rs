@@ -140,6 +140,7 @@ pub(super) fn apply(
                 size: None,
                 actor: by.actor.as_deref(),
                 at: now,
+                ..Event::default()
             },
         )?;
         deleted += 1;
@@ -306,6 +307,7 @@ pub(super) fn restore(
             size: None,
             actor: by.actor.as_deref(),
             at: now,
+            ..Event::default()
         },
     )?;
     Ok(digest)

@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::sqlite::audit_row;
+use super::sqlite::{Event, audit_row, record_event};
 use super::{MetaError, Quota, RepoContents, UsageRow, Who};
 
 /// A repository's namespace: its first component (`team` for `team/api`).
@@ -83,7 +83,8 @@ pub(super) fn check(conn: &Connection, repo: &str) -> Result<(), MetaError> {
     Ok(())
 }
 
-/// Warns (once, in the audit log) when a quota passes 85 %, and re-arms below it.
+/// Warns once when a quota passes 85 % (a log line, an audit row and a `quota` event
+/// for webhooks, in the transaction that crossed it), and re-arms below it.
 fn warn(tx: &Transaction<'_>, repo: &str) -> Result<(), MetaError> {
     for (target, limit, warned, scope) in applying(tx, repo)? {
         let used = bytes_of(tx, &scope)?;
@@ -99,13 +100,26 @@ fn warn(tx: &Transaction<'_>, repo: &str) -> Result<(), MetaError> {
                 used * 100 / limit.max(1)
             );
             tracing::warn!("{detail}");
+            let now = crate::time::now_ms();
             audit_row(
                 tx,
                 "quota.warning",
                 shown(&target),
                 &detail,
                 &Who::default(),
-                crate::time::now_ms(),
+                now,
+            )?;
+            record_event(
+                tx,
+                &Event {
+                    action: "quota",
+                    repository: &target,
+                    size: Some(used),
+                    quota: Some(limit),
+                    detail: Some(&detail),
+                    at: now,
+                    ..Event::default()
+                },
             )?;
         } else if !high && warned {
             tx.prepare_cached("UPDATE quotas SET warned = 0 WHERE target = ?1")?
