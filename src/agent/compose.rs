@@ -134,13 +134,21 @@ impl Compose {
             .map(|_| ())
     }
 
+    /// `up -d --no-deps` of `services`; `recreate`: their containers are replaced even
+    /// where they look current (after a deploy that stopped compose half way).
     pub async fn up(
         &self,
         stack: &StackConfig,
         override_file: &Path,
         services: &[String],
+        recreate: bool,
     ) -> anyhow::Result<()> {
-        self.services_cmd(stack, override_file, &["up", "-d", "--no-deps"], services)
+        let args: &[&str] = if recreate {
+            &["up", "-d", "--no-deps", "--force-recreate"]
+        } else {
+            &["up", "-d", "--no-deps"]
+        };
+        self.services_cmd(stack, override_file, args, services)
             .await
     }
 
@@ -160,23 +168,51 @@ impl Compose {
         self.run(c, "compose up --scale").await.map(|_| ())
     }
 
+    /// The containers of `service` in the stack's project, running or not (one-off `run`
+    /// containers aside), asked of the engine by compose's labels: as `compose ps -a`
+    /// would answer, without starting compose (docker-compose v1 takes most of a second
+    /// to start, which a health watch cannot spend on every look).
     pub async fn containers(
         &self,
         stack: &StackConfig,
-        override_file: &Path,
+        _override_file: &Path,
         service: &str,
     ) -> anyhow::Result<Vec<String>> {
-        let mut c = self.command(stack, override_file);
-        c.args(["ps", "-q", service]);
-        Ok(self
-            .run(c, "compose ps")
-            .await?
+        let project = format!(
+            "label=com.docker.compose.project={}",
+            project_label(stack.project())
+        );
+        let service = format!("label=com.docker.compose.service={service}");
+        let out = docker(&[
+            "ps",
+            "-a",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &project,
+            "--filter",
+            &service,
+            "--filter",
+            "label=com.docker.compose.oneoff=False",
+        ])
+        .await?;
+        Ok(out
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .map(str::to_owned)
             .collect())
     }
+}
+
+/// The project name as compose writes it in its labels: lower case, only letters,
+/// digits, `-` and `_`.
+fn project_label(project: &str) -> String {
+    project
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        .collect()
 }
 
 /// A fingerprint of what the stack's own files say (each compose file and the env

@@ -845,7 +845,7 @@ impl Agent {
             config: Some(&config),
         })?;
         drop(pending);
-        match self.apply(stack, before_pins.as_ref(), &after).await {
+        match self.apply(stack, before_pins.as_ref(), &after, false).await {
             Ok(()) => {
                 self.history.finish(id, "success", None, None)?;
                 if target.force {
@@ -903,7 +903,8 @@ impl Agent {
                     versions: &previous_versions,
                     config: Some(&config),
                 })?;
-                match self.apply(stack, None, &previous).await {
+                // Back from what was attempted: the services it changed, replaced whole.
+                match self.apply(stack, Some(&after), &previous, true).await {
                     Ok(()) => {
                         self.history.finish(rb, "success", None, None)?;
                         self.notify(&format!(
@@ -933,12 +934,16 @@ impl Agent {
     }
 
     /// Pins, pulls, brings up the services whose image changes, and waits for health.
+    /// `recreate`: their containers are replaced even where they look current (the
+    /// rollback of a deploy that may have stopped compose half way, leaving an old
+    /// container that the engine is still stopping).
     /// Err: (what went wrong, the tail of the failing container's log).
     async fn apply(
         &self,
         stack: &StackConfig,
         before: Option<&Pins>,
         after: &Pins,
+        recreate: bool,
     ) -> Result<(), (String, Option<String>)> {
         let file = self.override_file(&stack.name);
         let changed: Vec<String> = after
@@ -978,7 +983,7 @@ impl Agent {
                     .unwrap_or_default(),
             );
         }
-        let up = self.compose.up(stack, &file, &changed);
+        let up = self.compose.up(stack, &file, &changed, recreate);
         self.wait_healthy(stack, &file, &changed, &existing, true, up)
             .await
     }

@@ -2228,8 +2228,8 @@ async fn a_crashing_service_ends_the_deploy_before_compose_is_done_with_the_othe
             "slow=v2",
         ],
     );
-    assert!(err.contains("rolled back"), "{err}");
     let h = settled(&cfg);
+    assert!(err.contains("rolled back"), "{err}\n{h:#?}");
     let error = h[1]["error"].as_str().unwrap();
     assert!(error.contains("service fast is unhealthy"), "{error}");
     assert!(
