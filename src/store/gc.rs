@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::meta::{GC_BATCH, GcBlob, GcLink, GcManifest, GcRun, RepoDeleted, now_ms};
+use super::meta::{GcBlob, GcLink, GcManifest, GcRun, RepoDeleted, now_ms};
 use super::retention::{Deletion, RetentionRule, plan};
 use super::{Store, StoreError, Who};
 use crate::oci::{Digest, RepoName};
@@ -22,10 +22,20 @@ pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
 /// A pass's lease, renewed after each batch: a pass that died is taken over once it
 /// runs out.
 const GC_LEASE_MS: i64 = 30_000;
+/// How often a pass renews its lease: a small fraction of it.
+const GC_RENEW: Duration = Duration::from_secs(3);
 
 /// How long an upload waits for the collector to finish deleting a blob it is about to
 /// store again, at most (the deletion of one file takes milliseconds).
 const CLAIM_WAIT: Duration = Duration::from_secs(30);
+
+/// Rows a pass changes per transaction: a push waiting for the database's one writer
+/// waits for at most one such batch.
+const GC_STEP: u32 = 100;
+/// While anything else writes, a pass rests this many times as long as its last batch
+/// took (a quarter of the writer and of the disk at most); on an idle registry it does
+/// not rest.
+const GC_YIELD: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcSettings {
@@ -432,6 +442,14 @@ impl Store {
         Ok(report)
     }
 
+    /// After a batch that began at `began`: rests while the registry is busy.
+    async fn rest(&self, began: Instant) -> Result<(), StoreError> {
+        if self.meta.gc_contended().await? {
+            tokio::time::sleep(began.elapsed() * GC_YIELD).await;
+        }
+        Ok(())
+    }
+
     fn cutoff(&self) -> i64 {
         now_ms().saturating_sub(i64::try_from(self.gc.delay.as_millis()).unwrap_or(i64::MAX))
     }
@@ -449,8 +467,10 @@ impl Store {
             })
             .collect();
         let mut out = Vec::new();
-        for chunk in found.chunks(GC_BATCH as usize) {
+        for chunk in found.chunks(GC_STEP as usize) {
+            let t = Instant::now();
             out.extend(self.meta.gc_orphans(chunk.to_vec(), mark).await?);
+            self.rest(t).await?;
         }
         Ok(out)
     }
@@ -492,7 +512,16 @@ impl Store {
     /// One pass, holding the lease of `owner`. Uploads are expired only by the server
     /// (`uploads`): only it knows which are being written to now.
     async fn gc_pass(&self, owner: &str, uploads: bool) -> Result<GcReport, StoreError> {
+        let renewed = std::sync::Mutex::new(Instant::now());
         let renew = || async {
+            // Every few seconds, well within the lease.
+            {
+                let mut at = renewed.lock().expect("renewal time");
+                if at.elapsed() < GC_RENEW {
+                    return Ok(());
+                }
+                *at = Instant::now();
+            }
             if self.meta.gc_lease(owner, GC_LEASE_MS).await? {
                 Ok(())
             } else {
@@ -513,44 +542,56 @@ impl Store {
         removed.blobs.extend(pending);
         step("finishing marked blobs");
         let cutoff = self.cutoff();
+        let n = GC_STEP;
         // Until none is left: deleting an index condemns its platform manifests.
         loop {
-            let batch = self.meta.gc_sweep_condemned(cutoff, GC_BATCH).await?;
+            let t = Instant::now();
+            let batch = self.meta.gc_sweep_condemned(cutoff, n).await?;
             let done = batch.is_empty();
             removed.manifests.extend(batch);
             if done {
                 break;
             }
+            self.rest(t).await?;
         }
         if self.gc.delete_referrers {
             loop {
-                let batch = self
-                    .meta
-                    .gc_sweep_orphan_referrers(cutoff, GC_BATCH)
-                    .await?;
-                let done = batch.len() < GC_BATCH as usize;
+                let t = Instant::now();
+                let batch = self.meta.gc_sweep_orphan_referrers(cutoff, n).await?;
+                let done = batch.len() < n as usize;
                 removed.manifests.extend(batch);
                 if done {
                     break;
                 }
+                self.rest(t).await?;
             }
         }
         step("manifests");
+        let (mut repo, mut digest) = (String::new(), String::new());
         loop {
             renew().await?;
-            let batch = self.meta.gc_sweep_links(cutoff, GC_BATCH).await?;
-            let done = batch.len() < GC_BATCH as usize;
+            let t = Instant::now();
+            let batch = self
+                .meta
+                .gc_sweep_links(cutoff, (&repo, &digest), n)
+                .await?;
+            let done = batch.len() < n as usize;
+            if let Some(last) = batch.last() {
+                (repo, digest) = (last.repository.clone(), last.digest.clone());
+            }
             removed.links.extend(batch);
             if done {
                 break;
             }
+            self.rest(t).await?;
         }
         step("links");
         let mut after = String::new();
         loop {
             renew().await?;
-            let batch = self.meta.gc_mark_blobs(&after, GC_BATCH).await?;
-            let done = batch.len() < GC_BATCH as usize;
+            let t = Instant::now();
+            let batch = self.meta.gc_mark_blobs(&after, n).await?;
+            let done = batch.len() < n as usize;
             if let Some(last) = batch.last() {
                 after = last.digest.clone();
             }
@@ -559,6 +600,7 @@ impl Store {
             if done {
                 break;
             }
+            self.rest(t).await?;
         }
         step("blobs");
         renew().await?;

@@ -410,11 +410,21 @@ pub trait MetaStore: Send + Sync + 'static {
 
     // ---- garbage collection (ARCHITECTURE.md, "Garbage collection") ----
 
+    /// Whether anything but the collector has committed since the last call (a push, a
+    /// delete, another process): a pass rests between its batches while the registry is
+    /// busy, and runs at full speed while it is idle.
+    async fn gc_contended(&self) -> Result<bool, MetaError>;
     /// What a pass with links touched before `cutoff_ms` would remove.
     async fn gc_preview(&self, cutoff_ms: i64, referrers: bool) -> Result<GcPreview, MetaError>;
     /// Removes up to `limit` links touched before `cutoff_ms` that no manifest of their
-    /// repository references.
-    async fn gc_sweep_links(&self, cutoff_ms: i64, limit: u32) -> Result<Vec<GcLink>, MetaError>;
+    /// repository references, in (repository, digest) order after `after` (`("", "")`:
+    /// from the start), so a pass in many small batches reads each link once.
+    async fn gc_sweep_links(
+        &self,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<Vec<GcLink>, MetaError>;
     /// Deletes up to `limit` untagged manifests created before `cutoff_ms` whose subject
     /// is not in their repository (and that no tag needs).
     async fn gc_sweep_orphan_referrers(
@@ -987,6 +997,68 @@ pub(crate) mod tests {
         out
     }
 
+    /// A pass in small batches: the links cursor reads on from where the last batch
+    /// ended, and the collector's own writes do not count as contention while everyone
+    /// else's do. Every backend passes it.
+    pub(crate) async fn gc_pacing_suite(m: &dyn MetaStore) {
+        let later = now_ms() + 60_000;
+        for n in 1..=3 {
+            blob_in(m, "pace/a", &d(n), 10).await;
+        }
+        blob_in(m, "pace/b", &d(1), 10).await;
+        assert!(m.gc_contended().await.unwrap(), "the uploads were writes");
+        assert!(!m.gc_contended().await.unwrap(), "nothing wrote since");
+
+        let mut after = (String::new(), String::new());
+        let mut swept = Vec::new();
+        loop {
+            let batch = m
+                .gc_sweep_links(later, (&after.0, &after.1), 2)
+                .await
+                .unwrap();
+            assert!(batch.len() <= 2, "{batch:?}");
+            let Some(last) = batch.last() else { break };
+            after = (last.repository.clone(), last.digest.clone());
+            swept.extend(batch.into_iter().map(|l| (l.repository, l.digest)));
+        }
+        let want = vec![
+            ("pace/a".to_owned(), d(1)),
+            ("pace/a".to_owned(), d(2)),
+            ("pace/a".to_owned(), d(3)),
+            ("pace/b".to_owned(), d(1)),
+        ];
+        assert_eq!(swept, want, "each link once, in order");
+        let marked = m.gc_mark_blobs("", 100).await.unwrap();
+        assert_eq!(marked.len(), 3);
+        m.gc_forget(marked.into_iter().map(|b| b.digest).collect())
+            .await
+            .unwrap();
+        assert!(m.gc_lease("pacer", 1000).await.unwrap());
+        m.gc_release("pacer").await.unwrap();
+        assert!(
+            !m.gc_contended().await.unwrap(),
+            "the collector's own writes are not contention"
+        );
+
+        // A cursor past everything finds nothing, even where garbage is left before it.
+        blob_in(m, "pace/a", &d(4), 10).await;
+        assert!(
+            m.gc_sweep_links(later, ("pace/z", ""), 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(m.gc_contended().await.unwrap(), "an upload is contention");
+        assert!(!m.gc_contended().await.unwrap());
+        m.manifest_put("pace/a", manifest(d(60), vec![(d(4), 10)], &["t"]))
+            .await
+            .unwrap();
+        assert!(
+            m.gc_contended().await.unwrap(),
+            "a manifest push is contention"
+        );
+    }
+
     /// Garbage collection, repository deletes and referrers: every backend passes it.
     pub(crate) async fn gc_suite(m: &dyn MetaStore) {
         let later = now_ms() + 60_000; // every link counts as unused for the delay
@@ -998,9 +1070,14 @@ pub(crate) mod tests {
             .unwrap();
 
         // Links used within the delay stay; of the rest, only the unreferenced go.
-        assert!(m.gc_sweep_links(earlier, 100).await.unwrap().is_empty());
+        assert!(
+            m.gc_sweep_links(earlier, ("", ""), 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let preview = m.gc_preview(later, true).await.unwrap();
-        let swept = m.gc_sweep_links(later, 100).await.unwrap();
+        let swept = m.gc_sweep_links(later, ("", ""), 100).await.unwrap();
         assert_eq!(
             swept,
             vec![GcLink {
@@ -1227,7 +1304,7 @@ pub(crate) mod tests {
         assert!(m.gc_sweep_repositories(true).await.unwrap().is_empty());
 
         // In the end everything unreferenced goes, and everything referenced stays.
-        m.gc_sweep_links(later, 1000).await.unwrap();
+        m.gc_sweep_links(later, ("", ""), 1000).await.unwrap();
         while !m.gc_mark_blobs("", 1).await.unwrap().is_empty() {}
         let left = digests(&m.gc_marked().await.unwrap(), |b| b.digest.clone());
         assert!(left.contains(&d(1)) && left.contains(&d(2)), "{left:?}");
@@ -1490,7 +1567,9 @@ pub(crate) mod tests {
             bytes(&m.usage(false).await.unwrap(), "ns:q"),
             Some((150, 2))
         );
-        m.gc_sweep_links(now_ms() + 60_000, 100).await.unwrap();
+        m.gc_sweep_links(now_ms() + 60_000, ("", ""), 100)
+            .await
+            .unwrap();
         let after = m.usage(false).await.unwrap();
         assert!(
             after.is_empty(),

@@ -51,6 +51,11 @@ pub struct SqliteMeta {
     /// Scans running at once, at most `READERS`.
     scans: Arc<tokio::sync::Semaphore>,
     readers: Mutex<Vec<Connection>>,
+    /// Transactions committed by anything but the garbage collector, in this process.
+    writes: Arc<std::sync::atomic::AtomicU64>,
+    /// What [`MetaStore::gc_contended`] saw last: the writer's `data_version` (which moves
+    /// when another process commits) and `writes`.
+    seen: Mutex<(i64, u64)>,
 }
 
 pub use crate::time::now_ms;
@@ -111,6 +116,8 @@ impl SqliteMeta {
             turn: Arc::new(tokio::sync::Mutex::new(())),
             scans: Arc::new(tokio::sync::Semaphore::new(READERS)),
             readers: Mutex::new(Vec::new()),
+            writes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            seen: Mutex::new((-1, 0)),
         })
     }
 
@@ -202,10 +209,33 @@ impl SqliteMeta {
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
     {
+        self.transaction_by(commit, false, f).await
+    }
+
+    /// A transaction of the garbage collector: not counted as foreground work.
+    async fn gc_transaction<T, F>(&self, commit: bool, f: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
+    {
+        self.transaction_by(commit, true, f).await
+    }
+
+    async fn transaction_by<T, F>(
+        &self,
+        commit: bool,
+        collector: bool,
+        f: F,
+    ) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
+    {
         // Held by the task, so a caller that goes away does not let the next writer in
         // while this one still runs.
         let turn = Arc::clone(&self.turn).lock_owned().await;
         let writer = Arc::clone(&self.writer);
+        let writes = Arc::clone(&self.writes);
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             let mut conn = writer.lock().expect("writer lock");
@@ -213,6 +243,9 @@ impl SqliteMeta {
             let out = f(&tx)?;
             if commit {
                 tx.commit()?;
+                if !collector {
+                    writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             } else {
                 tx.rollback()?;
             }
@@ -924,8 +957,14 @@ impl MetaStore for SqliteMeta {
             .await
     }
 
-    async fn gc_sweep_links(&self, cutoff_ms: i64, limit: u32) -> Result<Vec<GcLink>, MetaError> {
-        self.write(move |tx| gc::sweep_links(tx, cutoff_ms, limit))
+    async fn gc_sweep_links(
+        &self,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<Vec<GcLink>, MetaError> {
+        let after = (after.0.to_owned(), after.1.to_owned());
+        self.gc_transaction(true, move |tx| gc::sweep_links(tx, cutoff_ms, after, limit))
             .await
     }
 
@@ -934,19 +973,21 @@ impl MetaStore for SqliteMeta {
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<Vec<GcManifest>, MetaError> {
-        self.write(move |tx| gc::sweep_orphan_referrers(tx, cutoff_ms, limit))
-            .await
+        self.gc_transaction(true, move |tx| {
+            gc::sweep_orphan_referrers(tx, cutoff_ms, limit)
+        })
+        .await
     }
 
     async fn gc_mark_blobs(&self, after: &str, limit: u32) -> Result<Vec<GcBlob>, MetaError> {
         let after = after.to_owned();
-        self.write(move |tx| gc::mark_blobs(tx, &after, limit))
+        self.gc_transaction(true, move |tx| gc::mark_blobs(tx, &after, limit))
             .await
     }
 
     async fn gc_lease(&self, owner: &str, ms: i64) -> Result<bool, MetaError> {
         let owner = owner.to_owned();
-        self.write(move |tx| {
+        self.gc_transaction(true, move |tx| {
             let now = now_ms();
             let n = tx.execute(
                 "INSERT INTO gc_lease (id, owner, until) VALUES (1, ?1, ?2)
@@ -961,7 +1002,7 @@ impl MetaStore for SqliteMeta {
 
     async fn gc_release(&self, owner: &str) -> Result<(), MetaError> {
         let owner = owner.to_owned();
-        self.write(move |tx| {
+        self.gc_transaction(true, move |tx| {
             tx.execute("DELETE FROM gc_lease WHERE owner = ?1", params![owner])?;
             Ok(())
         })
@@ -969,7 +1010,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn gc_unmark(&self, digests: Vec<String>) -> Result<(), MetaError> {
-        self.write(move |tx| {
+        self.gc_transaction(true, move |tx| {
             let mut st =
                 tx.prepare_cached("UPDATE blobs SET deleting_at = NULL WHERE digest = ?1")?;
             for d in &digests {
@@ -981,7 +1022,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn gc_orphans(&self, found: Vec<GcBlob>, mark: bool) -> Result<Vec<GcBlob>, MetaError> {
-        self.transaction(mark, move |tx| gc::orphans(tx, found, mark))
+        self.gc_transaction(mark, move |tx| gc::orphans(tx, found, mark))
             .await
     }
 
@@ -990,11 +1031,12 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn gc_forget(&self, digests: Vec<String>) -> Result<(), MetaError> {
-        self.write(move |tx| gc::forget(tx, &digests)).await
+        self.gc_transaction(true, move |tx| gc::forget(tx, &digests))
+            .await
     }
 
     async fn gc_sweep_repositories(&self, dry_run: bool) -> Result<Vec<String>, MetaError> {
-        self.transaction(!dry_run, move |tx| gc::sweep_repositories(tx, dry_run))
+        self.gc_transaction(!dry_run, move |tx| gc::sweep_repositories(tx, dry_run))
             .await
     }
 
@@ -1003,7 +1045,7 @@ impl MetaStore for SqliteMeta {
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<Vec<GcManifest>, MetaError> {
-        self.write(move |tx| gc::sweep_condemned(tx, cutoff_ms, limit))
+        self.gc_transaction(true, move |tx| gc::sweep_condemned(tx, cutoff_ms, limit))
             .await
     }
 
@@ -1226,7 +1268,23 @@ impl MetaStore for SqliteMeta {
 
     async fn gc_record(&self, run: &GcRun) -> Result<(), MetaError> {
         let run = run.clone();
-        self.write(move |tx| gc::record(tx, &run)).await
+        self.gc_transaction(true, move |tx| gc::record(tx, &run))
+            .await
+    }
+
+    async fn gc_contended(&self) -> Result<bool, MetaError> {
+        let writer = Arc::clone(&self.writer);
+        let version = tokio::task::spawn_blocking(move || {
+            let conn = writer.lock().expect("writer lock");
+            conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+        })
+        .await
+        .map_err(|e| MetaError::Db(format!("blocking task: {e}")))??;
+        let writes = self.writes.load(std::sync::atomic::Ordering::Relaxed);
+        let mut seen = self.seen.lock().expect("gc contention lock");
+        let contended = *seen != (version, writes);
+        *seen = (version, writes);
+        Ok(contended)
     }
 
     async fn gc_checkpoint(&self) -> Result<(), MetaError> {
@@ -1522,6 +1580,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
         super::super::tests::review_suite(&meta).await;
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+        super::super::tests::gc_pacing_suite(&meta).await;
+    }
+
+    /// `wharf gc` or another admin command writing from a second process (here: a second
+    /// handle on the same file) is contention for the server's pass, and the reverse.
+    #[tokio::test]
+    async fn another_processs_writes_are_contention() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let server = SqliteMeta::open(&path).unwrap();
+        let admin = SqliteMeta::open(&path).unwrap();
+        server.gc_contended().await.unwrap();
+        assert!(!server.gc_contended().await.unwrap());
+        admin.upload_create("u1", "x/y", false).await.unwrap();
+        assert!(
+            server.gc_contended().await.unwrap(),
+            "the other handle wrote"
+        );
+        assert!(!server.gc_contended().await.unwrap());
+        // The server's own collector writes are not contention for itself, but they are
+        // for the other handle (it cannot tell them apart, and need not).
+        admin.gc_contended().await.unwrap();
+        assert!(server.gc_lease("p", 1000).await.unwrap());
+        assert!(!server.gc_contended().await.unwrap());
+        assert!(admin.gc_contended().await.unwrap());
     }
 
     /// Random sequences of pushes, mounts, manifest and tag deletes, blob deletes,
@@ -1605,7 +1690,9 @@ mod tests {
                                 let _ = m.repository_delete(&repo(r), &who).await;
                             }
                             Op::Gc => {
-                                m.gc_sweep_links(now_ms() + 60_000, 100).await.unwrap();
+                                m.gc_sweep_links(now_ms() + 60_000, ("", ""), 100)
+                                    .await
+                                    .unwrap();
                                 let marked = m.gc_mark_blobs("", 100).await.unwrap();
                                 m.gc_forget(marked.into_iter().map(|b| b.digest).collect())
                                     .await

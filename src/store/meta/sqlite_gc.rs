@@ -203,10 +203,10 @@ const GARBAGE_LINKS: &str = "SELECT rb.repository, rb.digest, b.size FROM reposi
 pub(super) fn sweep_links(
     tx: &Transaction<'_>,
     cutoff: i64,
+    (mut repo, mut digest): (String, String),
     limit: u32,
 ) -> Result<Vec<GcLink>, MetaError> {
     let mut out = Vec::new();
-    let (mut repo, mut digest) = (String::new(), String::new());
     loop {
         let found: Vec<GcLink> = tx
             .prepare_cached(GARBAGE_LINKS)?
@@ -398,7 +398,7 @@ pub(super) fn preview(
     if referrers {
         manifests.extend(sweep_orphan_referrers(tx, cutoff, u32::MAX)?);
     }
-    let links = sweep_links(tx, cutoff, u32::MAX)?;
+    let links = sweep_links(tx, cutoff, Default::default(), u32::MAX)?;
     let blobs = mark_blobs(tx, "", u32::MAX)?;
     Ok(GcPreview {
         links,
