@@ -510,6 +510,92 @@ pub async fn gc(a: Admin, args: GcArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// The storage directory of a CNCF registry (its `rootdirectory`, holding
+    /// `docker/registry/v2`), read only.
+    #[arg(long, value_name = "DIR")]
+    from_distribution: std::path::PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Imports a CNCF registry's storage: every repository, blob, manifest and tag, digests
+/// verified. Fails (exit 1, after importing everything else) if anything could not be.
+pub async fn import(a: Admin, args: ImportArgs) -> anyhow::Result<()> {
+    let by = wharf::store::Who {
+        actor: Some(a.actor.clone()),
+        credential: None,
+        client: None,
+    };
+    let dir = &args.from_distribution;
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    wharf::store::import::distribution_root(dir)?;
+    let json = args.json;
+    a.audit(
+        "import",
+        None,
+        format!("from distribution storage {}", dir.display()),
+    )
+    .await?;
+    let result = wharf::store::import::import_distribution(&a.store, dir, &by, |repo, r| {
+        if !json {
+            eprintln!(
+                "{repo}: done ({} repositories, {} blobs copied, {} manifests and {} tags imported so far)",
+                r.repositories, r.blobs_copied, r.manifests_imported, r.tags_imported
+            );
+        }
+    })
+    .await;
+    let report = a.failed("import", result.map_err(Into::into)).await?;
+    a.audit(
+        "import.done",
+        None,
+        format!(
+            "{} repositories, {} blobs ({} bytes) copied, {} linked, {} manifests, {} tags, {} moved, {} problems",
+            report.repositories,
+            report.blobs_copied,
+            report.bytes_copied,
+            report.blobs_linked,
+            report.manifests_imported,
+            report.tags_imported,
+            report.tags_moved,
+            report.problems.len()
+        ),
+    )
+    .await?;
+    if json {
+        out!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        out!(
+            "imported {} repositories: {} blobs copied ({}), {} linked, {} already here; {} manifests ({} already here); {} tags, {} moved, {} already here",
+            report.repositories,
+            report.blobs_copied,
+            super::ci::human(report.bytes_copied),
+            report.blobs_linked,
+            report.blobs_present,
+            report.manifests_imported,
+            report.manifests_present,
+            report.tags_imported,
+            report.tags_moved,
+            report.tags_present
+        );
+        for p in &report.problems {
+            out!("not imported: {}: {}", p.item, p.reason);
+        }
+    }
+    if !report.problems.is_empty() {
+        bail!(
+            "{} items could not be imported (listed above); the rest was",
+            report.problems.len()
+        );
+    }
+    Ok(())
+}
+
 #[derive(Subcommand, Debug)]
 pub enum RetentionCmd {
     /// Add a rule for a repository, `namespace/*` or `*`; give exactly one action. Only

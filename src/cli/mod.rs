@@ -82,6 +82,10 @@ enum Command {
     /// Tags: restore one deleted by hand or by retention.
     #[command(subcommand)]
     Tag(admin::TagCmd),
+    /// Copy another registry's storage into this one (`--from-distribution DIR`: the
+    /// CNCF registry's filesystem storage), server running or not; run again to resume
+    /// or to copy what changed since.
+    Import(admin::ImportArgs),
 }
 
 /// Where the data directory is, for the admin commands.
@@ -176,6 +180,7 @@ pub fn main() -> ExitCode {
         Command::Deploys(c) => admin::run(&cli.data, |a| Box::pin(admin::deploys(a, c))),
         Command::Usage(c) => admin::run(&cli.data, |a| Box::pin(admin::usage(a, c))),
         Command::Quota(c) => admin::run(&cli.data, |a| Box::pin(admin::quota(a, c))),
+        Command::Import(c) => admin::run(&cli.data, |a| Box::pin(admin::import(a, c))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

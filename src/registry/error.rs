@@ -30,6 +30,9 @@ pub enum OciErrorCode {
     Denied,
     Unsupported,
     Toomanyrequests,
+    /// The registry cannot serve now (a part of it is down): the distribution
+    /// registry's code for 503.
+    Unavailable,
     Unknown,
 }
 

@@ -26,11 +26,13 @@ pub enum Route {
     Referrers,
     Token,
     Api,
+    /// `/healthz` and `/readyz`.
+    Health,
     #[default]
     Other,
 }
 
-const ROUTES: [(Route, &str); 12] = [
+const ROUTES: [(Route, &str); 13] = [
     (Route::Base, "base"),
     (Route::Catalog, "catalog"),
     (Route::Tags, "tags"),
@@ -42,6 +44,7 @@ const ROUTES: [(Route, &str); 12] = [
     (Route::Referrers, "referrers"),
     (Route::Token, "token"),
     (Route::Api, "api"),
+    (Route::Health, "health"),
     (Route::Other, "other"),
 ];
 const METHODS: [&str; 7] = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OTHER"];

@@ -181,6 +181,47 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response 
     resp
 }
 
+/// `/healthz`: the process answers (no authentication, nothing checked: a load balancer
+/// or an orchestrator restarts what does not). `/readyz`: the database and the blob
+/// storage answer too, else 503 with what is down, so a load balancer sends requests to
+/// other replicas meanwhile. Neither needs credentials nor tells anything but up or down.
+async fn health(store: &crate::store::Store, m: &Method, ready: bool) -> Result<Response> {
+    if m != Method::GET && m != Method::HEAD {
+        return Err(method_not_allowed());
+    }
+    if !ready {
+        return Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "status": "alive" }),
+        ));
+    }
+    let r = store.ready().await;
+    let part = |e: &Option<String>| e.as_deref().map_or("ok", |_| "unavailable");
+    if r.ok() {
+        return Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "status": "ready", "database": "ok", "storage": "ok" }),
+        ));
+    }
+    // The causes go to the log, not to anonymous callers (paths, hosts).
+    tracing::warn!(database = ?r.database, storage = ?r.storage, "not ready");
+    let down: Vec<&str> = [("database", &r.database), ("storage", &r.storage)]
+        .into_iter()
+        .filter(|(_, e)| e.is_some())
+        .map(|(n, _)| n)
+        .collect();
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        error::OciErrorCode::Unavailable,
+        format!("not ready: the {} does not answer", down.join(" and the ")),
+    )
+    .with_detail(serde_json::json!({
+        "database": part(&r.database),
+        "storage": part(&r.storage),
+    }))
+    .with_header(header::RETRY_AFTER, "1"))
+}
+
 /// Query parameters, in order, repeated keys kept.
 pub(crate) struct Query(pub(crate) Vec<(String, String)>);
 
@@ -256,6 +297,10 @@ async fn handle(
     };
     let path = parts.uri.path();
     let q = Query::parse(parts.uri.query());
+    if path == "/healthz" || path == "/readyz" {
+        seen.route = Route::Health;
+        return health(store, &parts.method, path == "/readyz").await;
+    }
     if path == "/token" {
         seen.route = Route::Token;
         return token::handle(auth, &site, &parts.method, &q, &parts.headers, body, client).await;

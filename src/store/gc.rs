@@ -709,6 +709,9 @@ mod tests {
         ) -> Result<(u64, Option<Hasher>), BlobError> {
             self.inner.upload_write(id, offset, data, hasher).await
         }
+        async fn ready(&self) -> Result<(), BlobError> {
+            self.inner.ready().await
+        }
         async fn upload_read(&self, id: &str, len: u64) -> Result<ByteStream, BlobError> {
             self.inner.upload_read(id, len).await
         }

@@ -9,6 +9,7 @@
 
 pub mod blob;
 pub mod gc;
+pub mod import;
 pub mod meta;
 pub mod perms;
 pub mod policy;
@@ -232,6 +233,22 @@ const MAX_PENDING_PULLS: usize = 100_000;
 /// Uploads writing at once, at most, by default (`[limits] max_uploads`).
 pub const DEFAULT_MAX_UPLOADS: usize = 256;
 
+/// How long `/readyz` waits for the database and for the storage.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What [`Store::ready`] found: for each part, why it is not ready (`None`: it is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub database: Option<String>,
+    pub storage: Option<String>,
+}
+
+impl Readiness {
+    pub fn ok(&self) -> bool {
+        self.database.is_none() && self.storage.is_none()
+    }
+}
+
 pub struct Store {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
@@ -337,6 +354,23 @@ impl Store {
                 self.max_uploads
             ))
         })
+    }
+
+    /// Whether the database and the blob storage answer now, each within
+    /// [`READY_TIMEOUT`]: what `/readyz` reports to a load balancer.
+    pub async fn ready(&self) -> Readiness {
+        async fn within<E: std::fmt::Display>(
+            f: impl std::future::Future<Output = Result<(), E>>,
+        ) -> Option<String> {
+            match tokio::time::timeout(READY_TIMEOUT, f).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {} s", READY_TIMEOUT.as_secs())),
+            }
+        }
+        let (database, storage) =
+            tokio::join!(within(self.meta.ready()), within(self.blobs.ready()));
+        Readiness { database, storage }
     }
 
     /// Upload requests writing now, and the most allowed.

@@ -39,7 +39,7 @@ fn layer(work: &Path, arch: &str) -> (Vec<u8>, String) {
 }
 
 /// An OCI layout holding one index tagged `multi`; returns the index bytes.
-fn multi_arch_layout(layout: &Path, work: &Path) -> Vec<u8> {
+pub(crate) fn multi_arch_layout(layout: &Path, work: &Path) -> Vec<u8> {
     std::fs::create_dir_all(layout).unwrap();
     std::fs::write(
         layout.join("oci-layout"),

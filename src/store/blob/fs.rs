@@ -298,6 +298,26 @@ impl BlobStore for FsBlobStore {
         }
     }
 
+    async fn ready(&self) -> Result<(), BlobError> {
+        let dirs = [self.root.join("blobs"), self.root.join("uploads")];
+        blocking(move || {
+            for dir in &dirs {
+                if !std::fs::metadata(dir)?.is_dir() {
+                    return Err(io::Error::other(format!(
+                        "{} is not a directory",
+                        dir.display()
+                    )));
+                }
+                rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).map_err(|e| {
+                    io::Error::other(format!("{} is not writable: {e}", dir.display()))
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(BlobError::Io)
+    }
+
     async fn list(&self) -> Result<Vec<(Digest, u64)>, BlobError> {
         let root = self.root.join("blobs");
         Ok(blocking(move || {

@@ -96,6 +96,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Every blob the backend holds, with its size: garbage collection compares them with
     /// the metadata to find bytes no row accounts for (left by a crash).
     async fn list(&self) -> Result<Vec<(Digest, u64)>, BlobError>;
+
+    /// Whether the backend can serve and store now (`/readyz`): an error says why not.
+    async fn ready(&self) -> Result<(), BlobError>;
 }
 
 #[cfg(test)]

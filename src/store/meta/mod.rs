@@ -408,6 +408,9 @@ pub trait MetaStore: Send + Sync + 'static {
         by: &Who,
     ) -> Result<Option<RepoDeleted>, MetaError>;
 
+    /// Whether the database answers now (`/readyz`): an error says why not.
+    async fn ready(&self) -> Result<(), MetaError>;
+
     // ---- garbage collection (ARCHITECTURE.md, "Garbage collection") ----
 
     /// Whether anything but the collector has committed since the last call (a push, a

@@ -1272,6 +1272,20 @@ impl MetaStore for SqliteMeta {
             .await
     }
 
+    async fn ready(&self) -> Result<(), MetaError> {
+        // A read, as a pull would do; the writer may be busy with a long batch and that
+        // is not unreadiness.
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT count(*) FROM repositories WHERE name = ''",
+                [],
+                |_| Ok(()),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn gc_contended(&self) -> Result<bool, MetaError> {
         let writer = Arc::clone(&self.writer);
         let version = tokio::task::spawn_blocking(move || {
