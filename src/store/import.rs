@@ -43,6 +43,10 @@ pub struct ImportReport {
     pub blobs_linked: u64,
     /// Blobs the repository already held.
     pub blobs_present: u64,
+    /// Blob links of the source whose data is gone (its garbage collection removes the
+    /// data and leaves the links): nothing the source could serve, so not a problem
+    /// unless a manifest needs one (then that manifest is).
+    pub blobs_missing: u64,
     pub manifests_imported: u64,
     pub manifests_present: u64,
     pub tags_imported: u64,
@@ -245,6 +249,7 @@ enum BlobOutcome {
     Present,
     Linked,
     Copied(u64),
+    Missing,
     Problem(String),
 }
 
@@ -269,11 +274,7 @@ async fn import_blob(
     let path = blob_path(root, d);
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(BlobOutcome::Problem(
-                "its data is missing from the source (deleted by its garbage collection?)".into(),
-            ));
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BlobOutcome::Missing),
         Err(e) => return Ok(BlobOutcome::Problem(format!("{}: {e}", path.display()))),
     };
     let len = match file.metadata().await {
@@ -312,8 +313,14 @@ async fn import_repo(
     });
     let mut results = futures_util::stream::iter(jobs).buffer_unordered(PARALLEL_BLOBS);
     let mut held = Vec::new();
+    let mut missing = std::collections::HashSet::new();
     while let Some((d, outcome)) = results.next().await {
         match outcome? {
+            BlobOutcome::Missing => {
+                report.blobs_missing += 1;
+                missing.insert(d.to_string());
+                continue;
+            }
             BlobOutcome::Present => report.blobs_present += 1,
             BlobOutcome::Linked => report.blobs_linked += 1,
             BlobOutcome::Copied(n) => {
@@ -392,6 +399,10 @@ async fn import_repo(
             match put {
                 Ok(_) => report.manifests_imported += 1,
                 Err(e @ StoreError::ManifestChildUnknown(_)) => later.push((d, e.to_string())),
+                Err(StoreError::ManifestBlobUnknown(b)) if missing.contains(&b) => refused.push((
+                    d,
+                    format!("its blob {b} is missing from the source (removed by its garbage collection?)"),
+                )),
                 Err(e) if refusal(&e) => refused.push((d, e.to_string())),
                 Err(e) => return Err(e.into()),
             }
