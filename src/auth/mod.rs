@@ -121,6 +121,9 @@ pub enum AuthError {
     Busy,
     #[error("the registry's storage is full")]
     StorageFull,
+    /// The database cannot be reached now.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("auth storage: {0}")]
     Internal(String),
 }
@@ -130,6 +133,7 @@ impl From<MetaError> for AuthError {
         match e {
             MetaError::Busy => AuthError::Busy,
             MetaError::Full => AuthError::StorageFull,
+            MetaError::Unavailable(why) => AuthError::Unavailable(why),
             MetaError::Conflict(what) => AuthError::Invalid(format!("{what} already exists")),
             other => AuthError::Internal(other.to_string()),
         }

@@ -249,6 +249,7 @@ pub fn auth_error_plain(e: AuthError) -> ApiError {
         }
         AuthError::Busy => crate::store::StoreError::Busy.into(),
         AuthError::StorageFull => crate::store::StoreError::StorageFull.into(),
+        AuthError::Unavailable(why) => crate::store::StoreError::Unavailable(why).into(),
         other => crate::store::StoreError::Internal(other.to_string()).into(),
     }
 }

@@ -269,6 +269,15 @@ impl From<StoreError> for ApiError {
                     serde_json::json!({ "tag": tag, "manifest": manifest, "policy": policy });
                 ApiError::new(StatusCode::CONFLICT, C::Denied, msg).with_detail(detail)
             }
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(%cause, "a backend is unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    C::Unavailable,
+                    "the registry's database is unavailable; retry shortly",
+                )
+                .with_header(header::RETRY_AFTER, "1")
+            }
             StoreError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 ApiError::internal()

@@ -90,6 +90,9 @@ pub enum StoreError {
     /// Cannot be done as things are (the reason says why).
     #[error("{0}")]
     Refused(String),
+    /// A backend cannot be reached now (the metadata database); retry.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("storage: {0}")]
     Internal(String),
 }
@@ -148,6 +151,7 @@ impl From<MetaError> for StoreError {
             MetaError::Refused(why) => StoreError::Refused(why),
             MetaError::Quota(why) => StoreError::Quota(why),
             MetaError::Db(e) => StoreError::Internal(e),
+            MetaError::Unavailable(e) => StoreError::Unavailable(e),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod events;
+pub mod postgres;
 mod sqlite;
 mod sqlite_auth;
 mod sqlite_events;
@@ -68,6 +69,10 @@ pub enum MetaError {
     /// The disk under the database is full.
     #[error("the metadata database's disk is full")]
     Full,
+    /// The database cannot be reached or does not answer (the message says which);
+    /// the request may succeed once it is back.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("metadata database: {0}")]
     Db(String),
 }

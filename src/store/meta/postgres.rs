@@ -1,0 +1,606 @@
+//! The metadata backend for several replicas: PostgreSQL, through `tokio-postgres` and a
+//! small pool of its own (ARCHITECTURE.md, "Choices").
+//!
+//! Every operation borrows a connection from the pool (at most [`POOL_SIZE`], each with
+//! its prepared statements cached), and runs under [`QUERY_TIMEOUT`]. A database that
+//! cannot be reached, or that stops answering, gives [`MetaError::Unavailable`] (503 on
+//! the API), never a hang: a connection found closed is dropped and a new one made on
+//! the next request, so the registry recovers by itself when the database is back.
+//!
+//! The schema is `migrations/postgresql/`, applied in order at open, in one transaction
+//! under an advisory lock: replicas starting at once apply it once.
+//!
+//! This backend implements `AuthMeta` so far; the registry's `MetaStore` and `EventsMeta`
+//! follow, so it is not yet selectable in the configuration.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::MetaError;
+
+mod auth;
+
+/// Schema migrations, applied in order; `schema_migrations` records which ran.
+const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/postgresql/0001_init.sql")];
+
+/// Connections held at most (each replica).
+pub const POOL_SIZE: usize = 16;
+/// How long a request waits for a free connection, for a new one to be made, or for an
+/// answer, before it is refused with `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The advisory lock the migrations take (any constant of our own).
+const MIGRATION_LOCK: i64 = 0x7768_6172_6600_0001;
+
+impl From<tokio_postgres::Error> for MetaError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if e.is_closed() {
+            return MetaError::Unavailable("the connection to the database was lost".into());
+        }
+        let Some(code) = e.code() else {
+            // No answer from the server: the connection or the network failed.
+            return MetaError::Unavailable(format!("the database cannot be reached: {e}"));
+        };
+        match code {
+            c if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::LOCK_NOT_AVAILABLE =>
+            {
+                MetaError::Busy
+            }
+            c if *c == SqlState::DISK_FULL => MetaError::Full,
+            c if *c == SqlState::UNIQUE_VIOLATION => MetaError::Conflict(
+                e.as_db_error()
+                    .and_then(|d| d.constraint())
+                    .map_or_else(|| "the row".to_owned(), |k| format!("a row of {k}")),
+            ),
+            c if c.code().starts_with("08")
+                || *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::TOO_MANY_CONNECTIONS =>
+            {
+                MetaError::Unavailable(format!("the database is not available: {e}"))
+            }
+            _ => MetaError::Db(match e.as_db_error() {
+                Some(db) => db.message().to_owned(),
+                None => e.to_string(),
+            }),
+        }
+    }
+}
+
+/// One connection and its prepared statements.
+pub(super) struct Conn {
+    pub(super) client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    /// `sql` prepared on this connection, once.
+    pub(super) async fn prep(&mut self, sql: &'static str) -> Result<Statement, MetaError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+/// A connection borrowed from the pool, given back when dropped (unless closed).
+pub(super) struct Pooled {
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            if !c.client.is_closed() {
+                self.pool.idle.lock().expect("pool lock").push(c);
+            }
+        }
+    }
+}
+
+struct Pool {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<Conn>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Pool {
+    async fn connect(&self) -> Result<Conn, MetaError> {
+        let (client, connection) =
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.config.connect(NoTls)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    return Err(match e.code() {
+                        // Refused by the server for a reason that will not pass by itself.
+                        Some(c)
+                            if *c == SqlState::INVALID_PASSWORD
+                                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                                || *c == SqlState::INVALID_CATALOG_NAME =>
+                        {
+                            MetaError::Db(format!("the database refused the connection: {e}"))
+                        }
+                        _ => MetaError::Unavailable(format!("the database cannot be reached: {e}")),
+                    });
+                }
+                Err(_) => {
+                    return Err(MetaError::Unavailable(format!(
+                        "the database did not answer within {} s",
+                        CONNECT_TIMEOUT.as_secs()
+                    )));
+                }
+            };
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "database connection ended");
+            }
+        });
+        Ok(Conn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+}
+
+/// Metadata in PostgreSQL.
+#[derive(Clone)]
+pub struct PostgresMeta {
+    pool: Arc<Pool>,
+}
+
+impl PostgresMeta {
+    /// Connects to `url` (`postgres://user:password@host:port/db`) and brings the schema
+    /// up to date. Fails with a clear message when the database cannot be reached, the
+    /// credentials are refused, or the schema is newer than this binary knows.
+    pub async fn open(url: &str) -> Result<PostgresMeta, MetaError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| MetaError::Db(format!("the database URL is not valid: {e}")))?;
+        config
+            .application_name("wharf")
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30));
+        let meta = PostgresMeta {
+            pool: Arc::new(Pool {
+                config,
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(tokio::sync::Semaphore::new(POOL_SIZE)),
+            }),
+        };
+        meta.migrate().await?;
+        Ok(meta)
+    }
+
+    /// A connection from the pool: an idle one, or a new one.
+    pub(super) async fn conn(&self) -> Result<Pooled, MetaError> {
+        let permit = tokio::time::timeout(
+            ACQUIRE_TIMEOUT,
+            Arc::clone(&self.pool.permits).acquire_owned(),
+        )
+        .await
+        .map_err(|_| {
+            MetaError::Unavailable(format!(
+                "all {POOL_SIZE} database connections stayed busy for {} s",
+                ACQUIRE_TIMEOUT.as_secs()
+            ))
+        })?
+        .expect("the pool's semaphore is never closed");
+        let idle = loop {
+            let c = self.pool.idle.lock().expect("pool lock").pop();
+            match c {
+                Some(c) if c.client.is_closed() => continue,
+                other => break other,
+            }
+        };
+        let conn = match idle {
+            Some(c) => c,
+            None => self.pool.connect().await?,
+        };
+        Ok(Pooled {
+            conn: Some(conn),
+            pool: Arc::clone(&self.pool),
+            _permit: permit,
+        })
+    }
+
+    /// Runs `f` with a bound on its time: a database that stops answering gives
+    /// `Unavailable`, not a request that hangs.
+    pub(super) async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, MetaError>>,
+    ) -> Result<T, MetaError> {
+        match tokio::time::timeout(QUERY_TIMEOUT, f).await {
+            Ok(r) => r,
+            Err(_) => Err(MetaError::Unavailable(format!(
+                "the database did not answer within {} s",
+                QUERY_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    async fn migrate(&self) -> Result<(), MetaError> {
+        self.timed(async {
+            let mut c = self.conn().await?;
+            let tx = c.client.transaction().await?;
+            // Replicas starting at once: one migrates, the others wait, then find it done.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version     INTEGER PRIMARY KEY,
+                     applied_at  BIGINT NOT NULL
+                 )",
+            )
+            .await?;
+            let done: i32 = tx
+                .query_one(
+                    "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                    &[],
+                )
+                .await?
+                .get(0);
+            let known = MIGRATIONS.len() as i32;
+            if done > known {
+                return Err(MetaError::Db(format!(
+                    "the database's schema is at version {done}, newer than this wharf knows ({known}): run the newer wharf"
+                )));
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+                let version = i as i32 + 1;
+                tx.batch_execute(sql).await.map_err(|e| {
+                    MetaError::Db(format!("migration {version} failed: {}", describe(&e)))
+                })?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                    &[&version, &super::now_ms()],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether the database answers (`/readyz`).
+    pub async fn ping(&self) -> Result<(), MetaError> {
+        self.timed(async {
+            let mut c = self.conn().await?;
+            let s = c.prep("SELECT 1").await?;
+            c.client.query_one(&s, &[]).await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => e.to_string(),
+    }
+}
+
+/// A throwaway PostgreSQL cluster for the tests: `initdb` into a temporary directory and
+/// `postgres` on a free loopback port, as the `postgres` user when the tests run as
+/// root. One per test process, stopped when the process ends; each test gets a
+/// database of its own.
+#[cfg(test)]
+pub(crate) mod testdb {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    struct Cluster {
+        port: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+
+    fn bin(name: &str) -> Result<PathBuf, String> {
+        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+            .unwrap_or_default();
+        if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
+            let mut versions: Vec<PathBuf> = dirs.flatten().map(|d| d.path()).collect();
+            versions.sort();
+            candidates.extend(versions.into_iter().rev().map(|v| v.join("bin").join(name)));
+        }
+        candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+            format!(
+                "these tests need PostgreSQL's `{name}`: install it with apt-get install -y postgresql"
+            )
+        })
+    }
+
+    /// Whether to run as the `postgres` user (PostgreSQL refuses to run as root).
+    fn as_postgres() -> Result<bool, String> {
+        if !rustix::process::geteuid().is_root() {
+            return Ok(false);
+        }
+        let known = Command::new("id")
+            .arg("-u")
+            .arg("postgres")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if known {
+            Ok(true)
+        } else {
+            Err("running as root, these tests need the `postgres` user (apt-get install -y postgresql creates it)".into())
+        }
+    }
+
+    /// `program` run through util-linux's `setpriv`: as `postgres` if `as_postgres`, and
+    /// killed when the thread that spawns it ends if `tied`.
+    fn command(program: PathBuf, as_postgres: bool, tied: bool) -> Command {
+        let mut c = Command::new("setpriv");
+        if as_postgres {
+            c.args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ]);
+            c.arg("setpriv");
+        }
+        if tied {
+            c.args(["--pdeathsig", "KILL"]);
+        }
+        c.arg("--").arg(program);
+        c
+    }
+
+    /// Removes the clusters of test processes that have ended (the server dies with its
+    /// process, its directory stays): each directory names its owner's pid.
+    fn sweep_stale() {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if !e.file_name().to_string_lossy().starts_with("wharf-pg-") {
+                continue;
+            }
+            let owner = std::fs::read_to_string(e.path().join("owner"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            let gone = match owner {
+                Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+                // Not yet claimed: only once clearly abandoned.
+                None => e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600)),
+            };
+            if gone {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    fn start() -> Result<Cluster, String> {
+        let who = as_postgres()?;
+        let (initdb, postgres) = (bin("initdb")?, bin("postgres")?);
+        sweep_stale();
+        let dir = tempfile::Builder::new()
+            .prefix("wharf-pg-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        std::fs::write(dir.path().join("owner"), std::process::id().to_string())
+            .map_err(|e| e.to_string())?;
+        if who {
+            let out = Command::new("chown")
+                .arg("postgres:")
+                .arg(dir.path())
+                .output()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("chown: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+        }
+        let data = dir.path().join("data");
+        let out = command(initdb, who, false)
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .output()
+            .map_err(|e| format!("initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            l.local_addr().map_err(|e| e.to_string())?.port()
+        };
+        // Spawned from a thread that lives as long as the process, so that the
+        // parent-death signal (sent when the spawning thread ends) stops the server
+        // only when the tests are over.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sockets = dir.path().to_owned();
+        std::thread::spawn(move || {
+            let mut c = command(postgres, who, true);
+            c.arg("-D")
+                .arg(&data)
+                .args(["-p", &port.to_string(), "-k"])
+                .arg(&sockets)
+                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                .args(["-c", "max_connections=200"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let child = c.spawn();
+            let _ = tx.send(child.map(|_| ()).map_err(|e| format!("postgres: {e}")));
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().map_err(|e| e.to_string())??;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("postgres did not start within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Cluster { port, _dir: dir })
+    }
+
+    /// The URL of a new, empty database on the cluster (started on first use).
+    pub(crate) async fn database() -> String {
+        let cluster = CLUSTER
+            .get_or_init(start)
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let base = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+        // The server accepts TCP before it accepts logins: retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (client, conn) = loop {
+            match tokio_postgres::connect(&base, tokio_postgres::NoTls).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot connect to the test cluster: {e}"),
+            }
+        };
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        format!("postgres://postgres@127.0.0.1:{}/{name}", cluster.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn replicas_opening_at_once_migrate_once() {
+        let url = testdb::database().await;
+        let opens: Vec<_> = (0..6)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { PostgresMeta::open(&url).await })
+            })
+            .collect();
+        for o in opens {
+            o.await.unwrap().unwrap();
+        }
+        let m = PostgresMeta::open(&url).await.unwrap();
+        let c = m.conn().await.unwrap();
+        let n: i64 = c
+            .client
+            .query_one("SELECT count(*) FROM schema_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn a_schema_newer_than_the_binary_is_refused() {
+        let url = testdb::database().await;
+        let m = PostgresMeta::open(&url).await.unwrap();
+        m.conn()
+            .await
+            .unwrap()
+            .client
+            .execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let err = PostgresMeta::open(&url).await.err().unwrap().to_string();
+        assert!(err.contains("newer than this wharf knows"), "{err}");
+    }
+
+    /// The database drops every connection (a restart, a failover): the next request
+    /// may be refused as unavailable, and the one after works, with no restart of ours.
+    #[tokio::test]
+    async fn connections_the_database_dropped_are_replaced_by_themselves() {
+        use crate::store::meta::auth::AuthMeta;
+        let url = testdb::database().await;
+        let m = PostgresMeta::open(&url).await.unwrap();
+        // Several connections in the pool.
+        let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| m.conn())).await;
+        drop(held);
+        let before = m.auth_state().await.unwrap();
+        let other = PostgresMeta::open(&url).await.unwrap();
+        other
+            .conn()
+            .await
+            .unwrap()
+            .client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = 'wharf' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut refused = 0;
+        let after = loop {
+            match m.auth_state().await {
+                Ok(v) => break v,
+                Err(MetaError::Unavailable(_)) if refused < 4 => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(after, before);
+        // Every dropped connection has been discarded: four at once all work again.
+        for r in futures_util::future::join_all((0..4).map(|_| m.auth_state())).await {
+            assert_eq!(r.unwrap(), before);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_is_unavailable_not_a_hang() {
+        // Nothing listens on this port.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = PostgresMeta::open(&format!("postgres://wharf@127.0.0.1:{port}/wharf"))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, MetaError::Unavailable(_)), "{err}");
+        let err = PostgresMeta::open("mysql://x").await.err().unwrap();
+        assert!(err.to_string().contains("not valid"), "{err}");
+    }
+}
