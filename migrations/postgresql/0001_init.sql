@@ -151,9 +151,16 @@ CREATE TABLE tag_policies (
 );
 
 -- Webhooks: the event outbox, endpoints and their deliveries.
+--
+-- Ids are handed out when an event is inserted, but transactions commit in any order, so
+-- a reader walking by id alone could pass an id whose transaction commits later. Each
+-- event also records its transaction's id (`xid`, 64-bit, never reused); readers walk in
+-- (xid, id) order and only below the oldest transaction still running, which no later
+-- event can precede (see postgres/events.rs).
 
 CREATE TABLE events (
     id          BIGSERIAL PRIMARY KEY,
+    xid         BIGINT NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
     uuid        TEXT NOT NULL UNIQUE,
     at          BIGINT NOT NULL,
     action      TEXT NOT NULL CHECK (action IN ('push', 'tag', 'untag', 'delete', 'quota')),
@@ -167,6 +174,7 @@ CREATE TABLE events (
     detail      TEXT                       -- for `quota`: the warning as people read it
 );
 CREATE INDEX events_at ON events(at);
+CREATE INDEX events_order ON events(xid, id);
 
 CREATE TABLE webhooks (
     id            TEXT PRIMARY KEY,
@@ -178,7 +186,9 @@ CREATE TABLE webhooks (
     format        TEXT NOT NULL CHECK (format IN ('wharf', 'cncf', 'dockerhub')),
     source        TEXT NOT NULL CHECK (source IN ('cli', 'config')),
     created_at    BIGINT NOT NULL,
-    cursor        BIGINT NOT NULL          -- the last event id considered for this hook
+    -- The last event considered for this hook, in (xid, id) order.
+    cursor_xid    BIGINT NOT NULL,
+    cursor        BIGINT NOT NULL
 );
 
 CREATE TABLE deliveries (

@@ -10,19 +10,20 @@
 //! The schema is `migrations/postgresql/`, applied in order at open, in one transaction
 //! under an advisory lock: replicas starting at once apply it once.
 //!
-//! This backend implements `AuthMeta` so far; the registry's `MetaStore` and `EventsMeta`
-//! follow, so it is not yet selectable in the configuration.
+//! This backend implements `AuthMeta` and `EventsMeta` so far; the registry's `MetaStore`
+//! follows, so it is not yet selectable in the configuration.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::MetaError;
 
 mod auth;
+mod events;
 
 /// Schema migrations, applied in order; `schema_migrations` records which ran.
 const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/postgresql/0001_init.sql")];
@@ -283,6 +284,33 @@ impl PostgresMeta {
             }
             tx.commit().await?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Runs one statement, on its own.
+    async fn exec(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, MetaError> {
+        self.timed(async {
+            let mut c = self.conn().await?;
+            let s = c.prep(sql).await?;
+            Ok(c.client.execute(&s, params).await?)
+        })
+        .await
+    }
+
+    async fn rows(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, MetaError> {
+        self.timed(async {
+            let mut c = self.conn().await?;
+            let s = c.prep(sql).await?;
+            Ok(c.client.query(&s, params).await?)
         })
         .await
     }

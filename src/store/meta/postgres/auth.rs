@@ -59,33 +59,6 @@ impl PostgresMeta {
         })
         .await
     }
-
-    /// Runs one statement outside any rights change.
-    async fn exec(
-        &self,
-        sql: &'static str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<u64, MetaError> {
-        self.timed(async {
-            let mut c = self.conn().await?;
-            let s = c.prep(sql).await?;
-            Ok(c.client.execute(&s, params).await?)
-        })
-        .await
-    }
-
-    async fn rows(
-        &self,
-        sql: &'static str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<Row>, MetaError> {
-        self.timed(async {
-            let mut c = self.conn().await?;
-            let s = c.prep(sql).await?;
-            Ok(c.client.query(&s, params).await?)
-        })
-        .await
-    }
 }
 
 #[async_trait]
