@@ -111,12 +111,9 @@ pub async fn serve(
             .with_pull_tracking(config.track_pulls),
     );
     let events = Arc::clone(&meta) as Arc<dyn EventsMeta>;
-    let auth = Arc::new(Auth::with_settings(
-        meta,
-        &config.data,
-        &config.service,
-        config.limits.auth(),
-    )?);
+    let auth = Arc::new(
+        Auth::with_settings(meta, &config.data, &config.service, config.limits.auth()).await?,
+    );
     auth.load_trust().await?;
     let admin_pw = config.admin_password.as_ref().map(|s| s.expose());
     if let Some(generated) = auth.ensure_admin(admin_pw).await? {

@@ -134,6 +134,12 @@ CREATE TABLE auth_state (
 );
 INSERT INTO auth_state (id, generation) VALUES (1, 1);
 
+-- Values every replica shares: `jwt_key`, the key registry JWTs are signed with.
+CREATE TABLE settings (
+    name   TEXT PRIMARY KEY,
+    value  BYTEA NOT NULL
+);
+
 CREATE TABLE login_trust (
     user_name   TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
     client      TEXT NOT NULL,

@@ -262,46 +262,15 @@ pub struct Auth {
 const VERIFIED_TTL: Duration = Duration::from_secs(60);
 const VERIFIED_MAX: usize = 10_000;
 
-/// Loads the signing key from the data directory, creating it (mode 0600) on first use.
-fn load_key(dir: &Path) -> std::io::Result<[u8; 32]> {
+/// The signing key of an earlier version, kept in the data directory: offered to the
+/// database on first start so the JWTs it issued stay valid. None if there is none.
+fn legacy_key(dir: &Path) -> std::io::Result<Option<[u8; 32]>> {
     let path = dir.join(KEY_FILE);
     match std::fs::read(&path) {
-        Ok(b) if b.len() == 32 => {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(&b);
-            Ok(k)
-        }
-        Ok(_) => Err(std::io::Error::other(format!(
-            "{} is not a 32-byte key",
-            path.display()
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let key = secret::random_key();
-            // A name of its own, so concurrent first starts never write the same file.
-            let tmp = dir.join(format!(
-                "{KEY_FILE}.{}.{}.tmp",
-                std::process::id(),
-                secret::random_string(8)
-            ));
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&key)?;
-            f.sync_all()?;
-            // Another process may have created it meanwhile: keep whichever came first.
-            match std::fs::hard_link(&tmp, &path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-            std::fs::remove_file(&tmp)?;
-            load_key(dir)
-        }
+        Ok(b) => <[u8; 32]>::try_from(b.as_slice())
+            .map(Some)
+            .map_err(|_| std::io::Error::other(format!("{} is not a 32-byte key", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -316,22 +285,32 @@ fn token_scopes(t: &TokenRecord) -> Option<Vec<Scope>> {
 }
 
 impl Auth {
-    pub fn open(
+    pub async fn open(
         meta: Arc<dyn AuthMeta>,
         data_dir: &Path,
         service: &str,
     ) -> Result<Auth, AuthError> {
-        Auth::with_settings(meta, data_dir, service, AuthSettings::default())
+        Auth::with_settings(meta, data_dir, service, AuthSettings::default()).await
     }
 
-    pub fn with_settings(
+    /// The signing key comes from the database, so every process on it (replicas, the
+    /// admin commands) signs and verifies with the same one.
+    pub async fn with_settings(
         meta: Arc<dyn AuthMeta>,
         data_dir: &Path,
         service: &str,
         settings: AuthSettings,
     ) -> Result<Auth, AuthError> {
-        let key =
-            load_key(data_dir).map_err(|e| AuthError::Internal(format!("signing key: {e}")))?;
+        let candidate = legacy_key(data_dir)
+            .map_err(|e| AuthError::Internal(format!("signing key: {e}")))?
+            .unwrap_or_else(secret::random_key);
+        let stored = meta.signing_key(&candidate).await?;
+        let key = <[u8; 32]>::try_from(stored.as_slice()).map_err(|_| {
+            AuthError::Internal(format!(
+                "the stored signing key has {} bytes, not 32",
+                stored.len()
+            ))
+        })?;
         Ok(Auth {
             meta,
             key,
@@ -1172,22 +1151,51 @@ pub fn granted_by(claims: &jwt::Claims, repo: &str) -> Actions {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn concurrent_key_creation_agrees_on_one_key() {
+    /// Processes opening one database at once (replicas, admin commands) agree on one
+    /// signing key, kept in the database; the key file of an earlier version is carried
+    /// over, so JWTs it signed stay valid.
+    #[tokio::test]
+    async fn every_process_on_a_database_signs_with_one_key() {
+        use crate::store::meta::SqliteMeta;
+        use std::sync::Arc;
         let dir = tempfile::tempdir().unwrap();
-        let handles: Vec<_> = (0..8)
-            .map(|_| {
-                let d = dir.path().to_owned();
-                std::thread::spawn(move || super::load_key(&d).unwrap())
-            })
+        let db = dir.path().join("meta.db");
+        let opens = (0..6).map(|_| {
+            let meta = Arc::new(SqliteMeta::open(&db).unwrap());
+            let dir = dir.path().to_owned();
+            tokio::spawn(async move { super::Auth::open(meta, &dir, "wharf").await.unwrap().key })
+        });
+        let keys: Vec<[u8; 32]> = futures_util::future::join_all(opens)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
             .collect();
-        let keys: Vec<[u8; 32]> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        assert!(keys.windows(2).all(|w| w[0] == w[1]));
+        assert!(keys.windows(2).all(|w| w[0] == w[1]), "{keys:?}");
         assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "temp files left behind"
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("auth.key"))
+                .count(),
+            0,
+            "no key file is written any more"
         );
+
+        // An upgrade: the old key file's key becomes the database's.
+        let old = tempfile::tempdir().unwrap();
+        std::fs::write(old.path().join("auth.key"), [7u8; 32]).unwrap();
+        let meta = Arc::new(SqliteMeta::open(&old.path().join("meta.db")).unwrap());
+        let auth = super::Auth::open(meta, old.path(), "wharf").await.unwrap();
+        assert_eq!(auth.key, [7u8; 32]);
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(bad.path().join("auth.key"), b"short").unwrap();
+        let meta = Arc::new(SqliteMeta::open(&bad.path().join("meta.db")).unwrap());
+        let err = super::Auth::open(meta, bad.path(), "wharf")
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not a 32-byte key"), "{err}");
     }
 
     mod pullable {

@@ -45,7 +45,8 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
             &config.data,
             &config.service,
             config.limits.auth(),
-        )?;
+        )
+        .await?;
         let actor = format!(
             "cli:{}",
             std::env::var("USER").unwrap_or_else(|_| "unknown".into())

@@ -664,7 +664,14 @@ async fn bad_jwts_are_refused() {
     use wharf::auth::jwt::{AccessEntry, Claims, ISSUER, sign};
     let reg = TestRegistry::start();
     reg.push_image("team/api", "v1", "x").await;
-    let key = std::fs::read(reg.data.join("auth.key")).unwrap();
+    let key: Vec<u8> = rusqlite::Connection::open(reg.data.join("meta.db"))
+        .unwrap()
+        .query_row(
+            "SELECT value FROM settings WHERE name = 'jwt_key'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     let now = wharf::auth::now_secs();
     // The admin's generation, as a real token carries it.
     let real: Value = token(&reg, &reg.client, &[]).await.json().await.unwrap();

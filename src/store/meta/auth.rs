@@ -105,6 +105,10 @@ pub trait AuthMeta: Send + Sync + 'static {
     async fn tokens_purge(&self, before: i64) -> Result<u64, MetaError>;
     /// The latest `limit` entries, oldest first.
     async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError>;
+    /// The key registry JWTs are signed with, the same for every process on this
+    /// database: the one stored, or `candidate`, stored now, if there is none yet (the
+    /// first of several processes starting at once wins).
+    async fn signing_key(&self, candidate: &[u8]) -> Result<Vec<u8>, MetaError>;
 }
 
 #[cfg(test)]
@@ -112,6 +116,9 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) async fn suite(m: &dyn AuthMeta) {
+        // The first key offered is kept; later ones get it back.
+        assert_eq!(m.signing_key(&[1; 32]).await.unwrap(), vec![1; 32]);
+        assert_eq!(m.signing_key(&[2; 32]).await.unwrap(), vec![1; 32]);
         assert_eq!(m.user_count().await.unwrap(), 0);
         let state0 = m.auth_state().await.unwrap();
         m.user_create("alice", "h1", false).await.unwrap();

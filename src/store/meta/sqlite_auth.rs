@@ -341,6 +341,22 @@ impl AuthMeta for SqliteMeta {
         .await
     }
 
+    async fn signing_key(&self, candidate: &[u8]) -> Result<Vec<u8>, MetaError> {
+        let candidate = candidate.to_vec();
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT INTO settings (name, value) VALUES ('jwt_key', ?1) ON CONFLICT (name) DO NOTHING",
+                params![candidate],
+            )?;
+            Ok(tx.query_row(
+                "SELECT value FROM settings WHERE name = 'jwt_key'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
     async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError> {
         self.scan(move |c| {
             let mut s = c.prepare(

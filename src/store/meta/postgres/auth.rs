@@ -314,6 +314,16 @@ impl AuthMeta for PostgresMeta {
         .await
     }
 
+    async fn signing_key(&self, candidate: &[u8]) -> Result<Vec<u8>, MetaError> {
+        const INSERT: &str = "INSERT INTO settings (name, value) VALUES ('jwt_key', $1) ON CONFLICT (name) DO NOTHING";
+        const SELECT: &str = "SELECT value FROM settings WHERE name = 'jwt_key'";
+        self.exec(INSERT, &[&candidate]).await?;
+        let rows = self.rows(SELECT, &[]).await?;
+        rows.first()
+            .map(|r| r.get(0))
+            .ok_or_else(|| MetaError::Db("the signing key was not stored".into()))
+    }
+
     async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError> {
         const SQL: &str = "SELECT at, actor, action, repository, detail, client, credential FROM
                (SELECT * FROM audit_log ORDER BY id DESC LIMIT $1) last ORDER BY id";
