@@ -140,6 +140,16 @@ CREATE TABLE settings (
     value  BYTEA NOT NULL
 );
 
+-- Failed logins per limiter window (`cu:<client>:<user>`, `c:<client>`, `u:<user>`) in
+-- fixed one-minute windows, so replicas limit together.
+CREATE TABLE login_failures (
+    key       TEXT NOT NULL,
+    window_start  BIGINT NOT NULL,
+    failures  BIGINT NOT NULL,
+    PRIMARY KEY (key, window_start)
+);
+CREATE INDEX login_failures_window ON login_failures(window_start);
+
 CREATE TABLE login_trust (
     user_name   TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
     client      TEXT NOT NULL,

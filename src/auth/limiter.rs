@@ -74,7 +74,49 @@ enum Key {
     User(String),
 }
 
+/// The windows failures are shared in between processes on one database (replicas):
+/// fixed, so that every process counts in the same one.
+pub const SHARED_WINDOW_MS: i64 = 60_000;
+
+/// The start of the shared window holding `now_ms`.
+pub fn shared_window(now_ms: i64) -> i64 {
+    now_ms - now_ms.rem_euclid(SHARED_WINDOW_MS)
+}
+
+/// Failures other processes (and this one) recorded in the database in the current
+/// shared window, by [`shared_keys`] text: an attempt counts against
+/// the larger of these and this process's own count, so replicas behind a load balancer
+/// together allow what one would.
+#[derive(Debug, Default, Clone)]
+pub struct Shared {
+    pub failures: HashMap<String, u32>,
+    /// Seconds until the shared window ends.
+    pub left_secs: u64,
+}
+
+/// The database keys of every window an attempt by `user` from `client` may count
+/// against (the trusted case counts against fewer of them).
+pub fn shared_keys(client: Option<IpAddr>, user: &str) -> Vec<String> {
+    let client = client.map(ClientKey::from);
+    let mut keys = Vec::with_capacity(3);
+    if let Some(c) = client {
+        keys.push(Key::ClientUser(c, user.to_owned()).text());
+        keys.push(Key::Client(c).text());
+    }
+    keys.push(Key::User(user.to_owned()).text());
+    keys
+}
+
 impl Key {
+    /// How the database keeps it.
+    fn text(&self) -> String {
+        match self {
+            Key::ClientUser(c, u) => format!("cu:{}:{u}", c.to_text()),
+            Key::Client(c) => format!("c:{}", c.to_text()),
+            Key::User(u) => format!("u:{u}"),
+        }
+    }
+
     fn limit(&self) -> u32 {
         match self {
             Key::ClientUser(..) => PER_CLIENT_USER,
@@ -141,6 +183,14 @@ pub struct Reservation {
     pub trusted: bool,
 }
 
+impl Reservation {
+    /// The database keys of the windows this attempt counts against: where to record
+    /// it if it fails.
+    pub fn shared_keys(&self) -> Vec<String> {
+        self.keys.iter().map(Key::text).collect()
+    }
+}
+
 impl Limiter {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
@@ -156,13 +206,26 @@ impl Limiter {
         user: &str,
         generation: Option<i64>,
     ) -> Result<Reservation, u64> {
+        self.reserve_shared(client, user, generation, &Shared::default())
+            .await
+    }
+
+    /// [`Limiter::reserve`], also counting the failures `shared` says the database
+    /// holds for this window.
+    pub async fn reserve_shared(
+        self: &std::sync::Arc<Self>,
+        client: Option<IpAddr>,
+        user: &str,
+        generation: Option<i64>,
+        shared: &Shared,
+    ) -> Result<Reservation, u64> {
         let client = client.map(ClientKey::from);
         loop {
             // Registered before the check, so a decision in between is not missed.
             let decided = self.decided.notified();
             tokio::pin!(decided);
             decided.as_mut().enable();
-            match self.decide(client, user, generation) {
+            match self.decide(client, user, generation, shared) {
                 Decision::Go(keys, trusted) => {
                     return Ok(Reservation {
                         limiter: std::sync::Arc::clone(self),
@@ -178,7 +241,13 @@ impl Limiter {
         }
     }
 
-    fn decide(&self, client: Option<ClientKey>, user: &str, generation: Option<i64>) -> Decision {
+    fn decide(
+        &self,
+        client: Option<ClientKey>,
+        user: &str,
+        generation: Option<i64>,
+        shared: &Shared,
+    ) -> Decision {
         let now = Instant::now();
         let mut st = self.lock();
         if now.duration_since(st.swept) >= SWEEP_EVERY {
@@ -209,7 +278,12 @@ impl Limiter {
         let mut wait = None::<u64>;
         let mut busy = false;
         for k in &keys {
-            let failures = match st.windows.get(k) {
+            let elsewhere = shared.failures.get(&k.text()).copied().unwrap_or(0);
+            if elsewhere >= k.limit() {
+                let secs = shared.left_secs.max(1);
+                wait = Some(wait.map_or(secs, |w| w.max(secs)));
+            }
+            let local = match st.windows.get(k) {
                 Some((start, n)) => match WINDOW.checked_sub(now.duration_since(*start)) {
                     Some(left) => {
                         if *n >= k.limit() {
@@ -222,6 +296,8 @@ impl Limiter {
                 },
                 None => 0,
             };
+            // This process's failures are in the database's count too (once written).
+            let failures = local.max(elsewhere);
             busy |= failures + st.pending.get(k).copied().unwrap_or(0) >= k.limit();
         }
         if let Some(w) = wait {
@@ -476,6 +552,38 @@ mod tests {
             fail(&l, "10.0.0.9", "bob").await.unwrap();
         }
         assert!(l.reserve(ip("10.0.0.9"), "bob", Some(1)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn failures_other_processes_recorded_count_here() {
+        let l = Arc::new(Limiter::default());
+        let keys = shared_keys(ip("10.0.0.1"), "alice");
+        let mut shared = Shared {
+            failures: HashMap::from([(keys[0].clone(), PER_CLIENT_USER - 1)]),
+            left_secs: 42,
+        };
+        // One place left in the (client, user) window: this process takes it.
+        let r = l
+            .reserve_shared(ip("10.0.0.1"), "alice", Some(1), &shared)
+            .await
+            .unwrap();
+        assert_eq!(r.shared_keys(), keys, "where a failure is to be recorded");
+        r.failed();
+        shared.failures.insert(keys[0].clone(), PER_CLIENT_USER);
+        assert_eq!(
+            l.reserve_shared(ip("10.0.0.1"), "alice", Some(1), &shared)
+                .await
+                .err(),
+            Some(42),
+            "refused until the shared window ends"
+        );
+        // Another user from there is not held up by that window.
+        assert!(
+            l.reserve_shared(ip("10.0.0.1"), "bob", Some(1), &shared)
+                .await
+                .is_ok()
+        );
+        assert_eq!(shared_window(125_000), 120_000);
     }
 
     #[tokio::test]

@@ -494,9 +494,22 @@ impl Auth {
         client: Option<IpAddr>,
     ) -> Result<Principal, AuthError> {
         let record = self.meta.user_get(user).await?;
+        // What every process on this database recorded in the current shared window.
+        let now = now_ms();
+        let window = limiter::shared_window(now);
+        let shared = limiter::Shared {
+            failures: self
+                .meta
+                .login_failures(&limiter::shared_keys(client, user), window)
+                .await?
+                .into_iter()
+                .collect(),
+            left_secs: u64::try_from((window + limiter::SHARED_WINDOW_MS - now + 999) / 1000)
+                .unwrap_or(1),
+        };
         let reservation = match self
             .limiter
-            .reserve(client, user, record.as_ref().map(|u| u.generation))
+            .reserve_shared(client, user, record.as_ref().map(|u| u.generation), &shared)
             .await
         {
             Ok(r) => r,
@@ -556,6 +569,7 @@ impl Auth {
         let generation = record.as_ref().map(|u| u.generation);
         let known = record.as_ref().map(|u| u.name.clone());
         let failures = Arc::clone(&self.failures);
+        let counted = reservation.shared_keys();
         let job = hashing::run(move || {
             let _permit = permit;
             let ok = secret::verify_password(pw.expose(), &hash);
@@ -579,9 +593,22 @@ impl Auth {
             }
             .map_or((ok, None), |c| (ok, Some(c)))
         });
-        let (ok, news) = job
-            .await
-            .ok_or_else(|| AuthError::Internal("the password check stopped".into()))?;
+        // A failure is shared through the database by a task of its own, so a client
+        // hanging up meanwhile does not keep it from the other processes.
+        let meta = Arc::clone(&self.meta);
+        let (ok, news) = tokio::spawn(async move {
+            let out = job.await;
+            if matches!(out, Some((false, _))) {
+                if let Err(e) = meta.login_failure_add(&counted, window).await {
+                    tracing::warn!(error = %e, "a failed login could not be shared");
+                }
+            }
+            out
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| AuthError::Internal("the password check stopped".into()))?;
         if let (true, Some(k)) = (ok, cache_key) {
             let mut cache = self.verified.lock().expect("verified cache");
             if cache.len() >= VERIFIED_MAX {

@@ -776,6 +776,46 @@ async fn failed_logins_are_rate_limited_per_client_without_locking_out_the_user(
     assert_eq!(r.status(), StatusCode::OK);
 }
 
+/// Two servers on one database (replicas behind a load balancer): an attacker
+/// alternating between them gets the guesses one server would allow, not twice as many.
+#[tokio::test]
+async fn failed_logins_are_counted_across_processes_on_one_database() {
+    let a = TestRegistry::start();
+    let b = TestRegistry::start_tuned_in(&a.data, |_| {});
+    // The shared windows are whole minutes: keep the attempts within one.
+    let into_minute = wharf::time::now_ms() % 60_000;
+    if into_minute > 45_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(
+            (60_100 - into_minute) as u64,
+        ))
+        .await;
+    }
+    let attacker = Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let guess = |reg: &TestRegistry| {
+        attacker
+            .get(reg.url("/v2/"))
+            .basic_auth("admin", Some("guess"))
+            .send()
+    };
+    // Five failures, the limit per (client, user), split between the two.
+    for reg in [&a, &b, &a, &b, &a] {
+        assert_eq!(guess(reg).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+    // Either one now refuses the sixth, though neither saw five itself.
+    for reg in [&b, &a] {
+        let r = guess(reg).await.unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        let wait: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&wait), "{wait}");
+    }
+    // The admin elsewhere is not locked out.
+    let r = b.client.get(b.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn audit_log_records_who_did_what_where_from() {
     let reg = TestRegistry::start();

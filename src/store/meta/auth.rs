@@ -109,6 +109,16 @@ pub trait AuthMeta: Send + Sync + 'static {
     /// database: the one stored, or `candidate`, stored now, if there is none yet (the
     /// first of several processes starting at once wins).
     async fn signing_key(&self, candidate: &[u8]) -> Result<Vec<u8>, MetaError>;
+    /// Failed logins recorded under each of `keys` in the window starting at `window`
+    /// (unix ms), by any process on this database; keys without any are left out.
+    async fn login_failures(
+        &self,
+        keys: &[String],
+        window: i64,
+    ) -> Result<Vec<(String, u32)>, MetaError>;
+    /// Records one failed login under each of `keys` in `window`, and forgets earlier
+    /// windows.
+    async fn login_failure_add(&self, keys: &[String], window: i64) -> Result<(), MetaError>;
 }
 
 #[cfg(test)]
@@ -119,6 +129,20 @@ pub(crate) mod tests {
         // The first key offered is kept; later ones get it back.
         assert_eq!(m.signing_key(&[1; 32]).await.unwrap(), vec![1; 32]);
         assert_eq!(m.signing_key(&[2; 32]).await.unwrap(), vec![1; 32]);
+        // Failed logins, per key and window; earlier windows are forgotten.
+        let keys = vec!["u:alice".to_owned(), "c:1".to_owned()];
+        assert!(m.login_failures(&keys, 60_000).await.unwrap().is_empty());
+        m.login_failure_add(&keys, 60_000).await.unwrap();
+        m.login_failure_add(&keys[..1], 60_000).await.unwrap();
+        let mut got = m.login_failures(&keys, 60_000).await.unwrap();
+        got.sort();
+        assert_eq!(got, vec![("c:1".to_owned(), 1), ("u:alice".to_owned(), 2)]);
+        m.login_failure_add(&keys[1..], 120_000).await.unwrap();
+        assert!(m.login_failures(&keys, 60_000).await.unwrap().is_empty());
+        assert_eq!(
+            m.login_failures(&keys, 120_000).await.unwrap(),
+            vec![("c:1".to_owned(), 1)]
+        );
         assert_eq!(m.user_count().await.unwrap(), 0);
         let state0 = m.auth_state().await.unwrap();
         m.user_create("alice", "h1", false).await.unwrap();

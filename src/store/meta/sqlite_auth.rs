@@ -357,6 +357,47 @@ impl AuthMeta for SqliteMeta {
         .await
     }
 
+    async fn login_failures(
+        &self,
+        keys: &[String],
+        window: i64,
+    ) -> Result<Vec<(String, u32)>, MetaError> {
+        let keys = keys.to_vec();
+        self.read(move |c| {
+            let mut s = c.prepare_cached(
+                "SELECT failures FROM login_failures WHERE key = ?1 AND window_start = ?2",
+            )?;
+            let mut out = Vec::new();
+            for k in keys {
+                if let Some(n) = s
+                    .query_row(params![k, window], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    out.push((k, u32::try_from(n).unwrap_or(u32::MAX)));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn login_failure_add(&self, keys: &[String], window: i64) -> Result<(), MetaError> {
+        let keys = keys.to_vec();
+        self.write(move |tx| {
+            let mut s = tx.prepare_cached(
+                "INSERT INTO login_failures (key, window_start, failures) VALUES (?1, ?2, 1)
+                 ON CONFLICT (key, window_start) DO UPDATE SET failures = failures + 1",
+            )?;
+            for k in &keys {
+                s.execute(params![k, window])?;
+            }
+            tx.prepare_cached("DELETE FROM login_failures WHERE window_start < ?1")?
+                .execute(params![window])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError> {
         self.scan(move |c| {
             let mut s = c.prepare(

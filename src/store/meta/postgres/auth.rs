@@ -324,6 +324,43 @@ impl AuthMeta for PostgresMeta {
             .ok_or_else(|| MetaError::Db("the signing key was not stored".into()))
     }
 
+    async fn login_failures(
+        &self,
+        keys: &[String],
+        window: i64,
+    ) -> Result<Vec<(String, u32)>, MetaError> {
+        const SQL: &str =
+            "SELECT key, failures FROM login_failures WHERE key = ANY($1) AND window_start = $2";
+        let keys = keys.to_vec();
+        Ok(self
+            .rows(SQL, &[&keys, &window])
+            .await?
+            .iter()
+            .map(|r| {
+                let n: i64 = r.get(1);
+                (r.get(0), u32::try_from(n).unwrap_or(u32::MAX))
+            })
+            .collect())
+    }
+
+    async fn login_failure_add(&self, keys: &[String], window: i64) -> Result<(), MetaError> {
+        const ADD: &str = "INSERT INTO login_failures (key, window_start, failures)
+             SELECT k, $2, 1 FROM unnest($1::TEXT[]) AS k
+             ON CONFLICT (key, window_start) DO UPDATE SET failures = login_failures.failures + 1";
+        const FORGET: &str = "DELETE FROM login_failures WHERE window_start < $1";
+        let keys = keys.to_vec();
+        self.timed(async {
+            let mut c = self.conn().await?;
+            let (add, forget) = (c.prep(ADD).await?, c.prep(FORGET).await?);
+            let tx = c.client.transaction().await?;
+            tx.execute(&add, &[&keys, &window]).await?;
+            tx.execute(&forget, &[&window]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn audit_list(&self, limit: u32) -> Result<Vec<AuditEntry>, MetaError> {
         const SQL: &str = "SELECT at, actor, action, repository, detail, client, credential FROM
                (SELECT * FROM audit_log ORDER BY id DESC LIMIT $1) last ORDER BY id";
