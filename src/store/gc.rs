@@ -36,6 +36,36 @@ const GC_STEP: u32 = 100;
 /// took (a quarter of the writer and of the disk at most); on an idle registry it does
 /// not rest.
 const GC_YIELD: u32 = 3;
+/// The longest rest: a slow batch (a busy disk) must not make the pass outlive its
+/// lease between two renewals.
+const GC_REST_MAX: Duration = Duration::from_secs(2);
+
+/// A pass's hold on the collector's lease (`gc_lease`), renewed every [`GC_RENEW`]
+/// between batches; a pass that finds it lost stops.
+struct Lease<'a> {
+    store: &'a Store,
+    owner: &'a str,
+    renewed: std::sync::Mutex<Instant>,
+}
+
+impl Lease<'_> {
+    async fn renew(&self) -> Result<(), StoreError> {
+        {
+            let mut at = self.renewed.lock().expect("renewal time");
+            if at.elapsed() < GC_RENEW {
+                return Ok(());
+            }
+            *at = Instant::now();
+        }
+        if self.store.meta.gc_lease(self.owner, GC_LEASE_MS).await? {
+            Ok(())
+        } else {
+            Err(StoreError::Internal(
+                "the garbage collection lease was lost".into(),
+            ))
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcSettings {
@@ -442,10 +472,12 @@ impl Store {
         Ok(report)
     }
 
-    /// After a batch that began at `began`: rests while the registry is busy.
+    /// After a batch that began at `began`: rests while the registry is busy, never
+    /// longer than [`GC_REST_MAX`] (well within the lease, which is renewed between
+    /// batches).
     async fn rest(&self, began: Instant) -> Result<(), StoreError> {
         if self.meta.gc_contended().await? {
-            tokio::time::sleep(began.elapsed() * GC_YIELD).await;
+            tokio::time::sleep((began.elapsed() * GC_YIELD).min(GC_REST_MAX)).await;
         }
         Ok(())
     }
@@ -454,8 +486,13 @@ impl Store {
         now_ms().saturating_sub(i64::try_from(self.gc.delay.as_millis()).unwrap_or(i64::MAX))
     }
 
-    /// Blob files no row accounts for.
-    async fn files_without_rows(&self, mark: bool) -> Result<Vec<GcBlob>, StoreError> {
+    /// Blob files no row accounts for; `lease` is renewed as it goes (it reads every
+    /// blob, which under load takes longer than a lease).
+    async fn files_without_rows(
+        &self,
+        mark: bool,
+        lease: Option<&Lease<'_>>,
+    ) -> Result<Vec<GcBlob>, StoreError> {
         let found: Vec<GcBlob> = self
             .blobs
             .list()
@@ -468,6 +505,9 @@ impl Store {
             .collect();
         let mut out = Vec::new();
         for chunk in found.chunks(GC_STEP as usize) {
+            if let Some(l) = lease {
+                l.renew().await?;
+            }
             let t = Instant::now();
             out.extend(self.meta.gc_orphans(chunk.to_vec(), mark).await?);
             self.rest(t).await?;
@@ -480,7 +520,7 @@ impl Store {
             .meta
             .gc_preview(self.cutoff(), self.gc.delete_referrers)
             .await?;
-        let orphans = self.files_without_rows(false).await?;
+        let orphans = self.files_without_rows(false, None).await?;
         let uploads = self.expired_uploads().await?;
         let mut repositories = self.meta.gc_sweep_repositories(true).await?;
         // Repositories the pass empties go too: those whose every link and manifest it
@@ -512,24 +552,12 @@ impl Store {
     /// One pass, holding the lease of `owner`. Uploads are expired only by the server
     /// (`uploads`): only it knows which are being written to now.
     async fn gc_pass(&self, owner: &str, uploads: bool) -> Result<GcReport, StoreError> {
-        let renewed = std::sync::Mutex::new(Instant::now());
-        let renew = || async {
-            // Every few seconds, well within the lease.
-            {
-                let mut at = renewed.lock().expect("renewal time");
-                if at.elapsed() < GC_RENEW {
-                    return Ok(());
-                }
-                *at = Instant::now();
-            }
-            if self.meta.gc_lease(owner, GC_LEASE_MS).await? {
-                Ok(())
-            } else {
-                Err(StoreError::Internal(
-                    "the garbage collection lease was lost".into(),
-                ))
-            }
+        let lease = Lease {
+            store: self,
+            owner,
+            renewed: std::sync::Mutex::new(Instant::now()),
         };
+        let renew = || lease.renew();
         let mut removed = Removed::default();
         let mut clock = Instant::now();
         let mut step = |name: &str| {
@@ -545,6 +573,7 @@ impl Store {
         let n = GC_STEP;
         // Until none is left: deleting an index condemns its platform manifests.
         loop {
+            renew().await?;
             let t = Instant::now();
             let batch = self.meta.gc_sweep_condemned(cutoff, n).await?;
             let done = batch.is_empty();
@@ -556,6 +585,7 @@ impl Store {
         }
         if self.gc.delete_referrers {
             loop {
+                renew().await?;
                 let t = Instant::now();
                 let batch = self.meta.gc_sweep_orphan_referrers(cutoff, n).await?;
                 let done = batch.len() < n as usize;
@@ -604,7 +634,7 @@ impl Store {
         }
         step("blobs");
         renew().await?;
-        let orphans = self.files_without_rows(true).await?;
+        let orphans = self.files_without_rows(true, Some(&lease)).await?;
         let orphans = self.delete_marked(&orphans).await?;
         step("files without rows");
         let orphan_files = orphans.len() as u64;
@@ -696,6 +726,8 @@ mod tests {
         release: tokio::sync::Semaphore,
         /// Deletes fail (a file the process may not remove).
         fail: std::sync::atomic::AtomicBool,
+        /// Listing waits at the gate too.
+        gate_list: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
@@ -744,6 +776,10 @@ mod tests {
             self.inner.delete(d).await
         }
         async fn list(&self) -> Result<Vec<(Digest, u64)>, BlobError> {
+            if self.gate_list.load(std::sync::atomic::Ordering::SeqCst) {
+                self.entered.notify_one();
+                self.release.acquire().await.unwrap().forget();
+            }
             self.inner.list().await
         }
     }
@@ -777,6 +813,7 @@ mod tests {
             entered: tokio::sync::Notify::new(),
             release: tokio::sync::Semaphore::new(0),
             fail: std::sync::atomic::AtomicBool::new(false),
+            gate_list: std::sync::atomic::AtomicBool::new(false),
         });
         let meta = Arc::new(SqliteMeta::open(&dir.path().join("meta.db")).unwrap());
         let store = Arc::new(
@@ -822,6 +859,7 @@ mod tests {
             entered: tokio::sync::Notify::new(),
             release: tokio::sync::Semaphore::new(0),
             fail: std::sync::atomic::AtomicBool::new(true),
+            gate_list: std::sync::atomic::AtomicBool::new(false),
         });
         let meta = Arc::new(SqliteMeta::open(&dir.path().join("meta.db")).unwrap());
         let store = Arc::new(
@@ -865,6 +903,51 @@ mod tests {
         let r = store.gc(false, "server").await.unwrap();
         assert_eq!(r.blobs, 1);
         assert_eq!(blobs.stat(&d).await.unwrap(), None);
+    }
+
+    /// A pass whose lease ran out (here: taken over while the pass was slow, listing
+    /// the blob files) stops at its next step instead of going on beside another pass.
+    #[tokio::test]
+    async fn a_pass_that_lost_its_lease_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Arc::new(GatedDeletes {
+            inner: FsBlobStore::open(dir.path()).unwrap(),
+            entered: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+            fail: std::sync::atomic::AtomicBool::new(false),
+            gate_list: std::sync::atomic::AtomicBool::new(true),
+        });
+        let meta = Arc::new(SqliteMeta::open(&dir.path().join("meta.db")).unwrap());
+        let store = Arc::new(
+            Store::new(Arc::clone(&blobs) as _, Arc::clone(&meta) as _).with_gc(GcSettings {
+                delay: Duration::from_secs(3600), // nothing to delete: the pass reaches the listing
+                delete_referrers: true,
+            }),
+        );
+        let repo = RepoName::parse("lease/app").unwrap();
+        let d = Digest::sha256_of(b"kept");
+        store
+            .blob_put(&repo, &d, None, body(b"kept"))
+            .await
+            .unwrap();
+        let pass = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.gc(false, "slow").await }
+        });
+        blobs.entered.notified().await; // listing the blob files
+        tokio::time::sleep(GC_RENEW + Duration::from_millis(100)).await;
+        // The lease lapses and another pass takes it.
+        rusqlite::Connection::open(dir.path().join("meta.db"))
+            .unwrap()
+            .execute("UPDATE gc_lease SET until = 0", [])
+            .unwrap();
+        assert!(meta.gc_lease("other", GC_LEASE_MS).await.unwrap());
+        blobs.release.add_permits(1000);
+        let r = pass.await.unwrap();
+        assert!(
+            matches!(r, Err(StoreError::Internal(ref m)) if m.contains("lease was lost")),
+            "{r:?}"
+        );
     }
 
     /// A HEAD answered 200 keeps the link for a whole delay, so the manifest that
