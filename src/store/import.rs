@@ -212,6 +212,22 @@ fn read_repo(root: &Path, name: &str, report: &mut ImportReport) -> SourceRepo {
     repo
 }
 
+/// A manifest's bytes from the source, refused unread past `max` bytes.
+fn read_manifest(root: &Path, d: &Digest, max: usize) -> Result<bytes::Bytes, String> {
+    let path = blob_path(root, d);
+    let unreadable =
+        |e: std::io::Error| format!("the manifest's data cannot be read from the source: {e}");
+    let len = std::fs::metadata(&path).map_err(unreadable)?.len();
+    if len > max as u64 {
+        return Err(format!(
+            "the manifest is {len} bytes, over this registry's limit of {max}"
+        ));
+    }
+    std::fs::read(&path)
+        .map(bytes::Bytes::from)
+        .map_err(unreadable)
+}
+
 fn blob_path(root: &Path, d: &Digest) -> PathBuf {
     let alg = d.as_str().split(':').next().unwrap_or("sha256");
     let hex = d.hex();
@@ -355,37 +371,21 @@ async fn import_repo(
             Err(e) => return Err(e.into()),
         }
     }
-    let mut contents = HashMap::new();
-    for d in &pending {
-        let path = blob_path(root, d);
-        match std::fs::read(&path) {
-            Ok(body) if body.len() > store.max_manifest() => report.problems.push(Problem {
-                item: format!("{repo}@{d}"),
-                reason: format!(
-                    "the manifest is {} bytes, over this registry's limit of {}",
-                    body.len(),
-                    store.max_manifest()
-                ),
-            }),
-            Ok(body) => {
-                contents.insert(d.clone(), bytes::Bytes::from(body));
-            }
-            Err(e) => report.problems.push(Problem {
-                item: format!("{repo}@{d}"),
-                reason: format!("the manifest's data cannot be read from the source: {e}"),
-            }),
-        }
-    }
-    let mut waiting: Vec<Digest> = pending
-        .into_iter()
-        .filter(|d| contents.contains_key(d))
-        .collect();
+    // Each manifest is read when it is stored (again in a later round), so memory stays
+    // one manifest whatever the repository holds.
+    let mut waiting = pending;
     loop {
         let mut later = Vec::new();
         let mut refused = Vec::new();
         let before = waiting.len();
         for d in waiting {
-            let body = contents[&d].clone();
+            let body = match read_manifest(root, &d, store.max_manifest()) {
+                Ok(b) => b,
+                Err(reason) => {
+                    refused.push((d, reason));
+                    continue;
+                }
+            };
             let put = store
                 .manifest_put(
                     repo,
