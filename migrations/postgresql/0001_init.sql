@@ -204,7 +204,11 @@ CREATE TABLE webhooks (
     created_at    BIGINT NOT NULL,
     -- The last event considered for this hook, in (xid, id) order.
     cursor_xid    BIGINT NOT NULL,
-    cursor        BIGINT NOT NULL
+    cursor        BIGINT NOT NULL,
+    -- The replica sending this hook's deliveries now (one at a time, so they go in
+    -- order), until when.
+    sender        TEXT,
+    sender_until  BIGINT NOT NULL DEFAULT 0
 );
 
 CREATE TABLE deliveries (

@@ -171,6 +171,8 @@ impl Pool {
 #[derive(Clone)]
 pub struct PostgresMeta {
     pool: Arc<Pool>,
+    /// This process's name where it holds something (a hook's sending).
+    replica: String,
 }
 
 impl PostgresMeta {
@@ -192,6 +194,7 @@ impl PostgresMeta {
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(tokio::sync::Semaphore::new(POOL_SIZE)),
             }),
+            replica: uuid::Uuid::new_v4().to_string(),
         };
         meta.migrate().await?;
         Ok(meta)

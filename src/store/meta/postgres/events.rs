@@ -8,12 +8,12 @@
 //!   have all committed or aborted, and any event inserted later has a larger xid. The
 //!   hook's row is locked for the fan-out (`FOR UPDATE`), so two replicas never fan out
 //!   the same hook at once.
-//! - **Each delivery taken by one replica.** `due` claims what it returns: in one
-//!   statement it locks due rows no other replica holds (`FOR UPDATE SKIP LOCKED`) and
-//!   moves their next attempt [`CLAIM_MS`] ahead, so another replica polling meanwhile
-//!   does not take them; `record_attempt` then sets the real outcome. A replica that dies
-//!   while sending leaves the delivery to be retried once the claim runs out (webhooks
-//!   are at least once; receivers de-duplicate on the event's uuid).
+//! - **Each hook sent by one replica at a time.** `due` first takes the hook's sending
+//!   lease (`webhooks.sender`, for [`CLAIM_MS`], renewed by every `due` of the holder):
+//!   a replica that does not hold it gets nothing. So each delivery is sent by one
+//!   replica, in order (a failure holds back the later ones, as on one server), and a
+//!   replica that died is taken over once its lease runs out (webhooks are at least
+//!   once: receivers de-duplicate on the event's uuid).
 
 use async_trait::async_trait;
 use tokio_postgres::Row;
@@ -22,8 +22,8 @@ use super::super::events::{Attempt, DeliveryRecord, DueDelivery, EventsMeta, Web
 use super::super::{EventRecord, MetaError, now_ms};
 use super::PostgresMeta;
 
-/// How long a delivery `due` returned stays with the replica that took it.
-pub const CLAIM_MS: i64 = 5 * 60 * 1000;
+/// How long a hook's sending stays with the replica whose `due` took it, unless renewed.
+pub const CLAIM_MS: i64 = 2 * 60 * 1000;
 
 /// The oldest transaction still running: events of older ones are all settled.
 const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint)";
@@ -193,20 +193,24 @@ impl EventsMeta for PostgresMeta {
         now: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>, MetaError> {
-        const SQL: &str = "WITH taken AS (
-               UPDATE deliveries SET next_attempt_at = $4
-               WHERE id IN (SELECT id FROM deliveries
-                            WHERE webhook = $1 AND status = 'pending' AND next_attempt_at <= $2
-                            ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
-               RETURNING id, attempts, created_at, webhook, event)
-             SELECT d.id, d.attempts, d.created_at,
+        const TAKE: &str = "UPDATE webhooks SET sender = $2, sender_until = $3
+             WHERE id = $1 AND (sender IS NULL OR sender = $2 OR sender_until < $4)";
+        const DUE: &str = "SELECT d.id, d.attempts, d.created_at,
                     w.id, w.url, w.secret, w.repositories, w.tags, w.actions, w.format, w.source, w.created_at,
                     e.id, e.uuid, e.at, e.action, e.repository, e.tag, e.digest, e.media_type, e.size, e.actor, e.quota, e.detail
-             FROM taken d JOIN webhooks w ON w.id = d.webhook JOIN events e ON e.id = d.event
-             ORDER BY d.id";
-        let claim = now + CLAIM_MS;
+             FROM deliveries d JOIN webhooks w ON w.id = d.webhook JOIN events e ON e.id = d.event
+             WHERE d.webhook = $1 AND d.status = 'pending' AND d.next_attempt_at <= $2
+             ORDER BY d.id LIMIT $3";
+        let until = now + CLAIM_MS;
+        if self
+            .exec(TAKE, &[&hook_id, &self.replica, &until, &now])
+            .await?
+            == 0
+        {
+            return Ok(Vec::new()); // another replica sends this hook's deliveries
+        }
         Ok(self
-            .rows(SQL, &[&hook_id, &now, &i64::from(limit), &claim])
+            .rows(DUE, &[&hook_id, &now, &i64::from(limit)])
             .await?
             .iter()
             .map(|r| DueDelivery {
@@ -386,24 +390,44 @@ mod tests {
         assert_eq!(x.unwrap() + y.unwrap(), 2);
         assert_eq!(a.fan_out("h", 100, 1000, &all).await.unwrap(), 0);
 
-        // Two replicas polling at once take different deliveries.
+        // Two replicas polling at once: one sends the hook's deliveries, in order; the
+        // other gets none while the first holds the hook.
         add_event(&a, "third", 4, "team/api").await;
         assert_eq!(a.fan_out("h", 100, 1000, &all).await.unwrap(), 1);
         let now = now_ms();
-        let (x, y) = tokio::join!(a.due("h", now, 2), b.due("h", now, 2));
+        let (x, y) = tokio::join!(a.due("h", now, 10), b.due("h", now, 10));
         let (x, y) = (x.unwrap(), y.unwrap());
-        let mut taken = uuids(&x);
-        taken.extend(uuids(&y));
-        taken.sort();
-        assert_eq!(taken, ["first", "second", "third"]);
+        let (holder, other) = if x.is_empty() { (&b, &a) } else { (&a, &b) };
         assert!(
-            a.due("h", now, 10).await.unwrap().is_empty(),
-            "claimed ones are not due again"
+            x.is_empty() != y.is_empty(),
+            "one replica only: {x:?} {y:?}"
         );
-        // A replica that took one and died: it is due again once the claim runs out.
-        let again = b.due("h", now + CLAIM_MS + 1, 10).await.unwrap();
-        assert_eq!(again.len(), 3);
-        assert_eq!(uuids(&again), ["first", "second", "third"], "oldest first");
+        let sent = if x.is_empty() { y } else { x };
+        assert_eq!(
+            uuids(&sent),
+            ["first", "second", "third"],
+            "all, oldest first"
+        );
+        assert!(other.due("h", now, 10).await.unwrap().is_empty());
+        // The holder's first attempt fails and holds back the rest; retried, all are
+        // due again to the holder at once (nothing waits for a hold to run out).
+        holder
+            .record_attempt(
+                sent[0].id,
+                Attempt::Failed {
+                    code: Some(503),
+                    error: "busy".into(),
+                    retry_at: Some(now + 10),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(holder.due("h", now + 20, 10).await.unwrap().len(), 3);
+        // A holder that died: another replica takes over once its hold runs out.
+        assert!(other.due("h", now + 20, 10).await.unwrap().is_empty());
+        let again = other.due("h", now + 20 + CLAIM_MS + 1, 10).await.unwrap();
+        assert_eq!(uuids(&again), ["first", "second", "third"]);
+        let a = other.clone();
 
         let first = again[0].id;
         a.record_attempt(first, Attempt::Delivered { code: 204 })
