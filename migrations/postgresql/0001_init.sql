@@ -226,6 +226,8 @@ CREATE TABLE deliveries (
 );
 CREATE INDEX deliveries_due ON deliveries(status, next_attempt_at);
 CREATE INDEX deliveries_updated_at ON deliveries(updated_at);
+-- Deleting an event checks no delivery names it: without this, a scan of all of them.
+CREATE INDEX deliveries_event ON deliveries(event);
 
 -- Garbage collection, retention, usage and quotas, deploy reports.
 

@@ -49,14 +49,18 @@ struct Lease<'a> {
 }
 
 impl Lease<'_> {
+    /// Renews the lease if the last renewal is [`GC_RENEW`] old.
     async fn renew(&self) -> Result<(), StoreError> {
-        {
-            let mut at = self.renewed.lock().expect("renewal time");
-            if at.elapsed() < GC_RENEW {
-                return Ok(());
-            }
-            *at = Instant::now();
+        if self.renewed.lock().expect("renewal time").elapsed() < GC_RENEW {
+            return Ok(());
         }
+        self.renew_now().await
+    }
+
+    /// Renews the lease now: right before bytes are deleted, so a pass that stalled
+    /// past its lease (a hung disk, a long wait for the writer) deletes nothing.
+    async fn renew_now(&self) -> Result<(), StoreError> {
+        *self.renewed.lock().expect("renewal time") = Instant::now();
         if self.store.meta.gc_lease(self.owner, GC_LEASE_MS).await? {
             Ok(())
         } else {
@@ -566,6 +570,7 @@ impl Store {
         };
         // A pass a crash cut short left blobs marked: finish them first.
         let pending = self.meta.gc_marked().await?;
+        lease.renew_now().await?;
         let pending = self.delete_marked(&pending).await?;
         removed.blobs.extend(pending);
         step("finishing marked blobs");
@@ -625,6 +630,7 @@ impl Store {
             if let Some(last) = batch.last() {
                 after = last.digest.clone();
             }
+            lease.renew_now().await?;
             let deleted = self.delete_marked(&batch).await?;
             removed.blobs.extend(deleted);
             if done {
@@ -635,10 +641,12 @@ impl Store {
         step("blobs");
         renew().await?;
         let orphans = self.files_without_rows(true, Some(&lease)).await?;
+        lease.renew_now().await?;
         let orphans = self.delete_marked(&orphans).await?;
         step("files without rows");
         let orphan_files = orphans.len() as u64;
         removed.blobs.extend(orphans);
+        renew().await?;
         if uploads {
             for id in self.expired_uploads().await? {
                 if self.expire_upload(&id).await? {
@@ -647,6 +655,7 @@ impl Store {
             }
             self.sweep_upload_data().await?;
         }
+        renew().await?;
         removed.repositories = self.meta.gc_sweep_repositories(false).await?;
         step("uploads and repositories");
         Ok(GcReport {

@@ -14,6 +14,7 @@
 //! follows, so it is not yet selectable in the configuration.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,8 +45,14 @@ impl From<tokio_postgres::Error> for MetaError {
             return MetaError::Unavailable("the connection to the database was lost".into());
         }
         let Some(code) = e.code() else {
-            // No answer from the server: the connection or the network failed.
-            return MetaError::Unavailable(format!("the database cannot be reached: {e}"));
+            // No SQLSTATE: the connection or the network failed (an I/O error), or this
+            // side misused a result (a row count, a type), which is a bug, not an outage.
+            let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+            return if io {
+                MetaError::Unavailable(format!("the database cannot be reached: {e}"))
+            } else {
+                MetaError::Db(e.to_string())
+            };
         };
         match code {
             c if *c == SqlState::T_R_SERIALIZATION_FAILURE
@@ -64,7 +71,11 @@ impl From<tokio_postgres::Error> for MetaError {
                 || *c == SqlState::ADMIN_SHUTDOWN
                 || *c == SqlState::CRASH_SHUTDOWN
                 || *c == SqlState::CANNOT_CONNECT_NOW
-                || *c == SqlState::TOO_MANY_CONNECTIONS =>
+                || *c == SqlState::TOO_MANY_CONNECTIONS
+                // A node that became a standby (a switchover): writes wait for the primary.
+                || *c == SqlState::READ_ONLY_SQL_TRANSACTION
+                // A statement or lock timeout.
+                || *c == SqlState::QUERY_CANCELED =>
             {
                 MetaError::Unavailable(format!("the database is not available: {e}"))
             }
@@ -94,10 +105,14 @@ impl Conn {
     }
 }
 
-/// A connection borrowed from the pool, given back when dropped (unless closed).
+/// A connection borrowed from the pool, given back when dropped, unless it is closed or
+/// an operation timed out while it was borrowed (it may still be running a statement,
+/// or be dead without knowing it: it is dropped, its statement cancelled).
 pub(super) struct Pooled {
     conn: Option<Conn>,
     pool: Arc<Pool>,
+    /// `Pool::timeouts` when it was borrowed.
+    timeouts: u64,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -116,10 +131,18 @@ impl std::ops::DerefMut for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        if let Some(c) = self.conn.take() {
-            if !c.client.is_closed() {
-                self.pool.idle.lock().expect("pool lock").push(c);
-            }
+        let Some(c) = self.conn.take() else { return };
+        if c.client.is_closed() {
+            return;
+        }
+        let timed_out = self.pool.timeouts.load(Ordering::Relaxed) != self.timeouts;
+        if !timed_out {
+            self.pool.idle.lock().expect("pool lock").push(c);
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let token = c.client.cancel_token();
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(CONNECT_TIMEOUT, token.cancel_query(NoTls)).await;
+            });
         }
     }
 }
@@ -128,6 +151,8 @@ struct Pool {
     config: tokio_postgres::Config,
     idle: Mutex<Vec<Conn>>,
     permits: Arc<tokio::sync::Semaphore>,
+    /// Operations that timed out so far: connections borrowed across one are not reused.
+    timeouts: AtomicU64,
 }
 
 impl Pool {
@@ -187,12 +212,15 @@ impl PostgresMeta {
             .application_name("wharf")
             .connect_timeout(CONNECT_TIMEOUT)
             .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30));
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
         let meta = PostgresMeta {
             pool: Arc::new(Pool {
                 config,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(tokio::sync::Semaphore::new(POOL_SIZE)),
+                timeouts: AtomicU64::new(0),
             }),
             replica: uuid::Uuid::new_v4().to_string(),
         };
@@ -227,6 +255,7 @@ impl PostgresMeta {
         };
         Ok(Pooled {
             conn: Some(conn),
+            timeouts: self.pool.timeouts.load(Ordering::Relaxed),
             pool: Arc::clone(&self.pool),
             _permit: permit,
         })
@@ -238,17 +267,26 @@ impl PostgresMeta {
         &self,
         f: impl std::future::Future<Output = Result<T, MetaError>>,
     ) -> Result<T, MetaError> {
-        match tokio::time::timeout(QUERY_TIMEOUT, f).await {
+        // Pinned here so that on a timeout the operation (and the connection it holds)
+        // is dropped only after the timeout is counted: the connection is then not reused.
+        let mut f = std::pin::pin!(f);
+        match tokio::time::timeout(QUERY_TIMEOUT, f.as_mut()).await {
             Ok(r) => r,
-            Err(_) => Err(MetaError::Unavailable(format!(
-                "the database did not answer within {} s",
-                QUERY_TIMEOUT.as_secs()
-            ))),
+            Err(_) => Err({
+                self.pool.timeouts.fetch_add(1, Ordering::Relaxed);
+                MetaError::Unavailable(format!(
+                    "the database did not answer within {} s",
+                    QUERY_TIMEOUT.as_secs()
+                ))
+            }),
         }
     }
 
+    /// Not under [`QUERY_TIMEOUT`]: a migration of a large database, or waiting for
+    /// another replica's, may take minutes.
     async fn migrate(&self) -> Result<(), MetaError> {
-        self.timed(async {
+        tracing::debug!("bringing the database schema up to date (waiting for other replicas)");
+        async {
             let mut c = self.conn().await?;
             let tx = c.client.transaction().await?;
             // Replicas starting at once: one migrates, the others wait, then find it done.
@@ -287,7 +325,7 @@ impl PostgresMeta {
             }
             tx.commit().await?;
             Ok(())
-        })
+        }
         .await
     }
 
@@ -615,6 +653,49 @@ mod tests {
         // Every dropped connection has been discarded: four at once all work again.
         for r in futures_util::future::join_all((0..4).map(|_| m.auth_state())).await {
             assert_eq!(r.unwrap(), before);
+        }
+    }
+
+    /// A statement that does not end in time: the caller gets `Unavailable`, the
+    /// statement is cancelled on the server, and its connection is not lent again.
+    #[tokio::test]
+    async fn a_statement_past_the_timeout_is_cancelled_and_its_connection_dropped() {
+        let url = testdb::database().await;
+        let m = PostgresMeta::open(&url).await.unwrap();
+        let r = m
+            .timed(async {
+                let c = m.conn().await?;
+                c.client.query("SELECT pg_sleep(60)", &[]).await?;
+                Ok(())
+            })
+            .await;
+        assert!(matches!(r, Err(MetaError::Unavailable(_))), "{r:?}");
+        assert!(
+            m.pool.idle.lock().unwrap().is_empty(),
+            "the connection is not back in the pool"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let running: i64 = m
+                .conn()
+                .await
+                .unwrap()
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if running == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the statement still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

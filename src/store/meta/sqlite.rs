@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0011_gc_lease.sql"),
     include_str!("../../../migrations/sqlite/0012_quota_events.sql"),
     include_str!("../../../migrations/sqlite/0013_settings.sql"),
+    include_str!("../../../migrations/sqlite/0014_login_failures.sql"),
 ];
 const READERS: usize = 8;
 /// The catalog lists a repository only while it holds a manifest: one emptied by deletes
