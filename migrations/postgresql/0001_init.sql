@@ -296,6 +296,16 @@ CREATE TABLE quotas (
     created_by  TEXT
 );
 
+-- What `wharf import` brought from each source (see migrations/sqlite/0015_imports.sql).
+CREATE TABLE imports (
+    source      TEXT NOT NULL,
+    repository  TEXT NOT NULL,
+    item        TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    at          BIGINT NOT NULL,
+    PRIMARY KEY (source, repository, item)
+);
+
 CREATE TABLE deployments (
     agent        TEXT NOT NULL,
     stack        TEXT NOT NULL,

@@ -556,14 +556,19 @@ pub async fn import(a: Admin, args: ImportArgs) -> anyhow::Result<()> {
         "import.done",
         None,
         format!(
-            "{} repositories, {} blobs ({} bytes) copied, {} linked, {} manifests, {} tags, {} moved, {} problems",
+            "{} repositories, {} blobs ({} bytes) copied, {} linked, {} present, {} missing, {} manifests ({} present), {} tags, {} moved, {} present, {} left as they are here, {} problems",
             report.repositories,
             report.blobs_copied,
             report.bytes_copied,
             report.blobs_linked,
+            report.blobs_present,
+            report.blobs_missing,
             report.manifests_imported,
+            report.manifests_present,
             report.tags_imported,
             report.tags_moved,
+            report.tags_present,
+            report.kept.len(),
             report.problems.len()
         ),
     )
@@ -572,25 +577,30 @@ pub async fn import(a: Admin, args: ImportArgs) -> anyhow::Result<()> {
         out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         out!(
-            "imported {} repositories: {} blobs copied ({}), {} linked, {} already here; {} manifests ({} already here); {} tags, {} moved, {} already here",
+            "imported {} repositories: {} blobs copied ({}), {} linked, {} already here, {} gone from the source; {} manifests ({} already here); {} tags, {} moved, {} already here; {} left as they are here",
             report.repositories,
             report.blobs_copied,
             super::ci::human(report.bytes_copied),
             report.blobs_linked,
             report.blobs_present,
+            report.blobs_missing,
             report.manifests_imported,
             report.manifests_present,
             report.tags_imported,
             report.tags_moved,
-            report.tags_present
+            report.tags_present,
+            report.kept.len()
         );
+        for k in &report.kept {
+            out!("left as it is here: {}: {}", k.item, k.why);
+        }
         for p in &report.problems {
             out!("not imported: {}: {}", p.item, p.reason);
         }
     }
     if !report.problems.is_empty() {
         bail!(
-            "{} items could not be imported (listed above); the rest was",
+            "{} items could not be imported (listed in the report); the rest was",
             report.problems.len()
         );
     }

@@ -16,9 +16,11 @@
 //! moved), manifests through [`Store::manifest_put`] by digest (content verified,
 //! references checked: an index after its children), tags last. What is already here is
 //! skipped, so an interrupted import is resumed by running it again, and a second run
-//! copies only what changed (tags moved in the source are moved here). What cannot be
-//! imported (a blob missing from the source, a manifest this registry refuses) is
-//! reported, and the rest goes on.
+//! copies only what changed. The database records what each import brought
+//! (`MetaStore::imported`), so a later run moves a tag only if it still points where the
+//! import put it, and brings back nothing deleted here since. What cannot be imported (a
+//! blob missing from the source, a manifest this registry refuses, a symbolic link: none
+//! is followed) is reported, and the rest goes on.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,16 @@ pub struct ImportReport {
     pub tags_present: u64,
     /// What could not be imported, and why.
     pub problems: Vec<Problem>,
+    /// What the source has and was left as it is here, and why (deleted or moved here
+    /// since an earlier import, or here before it): not a problem.
+    pub kept: Vec<Kept>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Kept {
+    /// `repository:tag` or `repository@digest`.
+    pub item: String,
+    pub why: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -75,6 +87,12 @@ pub enum ImportError {
     Io(PathBuf, std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<super::meta::MetaError> for ImportError {
+    fn from(e: super::meta::MetaError) -> Self {
+        ImportError::Store(e.into())
+    }
 }
 
 /// One repository of the source, as read from its links.
@@ -115,6 +133,13 @@ fn repositories(root: &Path, report: &mut ImportReport) -> Result<Vec<String>, I
             let kind = entry
                 .file_type()
                 .map_err(|e| ImportError::Io(entry.path(), e))?;
+            if kind.is_symlink() {
+                report.problems.push(Problem {
+                    item: rel.clone(),
+                    reason: format!("{}: a symbolic link (not followed)", entry.path().display()),
+                });
+                continue;
+            }
             if !kind.is_dir() {
                 continue;
             }
@@ -143,31 +168,96 @@ fn repositories(root: &Path, report: &mut ImportReport) -> Result<Vec<String>, I
     Ok(found)
 }
 
-/// The digest in a `link` file, or why it has none.
-fn read_link(path: &Path) -> Result<Digest, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// Opens a regular file of the source for reading, without following a symbolic link
+/// (a storage copied from elsewhere could point one at a secret, a FIFO or `/dev/zero`).
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::other("a symbolic link (not followed)")
+            } else {
+                e
+            }
+        })?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(f)
+}
+
+/// The digest in a `link` file (None if there is no such file), or why it has none. Its
+/// content is never repeated in the message.
+fn read_link(path: &Path) -> Result<Option<Digest>, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    let read = open_regular(path).and_then(|f| f.take(256).read_to_string(&mut text));
+    match read {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
     text.trim()
         .parse::<Digest>()
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map(Some)
+        .map_err(|_| format!("{}: not a digest ({} bytes)", path.display(), text.len()))
+}
+
+/// The subdirectories of `dir` (none if it does not exist); a symbolic link among them,
+/// or an error reading `dir`, is a problem of `item`.
+fn subdirs(dir: &Path, item: &str, report: &mut ImportReport) -> Vec<(String, PathBuf)> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            report.problems.push(Problem {
+                item: item.to_owned(),
+                reason: format!("{}: {e}", dir.display()),
+            });
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = match e {
+            Ok(e) => e,
+            Err(err) => {
+                report.problems.push(Problem {
+                    item: item.to_owned(),
+                    reason: format!("{}: {err}", dir.display()),
+                });
+                continue;
+            }
+        };
+        match e.file_type() {
+            Ok(t) if t.is_dir() => {
+                out.push((e.file_name().to_string_lossy().into_owned(), e.path()))
+            }
+            Ok(t) if t.is_symlink() => report.problems.push(Problem {
+                item: item.to_owned(),
+                reason: format!("{}: a symbolic link (not followed)", e.path().display()),
+            }),
+            Ok(_) => {}
+            Err(err) => report.problems.push(Problem {
+                item: item.to_owned(),
+                reason: format!("{}: {err}", e.path().display()),
+            }),
+        }
+    }
+    out
 }
 
 /// The links `dir/<algorithm>/<hex>/link` (`_layers`, `_manifests/revisions`).
 fn links(dir: &Path, item: &str, report: &mut ImportReport) -> Vec<Digest> {
     let mut out = Vec::new();
-    let Ok(algorithms) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for alg in algorithms.flatten() {
-        let Ok(entries) = std::fs::read_dir(alg.path()) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let link = e.path().join("link");
-            if !link.is_file() {
-                continue;
-            }
-            match read_link(&link) {
-                Ok(d) => out.push(d),
+    for (_, alg) in subdirs(dir, item, report) {
+        for (_, entry) in subdirs(&alg, item, report) {
+            match read_link(&entry.join("link")) {
+                Ok(Some(d)) => out.push(d),
+                Ok(None) => {}
                 Err(reason) => report.problems.push(Problem {
                     item: item.to_owned(),
                     reason,
@@ -187,45 +277,41 @@ fn read_repo(root: &Path, name: &str, report: &mut ImportReport) -> SourceRepo {
         revisions: links(&dir.join("_manifests/revisions"), name, report),
         tags: Vec::new(),
     };
-    if let Ok(tags) = std::fs::read_dir(dir.join("_manifests/tags")) {
-        for t in tags.flatten() {
-            let tag = t.file_name().to_string_lossy().into_owned();
-            let item = format!("{name}:{tag}");
-            if !matches!(Reference::parse(&tag), Ok(Reference::Tag(_))) {
-                report.problems.push(Problem {
-                    item,
-                    reason: "not a valid tag name".into(),
-                });
-                continue;
-            }
-            let link = t.path().join("current/link");
-            if !link.exists() {
-                continue; // a deleted tag keeps only its index
-            }
-            match read_link(&link) {
-                Ok(d) => repo.tags.push((tag, d)),
-                Err(reason) => report.problems.push(Problem { item, reason }),
-            }
+    for (tag, path) in subdirs(&dir.join("_manifests/tags"), name, report) {
+        let item = format!("{name}:{tag}");
+        if !matches!(Reference::parse(&tag), Ok(Reference::Tag(_))) {
+            report.problems.push(Problem {
+                item,
+                reason: "not a valid tag name".into(),
+            });
+            continue;
+        }
+        // A deleted tag keeps only its index, no `current`.
+        match read_link(&path.join("current/link")) {
+            Ok(Some(d)) => repo.tags.push((tag, d)),
+            Ok(None) => {}
+            Err(reason) => report.problems.push(Problem { item, reason }),
         }
     }
     repo.tags.sort();
     repo
 }
 
-/// A manifest's bytes from the source, refused unread past `max` bytes.
+/// A manifest's bytes from the source, refused past `max` bytes (never reading more).
 fn read_manifest(root: &Path, d: &Digest, max: usize) -> Result<bytes::Bytes, String> {
-    let path = blob_path(root, d);
+    use std::io::Read;
     let unreadable =
         |e: std::io::Error| format!("the manifest's data cannot be read from the source: {e}");
-    let len = std::fs::metadata(&path).map_err(unreadable)?.len();
-    if len > max as u64 {
+    let mut body = Vec::new();
+    open_regular(&blob_path(root, d))
+        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut body))
+        .map_err(unreadable)?;
+    if body.len() > max {
         return Err(format!(
-            "the manifest is {len} bytes, over this registry's limit of {max}"
+            "the manifest is over this registry's limit of {max} bytes"
         ));
     }
-    std::fs::read(&path)
-        .map(bytes::Bytes::from)
-        .map_err(unreadable)
+    Ok(bytes::Bytes::from(body))
 }
 
 fn blob_path(root: &Path, d: &Digest) -> PathBuf {
@@ -247,13 +333,30 @@ pub async fn import_distribution(
     mut progress: impl FnMut(&str, &ImportReport),
 ) -> Result<ImportReport, ImportError> {
     let root = distribution_root(dir)?;
+    // The source, as earlier imports recorded it.
+    let origin = format!(
+        "distribution:{}",
+        std::fs::canonicalize(&root)
+            .map_err(|e| ImportError::Io(root.clone(), e))?
+            .display()
+    );
     let mut report = ImportReport::default();
     // A repository known to hold each blob: later repositories link it from there.
     let mut holder: HashMap<Digest, RepoName> = HashMap::new();
     for name in repositories(&root, &mut report)? {
         let repo = RepoName::parse(&name).expect("checked when listed");
         let source = read_repo(&root, &name, &mut report);
-        import_repo(store, &root, &repo, &source, by, &mut holder, &mut report).await?;
+        import_repo(
+            store,
+            &origin,
+            &root,
+            &repo,
+            &source,
+            by,
+            &mut holder,
+            &mut report,
+        )
+        .await?;
         report.repositories += 1;
         progress(&name, &report);
     }
@@ -283,38 +386,52 @@ async fn import_blob(
         Err(e) => return Err(e),
     }
     if let Some(from) = from {
-        if store.blob_mount(repo, &from, d, by).await?.is_some() {
-            return Ok(BlobOutcome::Linked);
+        match store.blob_mount(repo, &from, d, by).await {
+            Ok(Some(_)) => return Ok(BlobOutcome::Linked),
+            Ok(None) => {}
+            Err(e @ StoreError::Quota(_)) => return Ok(BlobOutcome::Problem(e.to_string())),
+            Err(e) => return Err(e),
         }
     }
     let path = blob_path(root, d);
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BlobOutcome::Missing),
-        Err(e) => return Ok(BlobOutcome::Problem(format!("{}: {e}", path.display()))),
-    };
-    let len = match file.metadata().await {
-        Ok(m) => m.len(),
-        Err(e) => return Ok(BlobOutcome::Problem(format!("{}: {e}", path.display()))),
-    };
-    let body = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
-    match store.blob_put(repo, d, Some(len), Box::pin(body)).await {
-        Ok(n) => Ok(BlobOutcome::Copied(n)),
-        Err(e @ StoreError::DigestMismatch { .. }) => Ok(BlobOutcome::Problem(format!(
-            "the source's data does not match its digest ({e})"
-        ))),
-        Err(e @ (StoreError::Quota(_) | StoreError::SizeInvalid(_))) => {
-            Ok(BlobOutcome::Problem(e.to_string()))
+    // A blob the collector is deleting, or a moment with too many uploads: wait a little.
+    let mut tries = 0;
+    loop {
+        let file = match open_regular(&path) {
+            Ok(f) => tokio::fs::File::from_std(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(BlobOutcome::Missing);
+            }
+            Err(e) => return Ok(BlobOutcome::Problem(format!("{}: {e}", path.display()))),
+        };
+        let len = match file.metadata().await {
+            Ok(m) => m.len(),
+            Err(e) => return Ok(BlobOutcome::Problem(format!("{}: {e}", path.display()))),
+        };
+        let body = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
+        match store.blob_put(repo, d, Some(len), Box::pin(body)).await {
+            Ok(n) => return Ok(BlobOutcome::Copied(n)),
+            Err(e @ StoreError::DigestMismatch { .. }) => {
+                return Ok(BlobOutcome::Problem(format!(
+                    "the source's data does not match its digest ({e})"
+                )));
+            }
+            Err(e @ (StoreError::Quota(_) | StoreError::SizeInvalid(_))) => {
+                return Ok(BlobOutcome::Problem(e.to_string()));
+            }
+            Err(StoreError::Overloaded(_) | StoreError::Busy) if tries < 30 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
         }
-        Err(StoreError::Overloaded(_)) => Err(StoreError::Overloaded(
-            "too many uploads at once: retry the import".into(),
-        )),
-        Err(e) => Err(e),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn import_repo(
     store: &Store,
+    origin: &str,
     root: &Path,
     repo: &RepoName,
     source: &SourceRepo,
@@ -360,6 +477,9 @@ async fn import_repo(
 
     // Manifests: those already here are skipped; an index waits for its children (in
     // rounds, until a round imports nothing more).
+    // What earlier imports from this source brought: something they brought that is
+    // gone or changed here was deleted or changed here, and is left so.
+    let known = store.meta.imported(origin, repo.as_str()).await?;
     let mut pending = Vec::new();
     for d in &source.revisions {
         match store
@@ -367,6 +487,12 @@ async fn import_repo(
             .await
         {
             Ok(_) => report.manifests_present += 1,
+            Err(StoreError::ManifestUnknown) if known.contains_key(&format!("manifest:{d}")) => {
+                report.kept.push(Kept {
+                    item: format!("{repo}@{d}"),
+                    why: "deleted here since it was imported".into(),
+                });
+            }
             Err(StoreError::ManifestUnknown) => pending.push(d.clone()),
             Err(e) => return Err(e.into()),
         }
@@ -397,7 +523,14 @@ async fn import_repo(
                 )
                 .await;
             match put {
-                Ok(_) => report.manifests_imported += 1,
+                Ok(_) => {
+                    report.manifests_imported += 1;
+                    let item = format!("manifest:{d}");
+                    store
+                        .meta
+                        .imported_record(origin, repo.as_str(), &item, d.as_str())
+                        .await?;
+                }
                 Err(e @ StoreError::ManifestChildUnknown(_)) => later.push((d, e.to_string())),
                 Err(StoreError::ManifestBlobUnknown(b)) if missing.contains(&b) => refused.push((
                     d,
@@ -425,16 +558,41 @@ async fn import_repo(
         waiting = later.into_iter().map(|(d, _)| d).collect();
     }
 
-    // Tags: where the source points, moved if they point elsewhere here.
+    // Tags: where the source points. One that points elsewhere here is moved only if it
+    // still points where the last import put it (the source moved it, not someone here).
     for (tag, d) in &source.tags {
-        let reference = Reference::Tag(tag.clone());
-        let here = match store.manifest_get(repo, &reference).await {
+        let item = format!("tag:{tag}");
+        let here = match store.manifest_get(repo, &Reference::Tag(tag.clone())).await {
             Ok(m) => Some(m.digest),
             Err(StoreError::ManifestUnknown) => None,
             Err(e) => return Err(e.into()),
         };
+        let before = known.get(&item);
         if here.as_deref() == Some(d.as_str()) {
             report.tags_present += 1;
+            if before.map(String::as_str) != Some(d.as_str()) {
+                store
+                    .meta
+                    .imported_record(origin, repo.as_str(), &item, d.as_str())
+                    .await?;
+            }
+            continue;
+        }
+        let why = match (&here, before) {
+            (None, Some(_)) => Some("deleted here since it was imported".to_owned()),
+            (Some(h), Some(b)) if h != b => Some(format!(
+                "moved here to {h} since it was imported; the source has {d}"
+            )),
+            (Some(h), None) => Some(format!(
+                "already here at {h}, not by an import; the source has {d}"
+            )),
+            _ => None,
+        };
+        if let Some(why) = why {
+            report.kept.push(Kept {
+                item: format!("{repo}:{tag}"),
+                why,
+            });
             continue;
         }
         let body = match store
@@ -451,12 +609,29 @@ async fn import_repo(
             }
             Err(e) => return Err(e.into()),
         };
-        match store
-            .manifest_put(repo, &reference, Vec::new(), None, body, by.clone())
-            .await
-        {
-            Ok(_) if here.is_some() => report.tags_moved += 1,
-            Ok(_) => report.tags_imported += 1,
+        // By digest with the tag: the manifest keeps its own digest (sha512 included).
+        let put = store
+            .manifest_put(
+                repo,
+                &Reference::Digest(d.clone()),
+                vec![tag.clone()],
+                None,
+                body,
+                by.clone(),
+            )
+            .await;
+        match put {
+            Ok(_) => {
+                if here.is_some() {
+                    report.tags_moved += 1;
+                } else {
+                    report.tags_imported += 1;
+                }
+                store
+                    .meta
+                    .imported_record(origin, repo.as_str(), &item, d.as_str())
+                    .await?;
+            }
             Err(e) if refusal(&e) => report.problems.push(Problem {
                 item: format!("{repo}:{tag}"),
                 reason: e.to_string(),

@@ -177,6 +177,44 @@ fn a_cncf_registry_storage_is_imported_with_every_tag_then_only_what_changed() {
         raw(&format!("{}/team/api:latest", reg.host()), Some(&creds)),
         raw(&format!("{}/team/multi:v1", cncf.host), None)
     );
+
+    // Changes made here after the import stay, whatever the source still says: a tag
+    // moved here, and an image deleted here (its manifest and tag).
+    let single_digest = raw(&format!("{}/team:base", cncf.host), None);
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &creds,
+        &format!("oci:{}:v1", single.display()),
+        &format!("docker://{}/team/multi:v1", reg.host()),
+    ]);
+    skopeo(&[
+        "delete",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{}/other/app:1.0", reg.host()),
+    ]);
+    let after = import(&reg, &store);
+    assert_eq!(after["tags_moved"], 0, "{after}");
+    assert_eq!(after["tags_imported"], 0, "{after}");
+    assert_eq!(after["manifests_imported"], 0, "{after}");
+    let kept: Vec<&str> = after["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["item"].as_str().unwrap())
+        .collect();
+    assert!(kept.contains(&"team/multi:v1"), "{after}");
+    assert!(kept.contains(&"other/app:1.0"), "{after}");
+    assert!(kept.iter().any(|k| k.starts_with("other/app@")), "{after}");
+    assert_eq!(
+        raw(&format!("{}/team/multi:v1", reg.host()), Some(&creds)),
+        single_digest,
+        "the tag moved here stays"
+    );
+    let multi_digest = raw(&format!("{}/team/multi:v1", cncf.host), None);
     drop(cncf);
 
     // A source damaged by hand (a layer's data gone): the import names what it could
@@ -200,6 +238,11 @@ fn a_cncf_registry_storage_is_imported_with_every_tag_then_only_what_changed() {
             .join(&hex),
     )
     .unwrap();
+    // A link planted as a symbolic link to a file elsewhere is not followed, and its
+    // content is not shown.
+    let planted = store.join("docker/registry/v2/repositories/broken/_manifests/tags/planted");
+    std::fs::create_dir_all(planted.join("current")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", planted.join("current/link")).unwrap();
     let reg2 = TestRegistry::start();
     // Links left dangling by the source's garbage collection are no problem by
     // themselves: a storage whose only dangling links no manifest needs imports cleanly.
@@ -227,6 +270,12 @@ fn a_cncf_registry_storage_is_imported_with_every_tag_then_only_what_changed() {
     assert!(!out.status.success(), "{stdout}");
     assert!(stderr.contains("could not be imported"), "{stderr}");
     assert!(
+        stdout.contains("not imported: broken:planted:")
+            && stdout.contains("a symbolic link (not followed)")
+            && !stdout.contains("root:"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("not imported: broken@sha256:")
             && stdout.contains(&format!("its blob sha256:{hex} is missing from the source")),
         "{stdout}"
@@ -234,7 +283,7 @@ fn a_cncf_registry_storage_is_imported_with_every_tag_then_only_what_changed() {
     // The multi-arch image did not need that blob: it is all here.
     assert_eq!(
         raw(&format!("{}/team/multi:v1", reg2.host()), Some(&creds)),
-        raw(&format!("{}/team/multi:v1", reg.host()), Some(&creds))
+        multi_digest
     );
 }
 

@@ -591,6 +591,24 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<i64, MetaError>;
     async fn policies(&self) -> Result<Vec<TagPolicy>, MetaError>;
     async fn policy_remove(&self, id: i64) -> Result<bool, MetaError>;
+
+    // ---- imports (`store/import.rs`) ----
+
+    /// The items (`tag:<name>`, `manifest:<digest>`) earlier imports from `source` brought
+    /// into `repo`, with the digest each was brought at.
+    async fn imported(
+        &self,
+        source: &str,
+        repo: &str,
+    ) -> Result<std::collections::HashMap<String, String>, MetaError>;
+    /// Records that an import from `source` brought `item` of `repo` at `digest`.
+    async fn imported_record(
+        &self,
+        source: &str,
+        repo: &str,
+        item: &str,
+        digest: &str,
+    ) -> Result<(), MetaError>;
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0012_quota_events.sql"),
     include_str!("../../../migrations/sqlite/0013_settings.sql"),
     include_str!("../../../migrations/sqlite/0014_login_failures.sql"),
+    include_str!("../../../migrations/sqlite/0015_imports.sql"),
 ];
 const READERS: usize = 8;
 /// The catalog lists a repository only while it holds a manifest: one emptied by deletes
@@ -1570,6 +1571,46 @@ impl MetaStore for SqliteMeta {
     async fn policy_remove(&self, id: i64) -> Result<bool, MetaError> {
         self.write(move |tx| {
             Ok(tx.execute("DELETE FROM tag_policies WHERE id = ?1", params![id])? > 0)
+        })
+        .await
+    }
+
+    async fn imported(
+        &self,
+        source: &str,
+        repo: &str,
+    ) -> Result<std::collections::HashMap<String, String>, MetaError> {
+        let (source, repo) = (source.to_owned(), repo.to_owned());
+        self.scan(move |c| {
+            let mut s = c.prepare_cached(
+                "SELECT item, digest FROM imports WHERE source = ?1 AND repository = ?2",
+            )?;
+            let rows = s.query_map(params![source, repo], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn imported_record(
+        &self,
+        source: &str,
+        repo: &str,
+        item: &str,
+        digest: &str,
+    ) -> Result<(), MetaError> {
+        let (source, repo, item, digest) = (
+            source.to_owned(),
+            repo.to_owned(),
+            item.to_owned(),
+            digest.to_owned(),
+        );
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT INTO imports (source, repository, item, digest, at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (source, repository, item) DO UPDATE SET digest = excluded.digest, at = excluded.at",
+                params![source, repo, item, digest, now_ms()],
+            )?;
+            Ok(())
         })
         .await
     }
