@@ -25,6 +25,9 @@ pub const DEFAULT_UPLOAD_MEMORY_MIB: usize = 256;
 pub struct FsBlobStore {
     root: PathBuf,
     engine: std::sync::Arc<Engine>,
+    /// A readiness check is running (on a hung disk it may never return: no second one
+    /// is started beside it).
+    checking: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FsBlobStore {
@@ -40,6 +43,7 @@ impl FsBlobStore {
         Ok(FsBlobStore {
             root: root.to_owned(),
             engine: Engine::new(upload_memory_mib),
+            checking: Default::default(),
         })
     }
 
@@ -73,6 +77,15 @@ fn not_found_as(e: io::Error, err: BlobError) -> BlobError {
         err
     } else {
         BlobError::Io(e)
+    }
+}
+
+/// Clears a flag when dropped.
+struct ResetOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -299,8 +312,16 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn ready(&self) -> Result<(), BlobError> {
+        use std::sync::atomic::Ordering;
+        if self.checking.swap(true, Ordering::AcqRel) {
+            return Err(BlobError::Io(io::Error::other(
+                "the previous check of the storage has not returned yet",
+            )));
+        }
         let dirs = [self.root.join("blobs"), self.root.join("uploads")];
+        let checking = std::sync::Arc::clone(&self.checking);
         blocking(move || {
+            let _done = ResetOnDrop(checking);
             for dir in &dirs {
                 if !std::fs::metadata(dir)?.is_dir() {
                     return Err(io::Error::other(format!(

@@ -323,6 +323,23 @@ impl PostgresMeta {
                 )
                 .await?;
             }
+            // Cursors (and xids) are per cluster: after a dump restored into another
+            // cluster, a cursor ahead of this cluster's transaction ids would never be
+            // passed again. Such hooks start at the present, and say so.
+            let reset = tx
+                .execute(
+                    "UPDATE webhooks SET cursor_xid = (pg_snapshot_xmin(pg_current_snapshot())::text::bigint) - 1,
+                            cursor = 9223372036854775807
+                     WHERE cursor_xid > (pg_current_xact_id()::text::bigint)",
+                    &[],
+                )
+                .await?;
+            if reset > 0 {
+                tracing::warn!(
+                    hooks = reset,
+                    "webhook cursors were ahead of this database's transaction ids (restored from another cluster?): they start at the present; events recorded before are not sent"
+                );
+            }
             tx.commit().await?;
             Ok(())
         }
@@ -515,6 +532,8 @@ pub(crate) mod testdb {
         // only when the tests are over.
         let (tx, rx) = std::sync::mpsc::channel();
         let sockets = dir.path().to_owned();
+        let log_path = dir.path().join("postgres.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         std::thread::spawn(move || {
             let mut c = command(postgres, who, true);
             c.arg("-D")
@@ -524,7 +543,7 @@ pub(crate) mod testdb {
                 .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
                 .args(["-c", "max_connections=200"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null());
+                .stderr(log);
             let child = c.spawn();
             let _ = tx.send(child.map(|_| ()).map_err(|e| format!("postgres: {e}")));
             loop {
@@ -535,7 +554,8 @@ pub(crate) mod testdb {
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
-                return Err("postgres did not start within 30 s".into());
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!("postgres did not start within 30 s: {log}"));
             }
             std::thread::sleep(Duration::from_millis(50));
         }

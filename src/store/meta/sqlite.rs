@@ -1276,9 +1276,10 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn ready(&self) -> Result<(), MetaError> {
-        // A read, as a pull would do; the writer may be busy with a long batch and that
-        // is not unreadiness.
-        self.read(|conn| {
+        // A read, as a pull would do (the writer may be busy with a long batch, and that
+        // is not unreadiness), on the blocking pool among the bounded scans, so a hung
+        // disk holds at most those threads and the caller's timeout can fire.
+        self.scan(|conn| {
             conn.query_row(
                 "SELECT count(*) FROM repositories WHERE name = ''",
                 [],

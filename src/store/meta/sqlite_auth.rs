@@ -343,6 +343,19 @@ impl AuthMeta for SqliteMeta {
 
     async fn signing_key(&self, candidate: &[u8]) -> Result<Vec<u8>, MetaError> {
         let candidate = candidate.to_vec();
+        if let Some(k) = self
+            .read(|c| {
+                Ok(c.query_row(
+                    "SELECT value FROM settings WHERE name = 'jwt_key'",
+                    [],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
+                .optional()?)
+            })
+            .await?
+        {
+            return Ok(k);
+        }
         self.write(move |tx| {
             tx.execute(
                 "INSERT INTO settings (name, value) VALUES ('jwt_key', ?1) ON CONFLICT (name) DO NOTHING",

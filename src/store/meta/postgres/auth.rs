@@ -317,6 +317,11 @@ impl AuthMeta for PostgresMeta {
     async fn signing_key(&self, candidate: &[u8]) -> Result<Vec<u8>, MetaError> {
         const INSERT: &str = "INSERT INTO settings (name, value) VALUES ('jwt_key', $1) ON CONFLICT (name) DO NOTHING";
         const SELECT: &str = "SELECT value FROM settings WHERE name = 'jwt_key'";
+        // Read first: the key is sent to the server (where statement logging could
+        // keep it) only the one time it is stored.
+        if let Some(r) = self.rows(SELECT, &[]).await?.first() {
+            return Ok(r.get(0));
+        }
         self.exec(INSERT, &[&candidate]).await?;
         let rows = self.rows(SELECT, &[]).await?;
         rows.first()

@@ -493,3 +493,41 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod restored {
+    use super::*;
+
+    /// A database dumped and restored into another cluster carries cursors ahead of the
+    /// new cluster's transaction ids: at open they start at the present, and new events
+    /// reach the hook again.
+    #[tokio::test]
+    async fn cursors_from_another_cluster_start_at_the_present() {
+        let url = super::super::testdb::database().await;
+        let m = PostgresMeta::open(&url).await.unwrap();
+        m.webhook_put(&WebhookRecord {
+            id: "h".into(),
+            url: "http://127.0.0.1:9/".into(),
+            secret: "s".into(),
+            repositories: "*".into(),
+            tags: vec!["*".into()],
+            actions: vec!["push".into()],
+            format: "wharf".into(),
+            source: "cli".into(),
+            created_at: 1,
+        })
+        .await
+        .unwrap();
+        m.exec("UPDATE webhooks SET cursor_xid = 9000000000000", &[])
+            .await
+            .unwrap();
+        let m = PostgresMeta::open(&url).await.unwrap();
+        m.exec(
+            "INSERT INTO events (uuid, at, action, repository, digest) VALUES ('new', 1, 'push', 'a/b', 'sha256:x')",
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.fan_out("h", 10, 10, &|_| true).await.unwrap(), 1);
+    }
+}
