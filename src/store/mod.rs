@@ -269,6 +269,8 @@ pub struct Store {
     /// Manifest pulls not yet written: `repo@digest` to (repository, digest, unix ms).
     pulls: Mutex<HashMap<String, (String, String, i64)>>,
     track_pulls: bool,
+    /// The last readiness check and when it ended.
+    readiness: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
 }
 
 impl Store {
@@ -285,6 +287,7 @@ impl Store {
             retention: Vec::new(),
             pulls: Mutex::new(HashMap::new()),
             track_pulls: true,
+            readiness: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -361,8 +364,31 @@ impl Store {
     }
 
     /// Whether the database and the blob storage answer now, each within
-    /// [`READY_TIMEOUT`]: what `/readyz` reports to a load balancer.
+    /// [`READY_TIMEOUT`]: what `/readyz` reports to a load balancer. One check runs at a
+    /// time and its answer serves for a second, so a flood of anonymous probes costs
+    /// one check a second.
     pub async fn ready(&self) -> Readiness {
+        let mut last = match tokio::time::timeout(READY_TIMEOUT, self.readiness.lock()).await {
+            Ok(l) => l,
+            Err(_) => {
+                let waiting = Some("a check is still waiting for an answer".to_owned());
+                return Readiness {
+                    database: waiting.clone(),
+                    storage: waiting,
+                };
+            }
+        };
+        if let Some((at, r)) = last.as_ref() {
+            if at.elapsed() < std::time::Duration::from_secs(1) {
+                return r.clone();
+            }
+        }
+        let r = self.check_ready().await;
+        *last = Some((std::time::Instant::now(), r.clone()));
+        r
+    }
+
+    async fn check_ready(&self) -> Readiness {
         async fn within<E: std::fmt::Display>(
             f: impl std::future::Future<Output = Result<(), E>>,
         ) -> Option<String> {
