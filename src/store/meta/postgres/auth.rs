@@ -87,17 +87,36 @@ impl AuthMeta for PostgresMeta {
         password_hash: &str,
         admin: bool,
     ) -> Result<(), MetaError> {
-        // The new user's generation is past every generation ever handed out, so a
-        // user created again under an old name never accepts the old one's JWTs.
-        const SQL: &str = "INSERT INTO users (name, password_hash, admin, created_at, generation)
-             VALUES ($1, $2, $3, $4, (SELECT generation + 1 FROM auth_state WHERE id = 1))";
-        match self
-            .rights_change(SQL, &[&name, &password_hash, &admin, &now_ms()])
-            .await
-        {
-            Err(MetaError::Conflict(_)) => Err(MetaError::Conflict(format!("user {name}"))),
-            other => other.map(|_| ()),
-        }
+        // The rights generation moves first, under its row's lock, and the new user takes
+        // the new value: past every generation ever handed out, so a user created again
+        // under an old name never accepts the old one's JWTs, however changes interleave.
+        const INSERT: &str =
+            "INSERT INTO users (name, password_hash, admin, created_at, generation)
+             VALUES ($1, $2, $3, $4, $5)";
+        self.timed(async {
+            let mut c = self.conn().await?;
+            let (bump, insert) = (c.prep(BUMP).await?, c.prep(INSERT).await?);
+            let tx = c.client.transaction().await?;
+            let generation: i64 = tx.query_one(&bump, &[]).await?.get(0);
+            match tx
+                .execute(
+                    &insert,
+                    &[&name, &password_hash, &admin, &now_ms(), &generation],
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(match MetaError::from(e) {
+                        MetaError::Conflict(_) => MetaError::Conflict(format!("user {name}")),
+                        other => other,
+                    });
+                }
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn user_list(&self) -> Result<Vec<UserRecord>, MetaError> {
