@@ -552,6 +552,10 @@ async fn collect_garbage(store: Arc<Store>, auth: Arc<Auth>, interval: Duration)
                 r.blobs,
                 r.bytes
             ),
+            // `wharf gc` or another replica is collecting: nothing to say at every tick.
+            Err(StoreError::GcRunning) => {
+                tracing::debug!("garbage collection: another pass is running")
+            }
             Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
         }
     }

@@ -238,7 +238,7 @@ impl From<StoreError> for ApiError {
                     format!("request body could not be read: {e}"),
                 )
             }
-            StoreError::Overloaded(_) => {
+            StoreError::Overloaded(_) | StoreError::GcRunning => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, C::Toomanyrequests, msg)
                     .with_header(header::RETRY_AFTER, "1")
             }

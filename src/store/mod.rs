@@ -90,6 +90,9 @@ pub enum StoreError {
     /// Cannot be done as things are (the reason says why).
     #[error("{0}")]
     Refused(String),
+    /// Another garbage collection pass holds the lease (one runs at a time).
+    #[error("another garbage collection pass is running; try again when it has ended")]
+    GcRunning,
     /// A backend cannot be reached now (the metadata database); retry.
     #[error("{0}")]
     Unavailable(String),

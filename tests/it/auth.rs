@@ -881,9 +881,7 @@ async fn first_start_prints_a_random_admin_password_once_and_logs_no_secrets() {
             .status()
             .unwrap();
         p.child.wait().unwrap();
-        let mut log = String::new();
-        std::io::Read::read_to_string(p.child.stderr.as_mut().unwrap(), &mut log).unwrap();
-        log
+        p.log()
     };
     let mut p = Process::start_with(&data, &[("WHARF_LOG", "debug")], &["WHARF_ADMIN_PASSWORD"]);
     // Give the first-start line time to be written before stopping.

@@ -503,10 +503,14 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The `wharf` binary running as its own process, for crash and signal tests.
+/// The `wharf` binary running as its own process, for crash and signal tests. Its
+/// stderr is read as it comes (a chatty server must never block on a full pipe) and
+/// kept: [`Process::log`].
 pub struct Process {
     pub child: Child,
     pub base: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -532,7 +536,20 @@ impl Process {
         for k in remove {
             cmd.env_remove(k);
         }
-        let child = cmd.spawn().expect("start wharf");
+        let mut child = cmd.spawn().expect("start wharf");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = child.stderr.take().map(|mut err| {
+            let log = std::sync::Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = std::io::Read::read(&mut err, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        });
         let base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -542,7 +559,20 @@ impl Process {
             assert!(Instant::now() < deadline, "wharf did not start listening");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Process { child, base }
+        Process {
+            child,
+            base,
+            log,
+            reader,
+        }
+    }
+
+    /// What the process wrote to stderr, once it has exited (call after `wait`).
+    pub fn log(&mut self) -> String {
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
     }
 
     pub fn kill9(mut self) {

@@ -126,8 +126,7 @@ async fn sigterm_finishes_requests_in_flight_and_exits_zero() {
     assert_eq!(header(&r, "range"), Some("0-9999"));
     let status = p.child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
-    let mut log = String::new();
-    std::io::Read::read_to_string(p.child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    let log = p.log();
     assert!(log.contains("listening on http://127.0.0.1:"), "{log}");
     assert!(log.contains(&data_dir.display().to_string()), "{log}");
 

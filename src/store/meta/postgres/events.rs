@@ -492,11 +492,6 @@ mod tests {
             "with no hook left, every old event goes"
         );
     }
-}
-
-#[cfg(test)]
-mod restored {
-    use super::*;
 
     /// A database dumped and restored into another cluster carries cursors ahead of the
     /// new cluster's transaction ids: at open they start at the present, and new events
@@ -505,19 +500,7 @@ mod restored {
     async fn cursors_from_another_cluster_start_at_the_present() {
         let url = super::super::testdb::database().await;
         let m = PostgresMeta::open(&url).await.unwrap();
-        m.webhook_put(&WebhookRecord {
-            id: "h".into(),
-            url: "http://127.0.0.1:9/".into(),
-            secret: "s".into(),
-            repositories: "*".into(),
-            tags: vec!["*".into()],
-            actions: vec!["push".into()],
-            format: "wharf".into(),
-            source: "cli".into(),
-            created_at: 1,
-        })
-        .await
-        .unwrap();
+        m.webhook_put(&webhook("h")).await.unwrap();
         m.exec("UPDATE webhooks SET cursor_xid = 9000000000000", &[])
             .await
             .unwrap();
