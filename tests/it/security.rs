@@ -1109,14 +1109,8 @@ async fn the_data_directory_is_private() {
     }
     let mut p = p;
     let _ = p.child.kill();
-    let mut err = String::new();
-    use std::io::Read;
-    p.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let _ = p.child.wait();
+    let err = p.log();
     assert!(err.contains("readable by other users"), "{err}");
     let _ = data;
 }

@@ -146,14 +146,8 @@ fn serves_https_with_the_given_certificate() {
         &[],
     );
     let _ = p.child.kill();
-    let mut err = String::new();
-    use std::io::Read;
-    p.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let _ = p.child.wait();
+    let err = p.log();
     assert!(err.contains("is readable by other users"), "{err}");
 }
 
