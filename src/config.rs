@@ -17,6 +17,9 @@ pub const DEFAULT_SERVICE: &str = "wharf";
 pub struct Config {
     pub listen: String,
     pub data: PathBuf,
+    /// Metadata in PostgreSQL (`postgres://user:password@host:port/db`) instead of the
+    /// embedded SQLite database under `data`: for several replicas sharing one database.
+    pub database_url: Option<Secret>,
     /// The token service name (the `aud` of registry tokens).
     pub service: String,
     /// The URL clients reach the registry by, when a reverse proxy changes it.
@@ -134,6 +137,7 @@ pub struct TlsFiles {
 struct FileConfig {
     listen: Option<String>,
     data: Option<PathBuf>,
+    database_url: Option<String>,
     service: Option<String>,
     public_url: Option<String>,
     tls_cert: Option<PathBuf>,
@@ -165,6 +169,7 @@ fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Du
 pub struct Overrides {
     pub listen: Option<String>,
     pub data: Option<PathBuf>,
+    pub database_url: Option<Secret>,
     pub service: Option<String>,
     pub public_url: Option<String>,
     pub admin_password: Option<Secret>,
@@ -193,6 +198,8 @@ pub enum ConfigError {
     PublicUrl(String),
     #[error("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")]
     Tls,
+    #[error("invalid database_url: expected postgres://USER:PASSWORD@HOST:PORT/DATABASE")]
+    DatabaseUrl,
     #[error("[[retention]] in the config file: {0}")]
     Retention(#[from] crate::store::retention::RuleError),
 }
@@ -226,6 +233,7 @@ impl Config {
         Config {
             listen: listen.into(),
             data: data.into(),
+            database_url: None,
             service: DEFAULT_SERVICE.to_owned(),
             public_url: None,
             admin_password: None,
@@ -263,6 +271,16 @@ impl Config {
             .data
             .or(file_cfg.data)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
+        let database_url = flags
+            .database_url
+            .or(file_cfg.database_url.map(Secret::new))
+            .filter(|u| !u.expose().is_empty());
+        if let Some(u) = &database_url {
+            let u = u.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                return Err(ConfigError::DatabaseUrl);
+            }
+        }
         let service = flags
             .service
             .or(file_cfg.service)
@@ -284,6 +302,7 @@ impl Config {
         Ok(Config {
             listen,
             data,
+            database_url,
             service,
             public_url,
             admin_password: flags.admin_password,

@@ -19,8 +19,9 @@ use crate::errorbody::ErrorBodies;
 use crate::idle::IdleGuard;
 use crate::registry::{self, AppState};
 use crate::sendfile;
+use crate::store::meta::auth::AuthMeta;
 use crate::store::meta::events::EventsMeta;
-use crate::store::{Store, StoreError, open_local_backends_with};
+use crate::store::{Store, StoreError, open_backends};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How long requests in flight may run on after shutdown is asked for.
@@ -102,7 +103,12 @@ pub async fn serve(
     }
     let limits = &config.limits;
     let max_connections = raise_descriptor_limit(limits.max_connections);
-    let (blobs, meta) = open_local_backends_with(&config.data, limits.upload_memory_mib)?;
+    let (blobs, meta) = open_backends(
+        &config.data,
+        config.database_url.as_ref().map(|u| u.expose()),
+        limits.upload_memory_mib,
+    )
+    .await?;
     let store = Arc::new(
         Store::new(blobs, Arc::clone(&meta) as _)
             .with_max_uploads(limits.max_uploads)
@@ -112,7 +118,13 @@ pub async fn serve(
     );
     let events = Arc::clone(&meta) as Arc<dyn EventsMeta>;
     let auth = Arc::new(
-        Auth::with_settings(meta, &config.data, &config.service, config.limits.auth()).await?,
+        Auth::with_settings(
+            meta as Arc<dyn AuthMeta>,
+            &config.data,
+            &config.service,
+            config.limits.auth(),
+        )
+        .await?,
     );
     auth.load_trust().await?;
     let admin_pw = config.admin_password.as_ref().map(|s| s.expose());

@@ -12,7 +12,7 @@ use wharf::auth::{Auth, Level, Pattern, Scope, Secret, now_secs, secret};
 use wharf::store::meta::auth::{AuthMeta, TokenRecord};
 use wharf::store::meta::events::EventsMeta;
 use wharf::store::policy::parse_tag_globs;
-use wharf::store::{MetaStore, Store, open_local_backends};
+use wharf::store::{MetaStore, Store, open_backends};
 use wharf::time::rfc3339;
 
 use super::DataArgs;
@@ -37,8 +37,16 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let (blobs, meta) = open_local_backends(&config.data)
-            .with_context(|| format!("opening {}", config.data.display()))?;
+        let (blobs, meta) = open_backends(
+            &config.data,
+            config.database_url.as_ref().map(|u| u.expose()),
+            wharf::store::blob::DEFAULT_UPLOAD_MEMORY_MIB,
+        )
+        .await
+        .with_context(|| match &config.database_url {
+            Some(_) => "opening the database (database_url)".to_owned(),
+            None => format!("opening {}", config.data.display()),
+        })?;
         let store = Store::new(blobs, Arc::clone(&meta) as _).with_gc(config.gc.clone());
         let auth = Auth::with_settings(
             Arc::clone(&meta) as _,

@@ -101,12 +101,23 @@ pub struct DataArgs {
     /// 30m, 0s) [default: 24h]
     #[arg(long, env = "WHARF_GC_DELAY", value_name = "DURATION", global = true, value_parser = wharf::time::parse_duration)]
     gc_delay: Option<std::time::Duration>,
+    /// Metadata in PostgreSQL instead of the data directory's SQLite database
+    /// (postgres://USER:PASSWORD@HOST:PORT/DATABASE)
+    #[arg(
+        long,
+        env = "WHARF_DATABASE_URL",
+        value_name = "URL",
+        global = true,
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
 }
 
 impl DataArgs {
     fn resolve(&self) -> anyhow::Result<Config> {
         let o = Overrides {
             data: self.data.clone(),
+            database_url: self.database_url.clone().map(Secret::new),
             gc_delay: self.gc_delay,
             ..Overrides::default()
         };
@@ -195,6 +206,7 @@ fn serve(args: ServeArgs, data: DataArgs) -> anyhow::Result<()> {
     let overrides = Overrides {
         listen: args.listen,
         data: data.data,
+        database_url: data.database_url.map(Secret::new),
         service: args.service,
         public_url: args.public_url,
         tls_cert: args.tls_cert,

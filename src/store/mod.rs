@@ -159,6 +159,43 @@ impl From<MetaError> for StoreError {
     }
 }
 
+/// What one metadata backend gives the server: every metadata trait.
+pub trait Meta: MetaStore + meta::auth::AuthMeta + meta::events::EventsMeta {}
+impl<T: MetaStore + meta::auth::AuthMeta + meta::events::EventsMeta> Meta for T {}
+
+/// Opens the backends the configuration names: blobs under `dir`, and metadata in
+/// `dir/meta.db` or, with `database_url`, in PostgreSQL.
+pub async fn open_backends(
+    dir: &Path,
+    database_url: Option<&str>,
+    upload_memory_mib: usize,
+) -> Result<(Arc<FsBlobStore>, Arc<dyn Meta>), StoreError> {
+    let Some(url) = database_url else {
+        let (blobs, meta) = open_local_backends_with(dir, upload_memory_mib)?;
+        return Ok((blobs, meta));
+    };
+    let blobs = open_blob_dir(dir, upload_memory_mib)?;
+    let meta = meta::postgres::PostgresMeta::open(url).await?;
+    Ok((blobs, Arc::new(meta)))
+}
+
+/// The blob store under `dir`, made private to the user running wharf.
+fn open_blob_dir(dir: &Path, upload_memory_mib: usize) -> Result<Arc<FsBlobStore>, StoreError> {
+    let io = |e: io::Error| StoreError::Internal(format!("{}: {e}", dir.display()));
+    perms::create_dir_all(dir).map_err(io)?;
+    match perms::make_private(dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            "the data directory {} was readable by other users: made {n} files and folders private (0600/0700)",
+            dir.display()
+        ),
+        Err(e) => return Err(io(e)),
+    }
+    Ok(Arc::new(
+        FsBlobStore::with_upload_memory(dir, upload_memory_mib).map_err(io)?,
+    ))
+}
+
 /// Opens the embedded backends: blobs under `dir`, metadata in `dir/meta.db`.
 pub fn open_local_backends(dir: &Path) -> Result<(Arc<FsBlobStore>, Arc<SqliteMeta>), StoreError> {
     open_local_backends_with(dir, blob::DEFAULT_UPLOAD_MEMORY_MIB)
@@ -171,20 +208,11 @@ pub fn open_local_backends_with(
     dir: &Path,
     upload_memory_mib: usize,
 ) -> Result<(Arc<FsBlobStore>, Arc<SqliteMeta>), StoreError> {
+    let blobs = open_blob_dir(dir, upload_memory_mib)?;
     let io = |e: io::Error| StoreError::Internal(format!("{}: {e}", dir.display()));
-    perms::create_dir_all(dir).map_err(io)?;
-    match perms::make_private(dir) {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(
-            "the data directory {} was readable by other users: made {n} files and folders private (0600/0700)",
-            dir.display()
-        ),
-        Err(e) => return Err(io(e)),
-    }
-    let blobs = FsBlobStore::with_upload_memory(dir, upload_memory_mib).map_err(io)?;
     perms::touch_private(&dir.join("meta.db")).map_err(io)?;
     let meta = SqliteMeta::open(&dir.join("meta.db"))?;
-    Ok((Arc::new(blobs), Arc::new(meta)))
+    Ok((blobs, Arc::new(meta)))
 }
 
 /// One tag as the tag details listing shows it.

@@ -672,14 +672,86 @@ async fn stress_worker(base: String, id: u64, until: std::time::Instant) -> u64 
 /// nothing references.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gc_stress_with_kills_leaves_every_tag_whole_and_nothing_unreferenced() {
+    gc_stress(None).await;
+}
+
+/// The same run with the metadata in PostgreSQL: the server and `wharf gc` are
+/// replicas of one database, each pass in serializable transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_stress_on_postgresql_leaves_every_tag_whole_and_nothing_unreferenced() {
+    gc_stress(Some(crate::postgres::database())).await;
+}
+
+/// The metadata database of a stress run, for its final checks.
+enum Db {
+    Sqlite(rusqlite::Connection),
+    Postgres(tokio_postgres::Client),
+}
+
+impl Db {
+    async fn open(data: &std::path::Path, url: Option<&str>) -> Db {
+        match url {
+            None => Db::Sqlite(rusqlite::Connection::open(data.join("meta.db")).unwrap()),
+            Some(url) => {
+                let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                Db::Postgres(client)
+            }
+        }
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        match self {
+            Db::Sqlite(db) => db.query_row(sql, [], |r| r.get(0)).unwrap(),
+            Db::Postgres(db) => db.query_one(sql, &[]).await.unwrap().get(0),
+        }
+    }
+
+    async fn strings(&self, sql: &str) -> BTreeSet<String> {
+        match self {
+            Db::Sqlite(db) => db
+                .prepare(sql)
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect(),
+            Db::Postgres(db) => db
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        }
+    }
+}
+
+async fn gc_stress(database_url: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("wharf.toml");
     std::fs::write(&config, "gc_interval = \"10ms\"\n").unwrap();
-    let env = [
+    let mut env = vec![
         ("WHARF_GC_DELAY", "0s"),
         ("WHARF_CONFIG", config.to_str().unwrap()),
     ];
+    if let Some(url) = &database_url {
+        env.push(("WHARF_DATABASE_URL", url.as_str()));
+    }
+    let env = env;
+    let admin = {
+        let (data, url) = (data.clone(), database_url.clone());
+        move || {
+            let mut c = wharf_cmd(&data);
+            if let Some(url) = &url {
+                c.env("WHARF_DATABASE_URL", url);
+            }
+            c
+        }
+    };
     let mut total_ops = 0;
     let mut cli_passes = 0;
     for round in 0..4 {
@@ -690,14 +762,11 @@ async fn gc_stress_with_kills_leaves_every_tag_whole_and_nothing_unreferenced() 
             .collect();
         // `wharf gc` beside the server's own passes.
         let cli = {
-            let data = data.clone();
+            let admin = admin.clone();
             std::thread::spawn(move || {
                 let mut n = 0;
                 while std::time::Instant::now() < until {
-                    let out = wharf_cmd(&data)
-                        .args(["gc", "--gc-delay", "0s"])
-                        .output()
-                        .unwrap();
+                    let out = admin().args(["gc", "--gc-delay", "0s"]).output().unwrap();
                     let err = String::from_utf8_lossy(&out.stderr);
                     // One pass at a time: refused while the server's runs (or while a
                     // killed server's lease has not run out).
@@ -735,7 +804,7 @@ async fn gc_stress_with_kills_leaves_every_tag_whole_and_nothing_unreferenced() 
     );
 
     // A restart (which removes the uploads the kills cut off), then the check.
-    let server = Process::start_with(&data, &[("WHARF_CONFIG", config.to_str().unwrap())], &[]);
+    let server = Process::start_with(&data, &env[1..], &[]);
     let reg = TestRegistry::attach(&server.base, &data);
     let mut tags = 0;
     for repo in catalog(&reg).await {
@@ -754,7 +823,7 @@ async fn gc_stress_with_kills_leaves_every_tag_whole_and_nothing_unreferenced() 
     // The last kill may have left a pass's lease: it runs out within 30 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let r = loop {
-        let out = wharf_cmd(&data)
+        let out = admin()
             .args(["gc", "--json", "--gc-delay", "0s"])
             .output()
             .unwrap();
@@ -770,39 +839,36 @@ async fn gc_stress_with_kills_leaves_every_tag_whole_and_nothing_unreferenced() 
         std::thread::sleep(Duration::from_millis(500));
     };
     assert_eq!(r["uploads"], 0, "a pass of wharf gc expires no upload: {r}");
-    let db = rusqlite::Connection::open(data.join("meta.db")).unwrap();
-    let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let db = Db::open(&data, database_url.as_deref()).await;
     assert_eq!(
-        count(
+        db.count(
             "SELECT count(*) FROM repository_blobs rb WHERE NOT EXISTS (SELECT 1 FROM manifest_references r
               WHERE r.repository = rb.repository AND r.child = rb.digest)"
-        ),
+        )
+        .await,
         0,
         "links nothing references"
     );
     assert_eq!(
-        count(
+        db.count(
             "SELECT count(*) FROM blobs b WHERE b.deleting_at IS NOT NULL
                 OR (NOT EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.digest = b.digest)
                     AND NOT EXISTS (SELECT 1 FROM manifest_references r WHERE r.child = b.digest))"
-        ),
+        )
+        .await,
         0,
         "blob rows nothing references"
     );
-    let collected = count("SELECT coalesce(sum(blobs), 0) FROM gc_runs WHERE dry_run = 0");
-    let passes = count("SELECT count(*) FROM gc_runs");
+    let collected = db
+        .count("SELECT CAST(coalesce(sum(blobs), 0) AS BIGINT) FROM gc_runs WHERE NOT dry_run")
+        .await;
+    let passes = db.count("SELECT count(*) FROM gc_runs").await;
     eprintln!("stress: {passes} passes collected {collected} blobs");
     assert!(
         collected > 50,
         "the passes collected while the load ran: {collected}"
     );
-    let rows: BTreeSet<String> = db
-        .prepare("SELECT digest FROM blobs")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows = db.strings("SELECT digest FROM blobs").await;
     let files: BTreeSet<String> = reg
         .blob_files()
         .iter()

@@ -1,6 +1,9 @@
 //! Integration tests: the registry over real HTTP on 127.0.0.1, and real clients.
 
 mod common;
+/// The PostgreSQL cluster of the library's own tests.
+#[path = "../../src/store/meta/postgres/testdb.rs"]
+mod testdb;
 
 mod agent;
 mod api;
@@ -21,6 +24,7 @@ mod manifests;
 mod memory;
 mod podman;
 mod policy;
+mod postgres;
 mod promote;
 mod quota;
 mod referrers;

@@ -25,9 +25,16 @@ use super::MetaError;
 
 mod auth;
 mod events;
+mod gc;
+mod registry;
+mod retention;
+mod usage;
 
 /// Schema migrations, applied in order; `schema_migrations` records which ran.
-const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/postgresql/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/postgresql/0001_init.sql"),
+    include_str!("../../../migrations/postgresql/0002_registry.sql"),
+];
 
 /// Connections held at most (each replica).
 pub const POOL_SIZE: usize = 16;
@@ -62,6 +69,12 @@ impl From<tokio_postgres::Error> for MetaError {
                 MetaError::Busy
             }
             c if *c == SqlState::DISK_FULL => MetaError::Full,
+            // Text PostgreSQL cannot store (a NUL character): the caller's input.
+            c if *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE
+                || *c == SqlState::UNTRANSLATABLE_CHARACTER =>
+            {
+                MetaError::Refused("a value contains a NUL character, which is not allowed".into())
+            }
             c if *c == SqlState::UNIQUE_VIOLATION => MetaError::Conflict(
                 e.as_db_error()
                     .and_then(|d| d.constraint())
@@ -90,20 +103,168 @@ impl From<tokio_postgres::Error> for MetaError {
 /// One connection and its prepared statements.
 pub(super) struct Conn {
     pub(super) client: Client,
-    statements: HashMap<&'static str, Statement>,
+    pub(super) statements: Statements,
+}
+
+/// A connection's prepared statements, by their SQL (the lock is never held across an
+/// await).
+#[derive(Default)]
+pub(super) struct Statements(Mutex<HashMap<&'static str, Statement>>);
+
+impl Statements {
+    fn get(&self, sql: &'static str) -> Option<Statement> {
+        self.0.lock().expect("statements lock").get(sql).cloned()
+    }
+
+    fn put(&self, sql: &'static str, s: &Statement) {
+        self.0
+            .lock()
+            .expect("statements lock")
+            .insert(sql, s.clone());
+    }
 }
 
 impl Conn {
     /// `sql` prepared on this connection, once.
     pub(super) async fn prep(&mut self, sql: &'static str) -> Result<Statement, MetaError> {
         if let Some(s) = self.statements.get(sql) {
-            return Ok(s.clone());
+            return Ok(s);
         }
         let s = self.client.prepare(sql).await?;
-        self.statements.insert(sql, s.clone());
+        self.statements.put(sql, &s);
         Ok(s)
     }
 }
+
+/// A transaction with its connection's statement cache.
+pub(super) struct Tx<'a> {
+    pub(super) tx: tokio_postgres::Transaction<'a>,
+    statements: &'a Statements,
+}
+
+type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
+
+impl<'a> Tx<'a> {
+    pub(super) fn new(tx: tokio_postgres::Transaction<'a>, statements: &'a Statements) -> Self {
+        Tx { tx, statements }
+    }
+
+    async fn prep(&self, sql: &'static str) -> Result<Statement, MetaError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s);
+        }
+        let s = self.tx.prepare(sql).await?;
+        self.statements.put(sql, &s);
+        Ok(s)
+    }
+
+    /// Runs a statement; the rows it changed.
+    pub(super) async fn exec(&self, sql: &'static str, p: Params<'_>) -> Result<u64, MetaError> {
+        let s = self.prep(sql).await?;
+        Ok(self.tx.execute(&s, p).await?)
+    }
+
+    pub(super) async fn rows(
+        &self,
+        sql: &'static str,
+        p: Params<'_>,
+    ) -> Result<Vec<Row>, MetaError> {
+        let s = self.prep(sql).await?;
+        Ok(self.tx.query(&s, p).await?)
+    }
+
+    pub(super) async fn opt(
+        &self,
+        sql: &'static str,
+        p: Params<'_>,
+    ) -> Result<Option<Row>, MetaError> {
+        let s = self.prep(sql).await?;
+        Ok(self.tx.query_opt(&s, p).await?)
+    }
+
+    pub(super) async fn one(&self, sql: &'static str, p: Params<'_>) -> Result<Row, MetaError> {
+        let s = self.prep(sql).await?;
+        Ok(self.tx.query_one(&s, p).await?)
+    }
+
+    /// Whether the query returns a row.
+    pub(super) async fn exists(&self, sql: &'static str, p: Params<'_>) -> Result<bool, MetaError> {
+        Ok(self.opt(sql, p).await?.is_some())
+    }
+}
+
+/// Attempts of a transaction that PostgreSQL could not serialize with another, at most.
+pub(super) const SERIALIZE_ATTEMPTS: u32 = 30;
+
+/// The pause before attempt `n + 1` of a transaction that could not be serialized: a
+/// random time up to 1, 2, 4 ... 64 ms, so that colliding transactions spread out.
+pub(super) async fn pause(n: u32) {
+    let cap_us = 1000u64 << n.min(6);
+    let us = u64::from(uuid::Uuid::new_v4().as_u128() as u32) % cap_us;
+    tokio::time::sleep(Duration::from_micros(us)).await;
+}
+
+/// Runs `$body` (an expression of type `Result<T, MetaError>` that uses the transaction
+/// `$tx: &Tx`) in a `SERIALIZABLE` transaction, committed if `$commit` is true and
+/// rolled back otherwise, under the operation timeout. A transaction PostgreSQL aborts
+/// because it could not be serialized with a concurrent one (or a deadlock) is run
+/// again from the start, after a short random pause; past `SERIALIZE_ATTEMPTS` the
+/// caller gets `Busy`. The body runs again on a retry, so it must do nothing but use
+/// `$tx`. `$foreground` counts the transaction as work that the garbage collector's
+/// pacing yields to (`gc_contended`).
+///
+/// Every change to the registry's metadata goes through here: serializable transactions
+/// behave as if they ran one at a time, which is what SQLite's single writer gives the
+/// embedded backend, so every invariant the SQLite code keeps by its order holds here
+/// across replicas with no lock of our own (ARCHITECTURE.md, "Garbage collection").
+macro_rules! serializable {
+    ($meta:expr, commit = $commit:expr, foreground = $fg:expr, |$tx:ident| $body:expr) => {{
+        let meta: &$crate::store::meta::postgres::PostgresMeta = $meta;
+        let mut attempt = 0u32;
+        loop {
+            let r: Result<_, $crate::store::meta::MetaError> = meta
+                .timed(async {
+                    let mut c = meta.conn().await?;
+                    let conn: &mut $crate::store::meta::postgres::Conn = &mut *c;
+                    let t = conn
+                        .client
+                        .build_transaction()
+                        .isolation_level(tokio_postgres::IsolationLevel::Serializable)
+                        .start()
+                        .await?;
+                    let owned = $crate::store::meta::postgres::Tx::new(t, &conn.statements);
+                    let out: Result<_, $crate::store::meta::MetaError> = {
+                        let $tx = &owned;
+                        async { $body }.await
+                    };
+                    // On an error the transaction is rolled back as it is dropped.
+                    let v = out?;
+                    if $commit {
+                        if $fg {
+                            owned
+                                .exec("SELECT nextval('foreground_writes')", &[])
+                                .await?;
+                        }
+                        owned.tx.commit().await?;
+                    } else {
+                        owned.tx.rollback().await?;
+                    }
+                    Ok(v)
+                })
+                .await;
+            match r {
+                Err($crate::store::meta::MetaError::Busy)
+                    if attempt + 1 < $crate::store::meta::postgres::SERIALIZE_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    $crate::store::meta::postgres::pause(attempt).await;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+pub(super) use serializable;
 
 /// A connection borrowed from the pool, given back when dropped, unless it is closed or
 /// an operation timed out while it was borrowed (it may still be running a statement,
@@ -187,7 +348,7 @@ impl Pool {
         });
         Ok(Conn {
             client,
-            statements: HashMap::new(),
+            statements: Statements::default(),
         })
     }
 }
@@ -198,6 +359,9 @@ pub struct PostgresMeta {
     pool: Arc<Pool>,
     /// This process's name where it holds something (a hook's sending).
     replica: String,
+    /// What [`MetaStore::gc_contended`](super::MetaStore::gc_contended) saw last of the
+    /// `foreground_writes` sequence.
+    seen_writes: Arc<Mutex<Option<(i64, bool)>>>,
 }
 
 impl PostgresMeta {
@@ -223,6 +387,7 @@ impl PostgresMeta {
                 timeouts: AtomicU64::new(0),
             }),
             replica: uuid::Uuid::new_v4().to_string(),
+            seen_writes: Arc::new(Mutex::new(None)),
         };
         meta.migrate().await?;
         Ok(meta)
@@ -392,204 +557,9 @@ fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A throwaway PostgreSQL cluster for the tests: `initdb` into a temporary directory and
-/// `postgres` on a free loopback port, as the `postgres` user when the tests run as
-/// root. One per test process, stopped when the process ends; each test gets a
-/// database of its own.
+/// A throwaway PostgreSQL cluster for the tests (also used by `tests/it`).
 #[cfg(test)]
-pub(crate) mod testdb {
-    use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
-    use std::sync::OnceLock;
-    use std::time::{Duration, Instant};
-
-    struct Cluster {
-        port: u16,
-        _dir: tempfile::TempDir,
-    }
-
-    static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
-
-    fn bin(name: &str) -> Result<PathBuf, String> {
-        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
-            .unwrap_or_default();
-        if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
-            let mut versions: Vec<PathBuf> = dirs.flatten().map(|d| d.path()).collect();
-            versions.sort();
-            candidates.extend(versions.into_iter().rev().map(|v| v.join("bin").join(name)));
-        }
-        candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
-            format!(
-                "these tests need PostgreSQL's `{name}`: install it with apt-get install -y postgresql"
-            )
-        })
-    }
-
-    /// Whether to run as the `postgres` user (PostgreSQL refuses to run as root).
-    fn as_postgres() -> Result<bool, String> {
-        if !rustix::process::geteuid().is_root() {
-            return Ok(false);
-        }
-        let known = Command::new("id")
-            .arg("-u")
-            .arg("postgres")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if known {
-            Ok(true)
-        } else {
-            Err("running as root, these tests need the `postgres` user (apt-get install -y postgresql creates it)".into())
-        }
-    }
-
-    /// `program` run through util-linux's `setpriv`: as `postgres` if `as_postgres`, and
-    /// killed when the thread that spawns it ends if `tied`.
-    fn command(program: PathBuf, as_postgres: bool, tied: bool) -> Command {
-        let mut c = Command::new("setpriv");
-        if as_postgres {
-            c.args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--",
-            ]);
-            c.arg("setpriv");
-        }
-        if tied {
-            c.args(["--pdeathsig", "KILL"]);
-        }
-        c.arg("--").arg(program);
-        c
-    }
-
-    /// Removes the clusters of test processes that have ended (the server dies with its
-    /// process, its directory stays): each directory names its owner's pid.
-    fn sweep_stale() {
-        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if !e.file_name().to_string_lossy().starts_with("wharf-pg-") {
-                continue;
-            }
-            let owner = std::fs::read_to_string(e.path().join("owner"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok());
-            let gone = match owner {
-                Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
-                // Not yet claimed: only once clearly abandoned.
-                None => e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600)),
-            };
-            if gone {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-
-    fn start() -> Result<Cluster, String> {
-        let who = as_postgres()?;
-        let (initdb, postgres) = (bin("initdb")?, bin("postgres")?);
-        sweep_stale();
-        let dir = tempfile::Builder::new()
-            .prefix("wharf-pg-")
-            .tempdir()
-            .map_err(|e| e.to_string())?;
-        std::fs::write(dir.path().join("owner"), std::process::id().to_string())
-            .map_err(|e| e.to_string())?;
-        if who {
-            let out = Command::new("chown")
-                .arg("postgres:")
-                .arg(dir.path())
-                .output()
-                .map_err(|e| format!("chown: {e}"))?;
-            if !out.status.success() {
-                return Err(format!("chown: {}", String::from_utf8_lossy(&out.stderr)));
-            }
-        }
-        let data = dir.path().join("data");
-        let out = command(initdb, who, false)
-            .arg("-D")
-            .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
-            .output()
-            .map_err(|e| format!("initdb: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "initdb failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-            l.local_addr().map_err(|e| e.to_string())?.port()
-        };
-        // Spawned from a thread that lives as long as the process, so that the
-        // parent-death signal (sent when the spawning thread ends) stops the server
-        // only when the tests are over.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sockets = dir.path().to_owned();
-        let log_path = dir.path().join("postgres.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        std::thread::spawn(move || {
-            let mut c = command(postgres, who, true);
-            c.arg("-D")
-                .arg(&data)
-                .args(["-p", &port.to_string(), "-k"])
-                .arg(&sockets)
-                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
-                .args(["-c", "max_connections=200"])
-                .stdout(Stdio::null())
-                .stderr(log);
-            let child = c.spawn();
-            let _ = tx.send(child.map(|_| ()).map_err(|e| format!("postgres: {e}")));
-            loop {
-                std::thread::park();
-            }
-        });
-        rx.recv().map_err(|e| e.to_string())??;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(format!("postgres did not start within 30 s: {log}"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Cluster { port, _dir: dir })
-    }
-
-    /// The URL of a new, empty database on the cluster (started on first use).
-    pub(crate) async fn database() -> String {
-        let cluster = CLUSTER
-            .get_or_init(start)
-            .as_ref()
-            .unwrap_or_else(|e| panic!("{e}"));
-        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let base = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
-        // The server accepts TCP before it accepts logins: retry briefly.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (client, conn) = loop {
-            match tokio_postgres::connect(&base, tokio_postgres::NoTls).await {
-                Ok(c) => break c,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("cannot connect to the test cluster: {e}"),
-            }
-        };
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        format!("postgres://postgres@127.0.0.1:{}/{name}", cluster.port)
-    }
-}
+pub(crate) mod testdb;
 
 #[cfg(test)]
 mod tests {
