@@ -20,6 +20,9 @@ pub struct Config {
     /// Metadata in PostgreSQL (`postgres://user:password@host:port/db`) instead of the
     /// embedded SQLite database under `data`: for several replicas sharing one database.
     pub database_url: Option<Secret>,
+    /// Where blobs are kept (`[storage]`): under `data` (the default), or in an
+    /// S3-compatible bucket.
+    pub storage: Storage,
     /// The token service name (the `aud` of registry tokens).
     pub service: String,
     /// The URL clients reach the registry by, when a reverse proxy changes it.
@@ -48,6 +51,16 @@ pub struct Config {
     /// Record when each manifest was last pulled (for `keep-pulled` rules); written in
     /// batches once a second.
     pub track_pulls: bool,
+}
+
+/// `[storage]`: `type = "fs"` (files under the data directory) or `type = "s3"` with
+/// the bucket's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Storage {
+    #[default]
+    Fs,
+    S3(crate::store::blob::S3Config),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -138,6 +151,7 @@ struct FileConfig {
     listen: Option<String>,
     data: Option<PathBuf>,
     database_url: Option<String>,
+    storage: Option<Storage>,
     service: Option<String>,
     public_url: Option<String>,
     tls_cert: Option<PathBuf>,
@@ -234,6 +248,7 @@ impl Config {
             listen: listen.into(),
             data: data.into(),
             database_url: None,
+            storage: Storage::Fs,
             service: DEFAULT_SERVICE.to_owned(),
             public_url: None,
             admin_password: None,
@@ -303,6 +318,7 @@ impl Config {
             listen,
             data,
             database_url,
+            storage: file_cfg.storage.unwrap_or_default(),
             service,
             public_url,
             admin_password: flags.admin_password,

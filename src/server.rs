@@ -106,11 +106,17 @@ pub async fn serve(
     let (blobs, meta) = open_backends(
         &config.data,
         config.database_url.as_ref().map(|u| u.expose()),
+        &config.storage,
         limits.upload_memory_mib,
     )
     .await?;
+    let mut store = Store::new(blobs, Arc::clone(&meta) as _);
+    if config.database_url.is_some() {
+        // Other replicas may share the database: uploads take leases there.
+        store = store.with_shared_uploads();
+    }
     let store = Arc::new(
-        Store::new(blobs, Arc::clone(&meta) as _)
+        store
             .with_max_uploads(limits.max_uploads)
             .with_gc(config.gc.clone())
             .with_retention(config.retention.clone())

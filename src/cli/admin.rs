@@ -40,6 +40,7 @@ pub fn run(data: &DataArgs, job: impl FnOnce(Admin) -> Job) -> anyhow::Result<()
         let (blobs, meta) = open_backends(
             &config.data,
             config.database_url.as_ref().map(|u| u.expose()),
+            &config.storage,
             wharf::store::blob::DEFAULT_UPLOAD_MEMORY_MIB,
         )
         .await

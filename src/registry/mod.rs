@@ -635,6 +635,15 @@ async fn blob_get(
     zero_copy: Option<&sendfile::Queue>,
 ) -> Result<Response> {
     let size = store.blob_size(name, digest).await?;
+    if !head {
+        // The object store serves the bytes (and the client's Range) itself.
+        if let Some(url) = store.blob_redirect(digest) {
+            let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
+            set(&mut r, header::LOCATION, &url);
+            set(&mut r, "docker-content-digest", digest.as_str());
+            return Ok(r);
+        }
+    }
     let range = blob_range(h, size)?;
     let (status, start, end) = match range {
         Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e + 1),

@@ -168,15 +168,26 @@ impl<T: MetaStore + meta::auth::AuthMeta + meta::events::EventsMeta> Meta for T 
 pub async fn open_backends(
     dir: &Path,
     database_url: Option<&str>,
+    storage: &crate::config::Storage,
     upload_memory_mib: usize,
-) -> Result<(Arc<FsBlobStore>, Arc<dyn Meta>), StoreError> {
-    let Some(url) = database_url else {
-        let (blobs, meta) = open_local_backends_with(dir, upload_memory_mib)?;
-        return Ok((blobs, meta));
+) -> Result<(Arc<dyn BlobStore>, Arc<dyn Meta>), StoreError> {
+    let blobs: Arc<dyn BlobStore> = match storage {
+        crate::config::Storage::Fs => open_blob_dir(dir, upload_memory_mib)?,
+        crate::config::Storage::S3(s3) => Arc::new(
+            blob::S3BlobStore::new(s3.clone(), upload_memory_mib)
+                .map_err(|e| StoreError::Internal(format!("[storage]: {e}")))?,
+        ),
     };
-    let blobs = open_blob_dir(dir, upload_memory_mib)?;
-    let meta = meta::postgres::PostgresMeta::open(url).await?;
-    Ok((blobs, Arc::new(meta)))
+    let meta: Arc<dyn Meta> = match database_url {
+        Some(url) => Arc::new(meta::postgres::PostgresMeta::open(url).await?),
+        None => {
+            let io = |e: io::Error| StoreError::Internal(format!("{}: {e}", dir.display()));
+            perms::create_dir_all(dir).map_err(io)?;
+            perms::touch_private(&dir.join("meta.db")).map_err(io)?;
+            Arc::new(SqliteMeta::open(&dir.join("meta.db"))?)
+        }
+    };
+    Ok((blobs, meta))
 }
 
 /// The blob store under `dir`, made private to the user running wharf.
@@ -252,6 +263,9 @@ pub struct PutManifest {
 #[derive(Default)]
 struct UploadState {
     hasher: Option<(u64, Hasher)>,
+    /// Set while a write holds the upload's lease ([`UploadLease`]): raised if the lease
+    /// could not be renewed, which stops the write.
+    lease_lost: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 type UploadSlot = Arc<tokio::sync::Mutex<UploadState>>;
@@ -302,6 +316,49 @@ pub struct Store {
     track_pulls: bool,
     /// The last readiness check and when it ended.
     readiness: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
+    /// This replica's name, when several share the database: each write to an upload
+    /// then holds the upload's lease in the database ([`UploadLease`]).
+    replica: Option<String>,
+}
+
+/// How long an upload's write lease lasts unless renewed, how often its holder renews
+/// it, and how long without a renewal makes the holder stop writing (well before another
+/// replica could take the lease).
+const UPLOAD_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+const UPLOAD_LEASE_RENEW: std::time::Duration = std::time::Duration::from_secs(5);
+const UPLOAD_LEASE_STOP: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// This replica's right to write one upload, held in the database while several
+/// replicas share it, so that two chunks of one upload are never written at once on two
+/// replicas (nor one expired by a replica while another writes it). Renewed in the
+/// background while held; [`UploadLease::release`] gives it up.
+struct UploadLease {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+    /// Set when the lease could not be renewed in time: the write stops.
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UploadLease {
+    /// Stops renewing and gives the lease up, before the caller answers (so the client's
+    /// next request, on any replica, finds it free).
+    async fn release(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+    }
+}
+
+impl Drop for UploadLease {
+    fn drop(&mut self) {
+        // A request that went away: the renewer gives the lease up by itself.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
 impl Store {
@@ -319,7 +376,60 @@ impl Store {
             pulls: Mutex::new(HashMap::new()),
             track_pulls: true,
             readiness: tokio::sync::Mutex::new(None),
+            replica: None,
         }
+    }
+
+    /// Several replicas share this store's database and blobs: writes to an upload take
+    /// its lease in the database (see [`UploadLease`]).
+    pub fn with_shared_uploads(mut self) -> Store {
+        self.replica = Some(uuid::Uuid::new_v4().to_string());
+        self
+    }
+
+    /// Takes upload `id`'s write lease when replicas share the store; refused while
+    /// another replica writes it.
+    async fn lease_upload(&self, id: &str) -> Result<Option<UploadLease>, StoreError> {
+        let Some(owner) = self.replica.clone() else {
+            return Ok(None);
+        };
+        let ms = UPLOAD_LEASE.as_millis() as i64;
+        if !self.meta.upload_lease(id, &owner, ms).await? {
+            return Err(StoreError::Overloaded(format!(
+                "upload {id} is being written by another request; retry once it has finished"
+            )));
+        }
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (meta, id, flag) = (Arc::clone(&self.meta), id.to_owned(), Arc::clone(&lost));
+        let done = tokio::spawn(async move {
+            let mut renewed = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    () = tokio::time::sleep(UPLOAD_LEASE_RENEW) => {
+                        match meta.upload_lease(&id, &owner, ms).await {
+                            Ok(true) => renewed = std::time::Instant::now(),
+                            Ok(false) => flag.store(true, std::sync::atomic::Ordering::SeqCst),
+                            Err(e) => {
+                                tracing::warn!(error = %e, upload = %id, "could not renew an upload's lease");
+                                if renewed.elapsed() > UPLOAD_LEASE_STOP {
+                                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if let Err(e) = meta.upload_release(&id, &owner).await {
+                tracing::warn!(error = %e, upload = %id, "could not release an upload's lease (it runs out by itself)");
+            }
+        });
+        Ok(Some(UploadLease {
+            stop: Some(stop),
+            done: Some(done),
+            lost,
+        }))
     }
 
     /// Whether manifest pulls are recorded (for retention's `keep-pulled`).
@@ -530,6 +640,11 @@ impl Store {
         Ok(self.blobs.read(digest, range).await?)
     }
 
+    /// Where a client may fetch blob `digest` itself, when the backend redirects.
+    pub fn blob_redirect(&self, digest: &Digest) -> Option<String> {
+        self.blobs.redirect_url(digest)
+    }
+
     /// The local file holding blob `digest`, when the backend keeps one.
     pub async fn blob_file(&self, digest: &Digest) -> Result<Option<std::fs::File>, StoreError> {
         Ok(self.blobs.open_file(digest).await?)
@@ -600,8 +715,15 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let _writing = self.writing_permit()?;
         let (mut state, row) = self.lock_upload(repo, id).await?;
-        self.append_locked(&mut state, id, row.size, start, len, body)
-            .await
+        let lease = self.lease_upload(id).await?;
+        state.lease_lost = lease.as_ref().map(|l| Arc::clone(&l.lost));
+        let r = self
+            .append_locked(&mut state, id, row.size, start, len, body)
+            .await;
+        if let Some(l) = lease {
+            l.release().await;
+        }
+        r
     }
 
     async fn append_locked(
@@ -613,6 +735,7 @@ impl Store {
         len: Option<u64>,
         body: ByteStream,
     ) -> Result<u64, StoreError> {
+        let lost = state.lease_lost.take();
         if let Some(start) = start {
             if start != size {
                 return Err(StoreError::RangeMismatch {
@@ -630,6 +753,14 @@ impl Store {
         let mut count = 0u64;
         let checked = body.map(move |chunk| {
             chunk.and_then(|c| {
+                if lost
+                    .as_ref()
+                    .is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst))
+                {
+                    return Err(io::Error::other(
+                        "the upload's lease in the database could not be renewed",
+                    ));
+                }
                 count += c.len() as u64;
                 if len.is_some_and(|l| count > l) {
                     Err(io::Error::new(
@@ -684,6 +815,24 @@ impl Store {
             None => None,
         };
         let (mut state, row) = self.lock_upload(repo, id).await?;
+        let lease = self.lease_upload(id).await?;
+        state.lease_lost = lease.as_ref().map(|l| Arc::clone(&l.lost));
+        let r = self.finish_locked(state, row, repo, id, digest, last).await;
+        if let Some(l) = lease {
+            l.release().await;
+        }
+        r
+    }
+
+    async fn finish_locked(
+        &self,
+        mut state: tokio::sync::OwnedMutexGuard<UploadState>,
+        row: meta::UploadRow,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        last: Option<(Option<u64>, Option<u64>, ByteStream)>,
+    ) -> Result<u64, StoreError> {
         let mut size = row.size;
         if let Some((start, len, body)) = last {
             size = self
@@ -772,6 +921,8 @@ impl Store {
 
     pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
         let _state = self.lock_upload(repo, id).await?;
+        // Not while another replica writes it.
+        let _lease = self.lease_upload(id).await?;
         self.meta.upload_delete(id).await?;
         self.blobs.upload_delete(id).await?;
         self.forget(id);

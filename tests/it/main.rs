@@ -4,6 +4,9 @@ mod common;
 /// The PostgreSQL cluster of the library's own tests.
 #[path = "../../src/store/meta/postgres/testdb.rs"]
 mod testdb;
+/// The Garage node of the library's own tests.
+#[path = "../../src/store/blob/testgarage.rs"]
+mod testgarage;
 
 mod agent;
 mod api;
@@ -30,6 +33,7 @@ mod quota;
 mod referrers;
 mod restart;
 mod retention;
+mod s3;
 mod security;
 mod skopeo;
 mod tags_cli;

@@ -7,6 +7,9 @@
 
 mod direct;
 mod fs;
+pub mod s3;
+#[cfg(test)]
+pub(crate) mod testgarage;
 
 use std::io;
 use std::ops::Range;
@@ -17,6 +20,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub use fs::{DEFAULT_UPLOAD_MEMORY_MIB, FsBlobStore};
+pub use s3::{S3BlobStore, S3Config};
 
 use crate::oci::{Digest, Hasher};
 
@@ -88,6 +92,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// the server can send it with `sendfile(2)`. `None` means: use [`BlobStore::read`].
     async fn open_file(&self, _digest: &Digest) -> Result<Option<std::fs::File>, BlobError> {
         Ok(None)
+    }
+
+    /// A URL the client may fetch blob `digest` from directly (a presigned URL of an
+    /// object store), when the backend is set to redirect blob GETs. `None`: serve it.
+    fn redirect_url(&self, _digest: &Digest) -> Option<String> {
+        None
     }
 
     /// Removes blob `digest`; no error if it does not exist.

@@ -365,8 +365,13 @@ pub trait MetaStore: Send + Sync + 'static {
     /// `Collecting` while the collector is deleting that blob's bytes.
     async fn upload_verified(&self, id: &str, digest: &str) -> Result<(), MetaError>;
     async fn upload_delete(&self, id: &str) -> Result<bool, MetaError>;
-    /// Ids of uploads last written before `before_ms` (unix milliseconds); only the
-    /// monolithic ones if `monolithic_only`.
+    /// Takes, or renews, the right to write upload `id` for `owner` (a replica) for `ms`:
+    /// false if another owner holds it and it has not run out, or the upload is gone.
+    async fn upload_lease(&self, id: &str, owner: &str, ms: i64) -> Result<bool, MetaError>;
+    /// Gives up `owner`'s lease on upload `id`, if it holds it.
+    async fn upload_release(&self, id: &str, owner: &str) -> Result<(), MetaError>;
+    /// Ids of uploads last written before `before_ms` (unix milliseconds) that no one is
+    /// writing now (no lease in force); only the monolithic ones if `monolithic_only`.
     async fn uploads_idle_since(
         &self,
         before_ms: i64,
@@ -888,6 +893,31 @@ pub(crate) mod tests {
             m.upload_get("up3").await.unwrap().unwrap().digest,
             Some(d(3))
         );
+        // One writer at a time: the lease is renewed by its holder only, given up by
+        // it only, taken over once run out; an upload being written is never idle.
+        assert!(m.upload_lease("up2", "r1", 60_000).await.unwrap());
+        assert!(
+            m.upload_lease("up2", "r1", 60_000).await.unwrap(),
+            "renewed"
+        );
+        assert!(!m.upload_lease("up2", "r2", 60_000).await.unwrap(), "held");
+        assert_eq!(
+            m.uploads_idle_since(i64::MAX, false).await.unwrap(),
+            ["up3"]
+        );
+        m.upload_release("up2", "r2").await.unwrap();
+        assert!(
+            !m.upload_lease("up2", "r2", 60_000).await.unwrap(),
+            "still held"
+        );
+        m.upload_release("up2", "r1").await.unwrap();
+        assert!(m.upload_lease("up2", "r2", -1).await.unwrap(), "free");
+        assert!(
+            m.upload_lease("up2", "r1", 60_000).await.unwrap(),
+            "ran out"
+        );
+        m.upload_release("up2", "r1").await.unwrap();
+        assert!(!m.upload_lease("no-such", "r1", 60_000).await.unwrap());
         assert!(m.upload_delete("up3").await.unwrap());
         assert!(m.upload_delete("up2").await.unwrap());
         assert!(!m.upload_delete("up2").await.unwrap());

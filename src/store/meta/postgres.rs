@@ -34,6 +34,7 @@ mod usage;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/postgresql/0001_init.sql"),
     include_str!("../../../migrations/postgresql/0002_registry.sql"),
+    include_str!("../../../migrations/postgresql/0003_upload_lease.sql"),
 ];
 
 /// Connections held at most (each replica).

@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0013_settings.sql"),
     include_str!("../../../migrations/sqlite/0014_login_failures.sql"),
     include_str!("../../../migrations/sqlite/0015_imports.sql"),
+    include_str!("../../../migrations/sqlite/0016_upload_lease.sql"),
 ];
 const READERS: usize = 8;
 /// The catalog lists a repository only while it holds a manifest: one emptied by deletes
@@ -720,6 +721,31 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn upload_lease(&self, id: &str, owner: &str, ms: i64) -> Result<bool, MetaError> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
+        self.write(move |tx| {
+            let now = now_ms();
+            Ok(tx.execute(
+                "UPDATE uploads SET writer = ?2, writer_until = ?3
+                  WHERE id = ?1 AND (writer IS NULL OR writer = ?2 OR writer_until < ?4)",
+                params![id, owner, now.saturating_add(ms), now],
+            )? > 0)
+        })
+        .await
+    }
+
+    async fn upload_release(&self, id: &str, owner: &str) -> Result<(), MetaError> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE uploads SET writer = NULL, writer_until = 0 WHERE id = ?1 AND writer = ?2",
+                params![id, owner],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn upload_delete(&self, id: &str) -> Result<bool, MetaError> {
         let id = id.to_owned();
         self.write(move |tx| Ok(tx.execute("DELETE FROM uploads WHERE id = ?1", params![id])? > 0))
@@ -733,9 +759,9 @@ impl MetaStore for SqliteMeta {
     ) -> Result<Vec<String>, MetaError> {
         self.scan(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id FROM uploads WHERE updated_at < ?1 AND (monolithic = 1 OR NOT ?2)",
+                "SELECT id FROM uploads WHERE updated_at < ?1 AND (monolithic = 1 OR NOT ?2) AND writer_until < ?3",
             )?;
-            let rows = stmt.query_map(params![before_ms, monolithic_only], |r| r.get(0))?;
+            let rows = stmt.query_map(params![before_ms, monolithic_only, now_ms()], |r| r.get(0))?;
             Ok(rows.collect::<Result<Vec<String>, _>>()?)
         })
         .await

@@ -665,6 +665,31 @@ impl MetaStore for PostgresMeta {
         })
     }
 
+    async fn upload_lease(&self, id: &str, owner: &str, ms: i64) -> Result<bool, MetaError> {
+        serializable!(self, commit = true, foreground = true, |tx| {
+            let now = now_ms();
+            Ok(tx
+                .exec(
+                    "UPDATE uploads SET writer = $2, writer_until = $3
+                      WHERE id = $1 AND (writer IS NULL OR writer = $2 OR writer_until < $4)",
+                    &[&id, &owner, &now.saturating_add(ms), &now],
+                )
+                .await?
+                > 0)
+        })
+    }
+
+    async fn upload_release(&self, id: &str, owner: &str) -> Result<(), MetaError> {
+        serializable!(self, commit = true, foreground = true, |tx| {
+            tx.exec(
+                "UPDATE uploads SET writer = NULL, writer_until = 0 WHERE id = $1 AND writer = $2",
+                &[&id, &owner],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
     async fn upload_delete(&self, id: &str) -> Result<bool, MetaError> {
         serializable!(self, commit = true, foreground = true, |tx| {
             Ok(tx.exec("DELETE FROM uploads WHERE id = $1", &[&id]).await? > 0)
@@ -678,8 +703,8 @@ impl MetaStore for PostgresMeta {
     ) -> Result<Vec<String>, MetaError> {
         Ok(names(
             self.rows(
-                "SELECT id FROM uploads WHERE updated_at < $1 AND (monolithic OR NOT $2::boolean)",
-                &[&before_ms, &monolithic_only],
+                "SELECT id FROM uploads WHERE updated_at < $1 AND (monolithic OR NOT $2::boolean) AND writer_until < $3",
+                &[&before_ms, &monolithic_only, &now_ms()],
             )
             .await?,
         ))

@@ -1,0 +1,177 @@
+//! Blobs in an S3-compatible store: a real Garage the harness starts (`testgarage`),
+//! metadata in a real PostgreSQL, the docker CLI against it, a chunked upload spread over
+//! two replicas, and blob GETs redirected to presigned URLs.
+
+use reqwest::StatusCode;
+
+use crate::common::{ADMIN_PASSWORD, TestRegistry, nonce, pattern, run, sha256};
+use crate::docker_cli::{Docker, busybox_context};
+
+fn s3(bucket: &str, endpoint: &str, redirect: bool) -> wharf::config::Storage {
+    wharf::config::Storage::S3(wharf::store::blob::S3Config {
+        bucket: bucket.into(),
+        endpoint: endpoint.into(),
+        region: crate::testgarage::REGION.into(),
+        path_style: true,
+        prefix: String::new(),
+        access_key_id: Some(crate::testgarage::KEY_ID.into()),
+        secret_access_key: Some(crate::testgarage::SECRET.into()),
+        redirect,
+    })
+}
+
+fn shared(
+    url: &str,
+    storage: &wharf::config::Storage,
+) -> impl FnOnce(&mut wharf::config::Config) + use<> {
+    let (url, storage) = (url.to_owned(), storage.clone());
+    move |c| {
+        c.database_url = Some(wharf::auth::Secret::new(url));
+        c.storage = storage;
+    }
+}
+
+fn docker_round_trip(reg: &TestRegistry, repo: &str) {
+    let ctx = tempfile::tempdir().unwrap();
+    let nonce = nonce();
+    busybox_context(ctx.path(), &format!("hello from s3 {nonce}"));
+    let image = format!("{}/{repo}-{nonce}:v1", reg.host());
+    let d = Docker::new();
+    d.login(reg.host(), "admin", ADMIN_PASSWORD);
+    run(d.cmd().args(["build", "-q", "-t", &image]).arg(ctx.path()));
+    let pushed = run(d.cmd().args(["push", &image]));
+    assert!(pushed.contains("digest: sha256:"), "{pushed}");
+    run(d.cmd().args(["rmi", "-f", &image]));
+    run(d.cmd().args(["pull", &image]));
+    let out = run(d.cmd().args(["run", "--rm", &image]));
+    assert_eq!(out.trim(), format!("hello from s3 {nonce}"));
+    run(d.cmd().args(["rmi", "-f", &image]));
+}
+
+#[test]
+fn docker_pushes_and_pulls_with_blobs_in_s3_and_metadata_in_postgresql() {
+    let url = crate::postgres::database();
+    let (bucket, endpoint) = crate::testgarage::bucket();
+    let reg = TestRegistry::start_tuned(shared(&url, &s3(&bucket, &endpoint, false)));
+    docker_round_trip(&reg, "s3/busybox");
+    // No blob was kept on the local disk.
+    assert!(reg.blob_files().is_empty(), "{:?}", reg.blob_files());
+}
+
+/// With `redirect = true` a blob GET answers 307 to a presigned URL of the bucket, and
+/// docker pulls through it.
+#[test]
+fn docker_pulls_through_the_presigned_redirect() {
+    let url = crate::postgres::database();
+    let (bucket, endpoint) = crate::testgarage::bucket();
+    let reg = TestRegistry::start_tuned(shared(&url, &s3(&bucket, &endpoint, true)));
+    docker_round_trip(&reg, "s3/redirected");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let data = pattern(3000, 4);
+        let digest = reg.push_blob("s3/raw", &data).await;
+        let no_follow = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let r = no_follow
+            .get(reg.url(&format!("/v2/s3/raw/blobs/{digest}")))
+            .basic_auth("admin", Some(ADMIN_PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        assert!(location.starts_with(&endpoint), "{location}");
+        let fetched = reqwest::get(&location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(sha256(&fetched), digest);
+        // HEAD is answered by wharf itself, and a caller without access gets no URL.
+        let head = reg
+            .client
+            .head(reg.url(&format!("/v2/s3/raw/blobs/{digest}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        let anon = no_follow
+            .get(reg.url(&format!("/v2/s3/raw/blobs/{digest}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(anon.status(), StatusCode::UNAUTHORIZED);
+    });
+}
+
+/// A chunked upload whose chunks go to different replicas (as a load balancer sends
+/// them), some smaller than S3's 5 MiB part minimum: the blob is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_upload_spread_over_two_replicas_makes_one_whole_blob() {
+    let url = crate::postgres::database();
+    let (bucket, endpoint) = crate::testgarage::bucket();
+    let storage = s3(&bucket, &endpoint, false);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = {
+        let (d1, d2) = (dir.path().join("a"), dir.path().join("b"));
+        let (s1, s2) = (shared(&url, &storage), shared(&url, &storage));
+        tokio::task::spawn_blocking(move || {
+            let a = TestRegistry::start_tuned_in(&d1, s1);
+            (a, TestRegistry::start_tuned_in(&d2, s2))
+        })
+        .await
+        .unwrap()
+    };
+    let data = pattern(12 * 1024 * 1024 + 321, 8);
+    let digest = sha256(&data);
+    let r = a
+        .client
+        .post(a.url("/v2/team/big/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let mut location = r.headers()["location"].to_str().unwrap().to_owned();
+    let cuts = [0, 1024 * 1024, 3 * 1024 * 1024, 9 * 1024 * 1024, data.len()];
+    for (i, w) in cuts.windows(2).enumerate() {
+        let reg = if i % 2 == 0 { &b } else { &a };
+        let chunk = data[w[0]..w[1]].to_vec();
+        let path = location.trim_start_matches(&a.base).to_owned();
+        let r = reg
+            .client
+            .patch(reg.url(&path))
+            .header("content-type", "application/octet-stream")
+            .header("content-range", format!("{}-{}", w[0], w[1] - 1))
+            .body(chunk)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "chunk {i}");
+        location = r.headers()["location"].to_str().unwrap().to_owned();
+        location = location.replace(&b.base, &a.base);
+    }
+    let path = location.trim_start_matches(&a.base).to_owned();
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let r = a
+        .client
+        .put(a.url(&format!("{path}{sep}digest={digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+    for reg in [&a, &b] {
+        let got = reg
+            .get(&format!("/v2/team/big/blobs/{digest}"))
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        assert!(got == data, "the blob is whole");
+    }
+}
