@@ -1474,3 +1474,98 @@ pub async fn webhook(a: Admin, cmd: WebhookCmd) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    /// The configuration file of the registry to copy to: `database_url` (PostgreSQL)
+    /// and `[storage]` (S3, or files under its `data`).
+    #[arg(long, value_name = "FILE")]
+    to: std::path::PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Copies the embedded registry of `data` to the registry `--to` describes, verifying
+/// every digest; fails (exit 1) if anything could not be copied, in which case the
+/// destination's metadata is left as it was.
+pub fn migrate(data: &crate::cli::DataArgs, args: MigrateArgs) -> anyhow::Result<()> {
+    let source = data.resolve()?;
+    if source.database_url.is_some() {
+        bail!(
+            "the source must be an embedded registry (its metadata in the data directory), but database_url is set for it"
+        );
+    }
+    let dest = wharf::config::Config::resolve(Default::default(), Some(&args.to))?;
+    let Some(url) = dest.database_url.clone() else {
+        bail!(
+            "{} sets no database_url: the registry to copy to keeps its metadata in PostgreSQL",
+            args.to.display()
+        );
+    };
+    let db = source.data.join("meta.db");
+    if !db.is_file() {
+        bail!("{} holds no registry (no meta.db)", source.data.display());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (source_blobs, _) = wharf::store::open_backends(
+            &source.data,
+            None,
+            &source.storage,
+            wharf::store::blob::DEFAULT_UPLOAD_MEMORY_MIB,
+        )
+        .await
+        .with_context(|| format!("opening {}", source.data.display()))?;
+        let dest_blobs: Arc<dyn wharf::store::BlobStore> = match &dest.storage {
+            wharf::config::Storage::Fs => Arc::new(
+                wharf::store::FsBlobStore::open(&dest.data)
+                    .with_context(|| format!("opening {}", dest.data.display()))?,
+            ),
+            wharf::config::Storage::S3(s3) => Arc::new(
+                wharf::store::blob::S3BlobStore::new(
+                    s3.clone(),
+                    wharf::store::blob::DEFAULT_UPLOAD_MEMORY_MIB,
+                )
+                .map_err(|e| anyhow::anyhow!("[storage] of {}: {e}", args.to.display()))?,
+            ),
+        };
+        dest_blobs
+            .ready()
+            .await
+            .map_err(|e| anyhow::anyhow!("the destination storage is not usable: {e}"))?;
+        let started = std::time::Instant::now();
+        let report = wharf::store::migrate::migrate(
+            &db,
+            source_blobs.as_ref(),
+            url.expose(),
+            dest_blobs.as_ref(),
+        )
+        .await?;
+        if args.json {
+            out!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            out!(
+                "copied {} blobs ({}), {} already there; {} rows written, {} deleted, in {} ms",
+                report.blobs_copied,
+                wharf::store::meta::human_bytes(report.bytes_copied),
+                report.blobs_present,
+                report.rows,
+                report.rows_deleted,
+                started.elapsed().as_millis()
+            );
+        }
+        for p in &report.problems {
+            eprintln!("wharf: {p}");
+        }
+        if !report.problems.is_empty() {
+            bail!(
+                "{} problems; nothing of the metadata was switched",
+                report.problems.len()
+            );
+        }
+        Ok(())
+    })
+}

@@ -86,6 +86,10 @@ enum Command {
     /// CNCF registry's filesystem storage), server running or not; run again to resume
     /// or to copy what changed since.
     Import(admin::ImportArgs),
+    /// Copy this embedded registry (SQLite and blob files) to PostgreSQL and S3 (or
+    /// other storage), as the configuration file `--to` names them; run again to copy
+    /// only what changed since, then switch.
+    Migrate(admin::MigrateArgs),
 }
 
 /// Where the data directory is, for the admin commands.
@@ -114,7 +118,7 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
-    fn resolve(&self) -> anyhow::Result<Config> {
+    pub(crate) fn resolve(&self) -> anyhow::Result<Config> {
         let o = Overrides {
             data: self.data.clone(),
             database_url: self.database_url.clone().map(Secret::new),
@@ -192,6 +196,7 @@ pub fn main() -> ExitCode {
         Command::Usage(c) => admin::run(&cli.data, |a| Box::pin(admin::usage(a, c))),
         Command::Quota(c) => admin::run(&cli.data, |a| Box::pin(admin::quota(a, c))),
         Command::Import(c) => admin::run(&cli.data, |a| Box::pin(admin::import(a, c))),
+        Command::Migrate(c) => admin::migrate(&cli.data, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ pub mod blob;
 pub mod gc;
 pub mod import;
 pub mod meta;
+pub mod migrate;
 pub mod perms;
 pub mod policy;
 pub mod retention;

@@ -25,6 +25,7 @@ mod import;
 mod listings;
 mod manifests;
 mod memory;
+mod migrate;
 mod podman;
 mod policy;
 mod postgres;
