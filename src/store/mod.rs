@@ -109,6 +109,7 @@ impl From<BlobError> for StoreError {
             BlobError::UploadNotFound => StoreError::UploadUnknown,
             BlobError::Io(e) if e.kind() == io::ErrorKind::StorageFull => StoreError::StorageFull,
             BlobError::Io(e) => StoreError::Internal(e.to_string()),
+            BlobError::Unavailable(e) => StoreError::Unavailable(e),
         }
     }
 }

@@ -242,3 +242,88 @@ async fn every_command_of_the_pipeline_guide_runs_as_written() {
         .args(["rmi", &format!("{host}/team/api:test")])
         .output();
 }
+
+/// The fenced block of `lang` in `page` that contains `marker`.
+fn block<'a>(page: &'a str, lang: &str, marker: &str) -> &'a str {
+    let open = format!("```{lang}\n");
+    page.split(&open)
+        .skip(1)
+        .map(|rest| rest.split("\n```").next().unwrap())
+        .find(|b| b.contains(marker))
+        .unwrap_or_else(|| panic!("no ```{lang} block with {marker:?}"))
+}
+
+/// docs/scale-out.md's configuration is one wharf accepts as written, its compose file
+/// is valid to docker-compose, its nginx configuration to nginx, and its `wharf migrate`
+/// commands use flags that exist.
+#[test]
+fn the_scale_out_guide_configurations_are_valid() {
+    let page =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/scale-out.md"))
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("wharf.toml");
+    std::fs::write(&toml, block(&page, "toml", "database_url")).unwrap();
+    let config = wharf::config::Config::resolve(Default::default(), Some(&toml)).unwrap();
+    assert!(config.database_url.is_some());
+    assert!(matches!(config.storage, wharf::config::Storage::S3(ref s) if s.path_style));
+
+    require_tool("docker-compose", "apt-get install -y docker-compose");
+    let compose = dir.path().join("docker-compose.yml");
+    std::fs::write(&compose, block(&page, "yaml", "wharf1")).unwrap();
+    run(Command::new("docker-compose")
+        .arg("-f")
+        .arg(&compose)
+        .args(["config", "-q"]));
+
+    require_tool("nginx", "apt-get install -y nginx-light");
+    // The upstream names resolve inside compose only, and the certificate is the
+    // reader's: both are put in for the check.
+    let tls = dir.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=x", "-days", "1",
+        ])
+        .arg("-keyout")
+        .arg(tls.join("privkey.pem"))
+        .arg("-out")
+        .arg(tls.join("fullchain.pem")));
+    let nginx = block(&page, "nginx", "upstream wharf")
+        .replace("wharf1:", "127.0.0.1:")
+        .replace("wharf2:", "127.0.0.2:")
+        .replace("wharf3:", "127.0.0.3:")
+        .replace("/etc/nginx/tls", tls.to_str().unwrap());
+    let conf = dir.path().join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "pid {}/nginx.pid;\nerror_log stderr;\n{nginx}",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("nginx")
+        .arg("-t")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg("stderr")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let help = run(wharf_cmd(dir.path()).args(["migrate", "--help"]));
+    for line in block(&page, "sh", "wharf migrate").lines() {
+        for flag in line.split_whitespace().filter(|w| w.starts_with("--")) {
+            assert!(
+                help.contains(flag) || run(wharf_cmd(dir.path()).arg("--help")).contains(flag),
+                "wharf migrate has no {flag}"
+            );
+        }
+    }
+}

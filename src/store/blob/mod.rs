@@ -38,6 +38,10 @@ pub enum BlobError {
     Body(io::Error),
     #[error("storage I/O: {0}")]
     Io(#[from] io::Error),
+    /// The storage cannot be reached or is overloaded (the message says which); the
+    /// request may succeed once it is back.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[async_trait]

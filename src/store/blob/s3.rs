@@ -390,10 +390,9 @@ impl S3BlobStore {
         rb: reqwest::RequestBuilder,
         what: &str,
     ) -> Result<reqwest::Response, BlobError> {
-        let r = rb
-            .send()
-            .await
-            .map_err(|e| err(format!("object store ({what}): {e}")))?;
+        let r = rb.send().await.map_err(|e| {
+            BlobError::Unavailable(format!("the object store cannot be reached ({what}): {e}"))
+        })?;
         if r.status().is_success() {
             return Ok(r);
         }
@@ -404,9 +403,14 @@ impl S3BlobStore {
             return Err(BlobError::NotFound);
         }
         let message = tag(&body, "Message", 0).map_or("", |t| t.0);
-        Err(err(format!(
-            "object store ({what}): {status} {code} {message}"
-        )))
+        let why = format!("object store ({what}): {status} {code} {message}");
+        // Its own trouble, or too much load: may pass. Anything else (credentials, a
+        // missing bucket) is the configuration's.
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            Err(BlobError::Unavailable(why))
+        } else {
+            Err(err(why))
+        }
     }
 
     /// Every object whose key starts with `prefix`.
