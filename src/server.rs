@@ -34,8 +34,10 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot open the data directory: {0}")]
+    #[error("cannot open the registry's data: {0}")]
     Store(#[from] StoreError),
+    #[error("the blob storage cannot be used: {0}")]
+    Storage(String),
     #[error("access control: {0}")]
     Auth(#[from] AuthError),
     #[error("TLS: {0}")]
@@ -110,6 +112,18 @@ pub async fn serve(
         limits.upload_memory_mib,
     )
     .await?;
+    // A wrong bucket, endpoint or credentials stop the start with the store's answer,
+    // rather than failing every push later.
+    match tokio::time::timeout(crate::store::READY_TIMEOUT, blobs.ready()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ServeError::Storage(e.to_string())),
+        Err(_) => {
+            return Err(ServeError::Storage(format!(
+                "no answer within {} s",
+                crate::store::READY_TIMEOUT.as_secs()
+            )));
+        }
+    }
     let mut store = Store::new(blobs, Arc::clone(&meta) as _);
     if config.database_url.is_some() {
         // Other replicas may share the database: uploads take leases there.

@@ -575,6 +575,11 @@ impl Process {
         String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
     }
 
+    /// What the process wrote to stderr so far (it may still be running).
+    pub fn log_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+
     pub fn kill9(mut self) {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();

@@ -14,6 +14,7 @@ mod auth;
 mod auth_clients;
 mod blobs;
 mod buildx_cache;
+mod cluster;
 mod crash;
 mod docker_cli;
 mod docs;

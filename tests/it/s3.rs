@@ -175,3 +175,52 @@ async fn a_chunked_upload_spread_over_two_replicas_makes_one_whole_blob() {
         assert!(got == data, "the blob is whole");
     }
 }
+
+/// A replica started with a bucket that does not exist, or a database nothing listens
+/// on, stops at once with a message that says which.
+#[test]
+fn a_replica_with_a_wrong_bucket_or_database_fails_at_start_saying_which() {
+    let url = crate::postgres::database();
+    let (_, endpoint) = crate::testgarage::bucket();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("wharf.toml");
+    let write = |bucket: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\ntype = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\n\
+                 region = \"{}\"\npath_style = true\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+                crate::testgarage::REGION,
+                crate::testgarage::KEY_ID,
+                crate::testgarage::SECRET
+            ),
+        )
+        .unwrap()
+    };
+    write("no-such-bucket");
+    let serve = |database: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .env("WHARF_DATABASE_URL", database)
+            .env("WHARF_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .output()
+            .unwrap()
+    };
+    let out = serve(&url);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("blob storage cannot be used") && err.contains("NoSuchBucket"),
+        "{err}"
+    );
+    let (bucket, _) = crate::testgarage::bucket();
+    write(&bucket);
+    let port = crate::common::free_port();
+    let out = serve(&format!("postgres://wharf@127.0.0.1:{port}/wharf"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("database cannot be reached"), "{err}");
+}
