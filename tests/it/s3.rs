@@ -224,3 +224,40 @@ fn a_replica_with_a_wrong_bucket_or_database_fails_at_start_saying_which() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("database cannot be reached"), "{err}");
 }
+
+/// On a Garage cluster of three nodes with replication factor 3, one node stopped:
+/// pushes and pulls go on (the other two are a quorum), and what was pushed before is
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_and_pulls_go_on_with_one_garage_node_of_three_stopped() {
+    let url = crate::postgres::database();
+    let mut garage = tokio::task::spawn_blocking(crate::testgarage::Cluster3::start)
+        .await
+        .unwrap();
+    let storage = s3(&garage.bucket, &garage.endpoints[0], false);
+    let reg = {
+        let s = shared(&url, &storage);
+        tokio::task::spawn_blocking(move || TestRegistry::start_tuned(s))
+            .await
+            .unwrap()
+    };
+    let before = reg.push_image("team/ha", "before", "three nodes").await;
+    garage.stop(2);
+    let after = reg.push_image("team/ha", "after", "two nodes").await;
+    for (tag, (manifest, _)) in [("before", &before), ("after", &after)] {
+        let r = reg.get(&format!("/v2/team/ha/manifests/{tag}")).await;
+        assert_eq!(r.status(), StatusCode::OK, "{tag}");
+        assert_eq!(&r.bytes().await.unwrap()[..], &manifest[..]);
+        let m: serde_json::Value = serde_json::from_slice(manifest).unwrap();
+        for d in [&m["config"]["digest"], &m["layers"][0]["digest"]] {
+            let d = d.as_str().unwrap();
+            let bytes = reg
+                .get(&format!("/v2/team/ha/blobs/{d}"))
+                .await
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(sha256(&bytes), d, "{tag}: {d}");
+        }
+    }
+}

@@ -174,3 +174,142 @@ pub(crate) fn bucket() -> (String, String) {
     .unwrap_or_else(|e| panic!("{e}"));
     (name, format!("http://127.0.0.1:{}", node.s3_port))
 }
+
+/// A Garage cluster of three nodes on loopback with replication factor 3, for the
+/// fault tests: a node can be stopped while the others serve. Stopped when dropped.
+/// (Used by `tests/it` only.)
+#[allow(dead_code)]
+pub(crate) struct Cluster3 {
+    nodes: Vec<Option<std::process::Child>>,
+    /// The S3 endpoint of each node.
+    pub(crate) endpoints: Vec<String>,
+    pub(crate) bucket: String,
+    _dir: tempfile::TempDir,
+}
+
+#[allow(dead_code)]
+impl Cluster3 {
+    pub(crate) fn start() -> Cluster3 {
+        let bin = garage_bin().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("wharf-garage3-")
+            .tempdir()
+            .unwrap();
+        let secret = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut nodes = Vec::new();
+        let mut configs = Vec::new();
+        let mut endpoints = Vec::new();
+        let mut rpcs = Vec::new();
+        for i in 0..3 {
+            let (rpc, s3, admin) = (
+                free_port().unwrap(),
+                free_port().unwrap(),
+                free_port().unwrap(),
+            );
+            let node = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&node).unwrap();
+            let config = node.join("garage.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "metadata_dir = \"{meta}\"\ndata_dir = \"{data}\"\ndb_engine = \"sqlite\"\n\
+                     metadata_fsync = false\ndata_fsync = false\nreplication_factor = 3\n\
+                     rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
+                     rpc_secret = \"{secret}\"\n[s3_api]\ns3_region = \"{REGION}\"\n\
+                     api_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\
+                     [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+                    meta = node.join("meta").display(),
+                    data = node.join("data").display(),
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(node.join("garage.log")).unwrap();
+            let child = Command::new(&bin)
+                .arg("-c")
+                .arg(&config)
+                .arg("server")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("garage server");
+            nodes.push(Some(child));
+            configs.push(config);
+            endpoints.push(format!("http://127.0.0.1:{s3}"));
+            rpcs.push(rpc);
+        }
+        let ids: Vec<String> = configs
+            .iter()
+            .map(|c| {
+                let id =
+                    garage_retrying(c, &["node", "id", "-q"]).unwrap_or_else(|e| panic!("{e}"));
+                id.trim().split('@').next().unwrap_or_default().to_owned()
+            })
+            .collect();
+        for (i, id) in ids.iter().enumerate().skip(1) {
+            garage_retrying(
+                &configs[0],
+                &["node", "connect", &format!("{id}@127.0.0.1:{}", rpcs[i])],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        for (i, id) in ids.iter().enumerate() {
+            garage_retrying(
+                &configs[0],
+                &["layout", "assign", "-z", &format!("dc{i}"), "-c", "1G", id],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        garage_retrying(&configs[0], &["layout", "apply", "--version", "1"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        garage_retrying(
+            &configs[0],
+            &[
+                "key",
+                "import",
+                "--yes",
+                "-n",
+                "wharf-tests",
+                KEY_ID,
+                SECRET,
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let bucket = "wharf".to_owned();
+        garage_retrying(&configs[0], &["bucket", "create", &bucket])
+            .unwrap_or_else(|e| panic!("{e}"));
+        garage_retrying(
+            &configs[0],
+            &[
+                "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", KEY_ID,
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Cluster3 {
+            nodes,
+            endpoints,
+            bucket,
+            _dir: dir,
+        }
+    }
+
+    /// Stops node `i` (SIGKILL).
+    pub(crate) fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Cluster3 {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop(i);
+        }
+    }
+}
