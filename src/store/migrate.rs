@@ -132,11 +132,11 @@ async fn copy_blob(
     let data = from
         .read(digest, 0..size)
         .await
-        .map_err(|e| format!("reading {digest}: {e}"))?;
+        .map_err(|e| format!("{digest}: reading it: {e}; not copied"))?;
     let (written, hasher) = to
         .upload_write(&id, 0, data, Some(digest.algorithm().hasher()))
         .await
-        .map_err(|e| format!("writing {digest}: {e}"))?;
+        .map_err(|e| format!("{digest}: copying it: {e}; not copied"))?;
     let computed = hasher.expect("given").finish();
     if written != size || computed != *digest {
         let _ = to.upload_delete(&id).await;
@@ -146,7 +146,7 @@ async fn copy_blob(
     }
     to.upload_commit(&id, size, digest)
         .await
-        .map_err(|e| format!("storing {digest}: {e}"))
+        .map_err(|e| format!("{digest}: storing it: {e}; not copied"))
 }
 
 /// Copies the registry whose metadata is the SQLite database at `source_db` and whose
@@ -389,10 +389,15 @@ pub async fn migrate(
     }
     // Ids the source handed out are taken: the sequences go on after them.
     for table in TABLES {
+        // (Asked only of tables with an `id`: for others PostgreSQL raises an error,
+        // which would abort the transaction.)
         let seq: Option<String> = tx
-            .query_one("SELECT pg_get_serial_sequence($1, 'id')", &[table])
-            .await
-            .ok()
+            .query_opt(
+                "SELECT pg_get_serial_sequence(c.table_name::text, 'id') FROM information_schema.columns c
+                  WHERE c.table_schema = current_schema() AND c.table_name = $1 AND c.column_name = 'id'",
+                &[table],
+            )
+            .await?
             .and_then(|r| r.get(0));
         if let Some(seq) = seq {
             tx.execute(

@@ -596,9 +596,80 @@ impl S3BlobStore {
             .ok_or_else(|| err(format!("object store (copy part): no ETag in {xml}")))
     }
 
-    /// Makes `parts` (segments, each cut to a range) the object `dest` in one multipart
-    /// upload of server-side copies.
-    async fn assemble(&self, dest: &str, parts: &[(String, Range<u64>)]) -> Result<(), BlobError> {
+    /// Uploads `body` as part `number` of multipart upload `upload` of `dest`.
+    async fn put_part(
+        &self,
+        dest: &str,
+        upload: &str,
+        number: usize,
+        body: Bytes,
+    ) -> Result<String, BlobError> {
+        let len = body.len();
+        let r = self
+            .send(
+                self.request(
+                    reqwest::Method::PUT,
+                    dest,
+                    &[
+                        ("partNumber", number.to_string()),
+                        ("uploadId", upload.to_owned()),
+                    ],
+                    &[("content-length", len.to_string())],
+                )
+                .body(body),
+                "upload part",
+            )
+            .await?;
+        r.headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| err("object store (upload part): no ETag"))
+    }
+
+    /// The first `len` bytes of object `key` (at most a segment), in memory.
+    async fn read_range(&self, key: &str, len: u64) -> Result<Bytes, BlobError> {
+        let mut buf = BytesMut::with_capacity(len as usize);
+        self.read_into(key, len, &mut buf).await?;
+        buf.truncate(len as usize);
+        Ok(buf.freeze())
+    }
+
+    /// Makes `parts` (segments, each cut to its first bytes) the object `dest`: one
+    /// segment by a server-side copy (or, cut, by a PUT of its bytes); several by a
+    /// multipart upload of server-side copies, except a last part under 5 MiB, whose
+    /// bytes are sent (stores refuse to copy a part that small).
+    async fn assemble(
+        &self,
+        dest: &str,
+        parts: &[(String, Range<u64>, u64)],
+    ) -> Result<(), BlobError> {
+        if let [(source, range, whole)] = parts {
+            if range.end == *whole {
+                let source = encode(&self.path(source), true);
+                let r = self
+                    .send(
+                        self.request(
+                            reqwest::Method::PUT,
+                            dest,
+                            &[],
+                            &[("x-amz-copy-source", source)],
+                        ),
+                        "copy object",
+                    )
+                    .await?;
+                let xml = r
+                    .text()
+                    .await
+                    .map_err(|e| err(format!("copy object: {e}")))?;
+                if xml.contains("<Error>") {
+                    return Err(err(format!("object store (copy object): {xml}")));
+                }
+                return Ok(());
+            }
+            let bytes = self.read_range(source, range.end).await?;
+            return self.put(dest, bytes).await;
+        }
         let r = self
             .send(
                 self.request(
@@ -619,11 +690,16 @@ impl S3BlobStore {
             .ok_or_else(|| err(format!("object store: no UploadId in {xml}")))?;
         let copied = async {
             let mut etags = Vec::with_capacity(parts.len());
-            for (i, (source, range)) in parts.iter().enumerate() {
-                etags.push(
+            for (i, (source, range, _)) in parts.iter().enumerate() {
+                let last = i + 1 == parts.len();
+                let etag = if last && range.end - range.start < MIN_PART as u64 {
+                    let bytes = self.read_range(source, range.end).await?;
+                    self.put_part(dest, &upload, i + 1, bytes).await?
+                } else {
                     self.copy_part(dest, &upload, i + 1, source, range.clone())
-                        .await?,
-                );
+                        .await?
+                };
+                etags.push(etag);
             }
             let mut body = String::from("<CompleteMultipartUpload>");
             for (i, etag) in etags.iter().enumerate() {
@@ -782,9 +858,9 @@ impl BlobStore for S3BlobStore {
                         break;
                     }
                     let key = self.segment_key(id, s.start)?;
-                    parts.push((key, 0..s.size.min(len - s.start)));
+                    parts.push((key, 0..s.size.min(len - s.start), s.size));
                 }
-                let held: u64 = parts.iter().map(|(_, r)| r.end).sum();
+                let held: u64 = parts.iter().map(|(_, r, _)| r.end).sum();
                 if held < len {
                     return Err(if parts.is_empty() {
                         BlobError::UploadNotFound
@@ -832,11 +908,13 @@ impl BlobStore for S3BlobStore {
             )
             .await
         {
-            Ok(r) => Ok(r.content_length().or_else(|| {
-                r.headers()
-                    .get("content-length")
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-            })),
+            // The header, not `content_length()`: for a HEAD that is the (empty) body's.
+            Ok(r) => r
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .map(Some)
+                .ok_or_else(|| err("object store (head): no Content-Length")),
             Err(BlobError::NotFound) => Ok(None),
             Err(e) => Err(e),
         }
