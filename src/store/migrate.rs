@@ -112,10 +112,17 @@ fn convert(v: SqlValue, ty: &Type) -> Result<Box<dyn ToSql + Sync + Send>, Strin
         (SqlValue::Text(s), t) if *t == Type::INT8 => {
             Box::new(s.parse::<i64>().map_err(|e| e.to_string())?)
         }
+        (SqlValue::Text(s), _) if s.contains('\0') => {
+            return Err("text with a NUL character, which PostgreSQL cannot hold".into());
+        }
         (SqlValue::Text(s), _) => Box::new(s),
         (SqlValue::Blob(b), t) if *t == Type::BYTEA => Box::new(b),
         (SqlValue::Blob(b), _) => {
-            Box::new(String::from_utf8(b).map_err(|_| "binary data in a text column")?)
+            let s = String::from_utf8(b).map_err(|_| "binary data in a text column")?;
+            if s.contains('\0') {
+                return Err("text with a NUL character, which PostgreSQL cannot hold".into());
+            }
+            Box::new(s)
         }
         (SqlValue::Real(_), _) => return Err("a real number, which no column holds".into()),
     })
@@ -239,7 +246,13 @@ pub async fn migrate(
             .iter()
             .map(|r| r.get(0))
             .collect();
-        if shared.is_empty() || key.is_empty() {
+        // Every key column must come from the source: a table whose rows cannot be told
+        // apart is not copied (nor, below, emptied).
+        let key_at: Vec<usize> = key
+            .iter()
+            .filter_map(|k| shared.iter().position(|c| c.name == *k))
+            .collect();
+        if shared.is_empty() || key.is_empty() || key_at.len() != key.len() {
             continue;
         }
         // What the destination has that the source does not, goes (children first:
@@ -310,23 +323,30 @@ pub async fn migrate(
                     .join(", ")
             ))
             .await?;
-        let key_at: Vec<usize> = key
-            .iter()
-            .filter_map(|k| shared.iter().position(|c| c.name == *k))
-            .collect();
-        if key_at.len() != key.len() {
-            continue;
-        }
         let mut stmt = snapshot.prepare(&format!("SELECT {list} FROM {table}"))?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let mut values = Vec::with_capacity(shared.len());
+            let mut bad = None;
             for (i, c) in shared.iter().enumerate() {
                 let v: SqlValue = row.get(i)?;
-                values.push(
-                    convert(v, &c.ty)
-                        .map_err(|e| MigrateError::Other(format!("{table}.{}: {e}", c.name)))?,
-                );
+                match convert(v, &c.ty) {
+                    Ok(v) => values.push(v),
+                    Err(e) => {
+                        bad = Some(format!("{table}.{}: {e}", c.name));
+                        break;
+                    }
+                }
+            }
+            if let Some(why) = bad {
+                let key: Vec<String> = key_at
+                    .iter()
+                    .map(|&i| format!("{:?}", row.get::<_, SqlValue>(i).ok()))
+                    .collect();
+                report
+                    .problems
+                    .push(format!("{why} (row {}); not copied", key.join(", ")));
+                continue;
             }
             if *table == "manifests" {
                 let digest_at = shared.iter().position(|c| c.name == "digest");
@@ -414,9 +434,13 @@ pub async fn migrate(
             "{} blobs could not be copied: the metadata was not switched; run again",
             missing.len()
         ));
-        tx.rollback().await?;
-    } else {
+    }
+    if report.problems.is_empty() {
         tx.commit().await?;
+    } else {
+        // All or nothing: a destination with part of the source is no registry to
+        // switch to.
+        tx.rollback().await?;
     }
     drop(pg);
     let _ = driver.await;

@@ -716,8 +716,12 @@ impl Store {
         body: ByteStream,
     ) -> Result<u64, StoreError> {
         let _writing = self.writing_permit()?;
-        let (mut state, row) = self.lock_upload(repo, id).await?;
+        let (mut state, mut row) = self.lock_upload(repo, id).await?;
         let lease = self.lease_upload(id).await?;
+        if lease.is_some() {
+            // Read again under the lease: another replica may have written since.
+            row = self.upload_row(repo, id).await?;
+        }
         state.lease_lost = lease.as_ref().map(|l| Arc::clone(&l.lost));
         let r = self
             .append_locked(&mut state, id, row.size, start, len, body)
@@ -753,9 +757,10 @@ impl Store {
         };
         // The backend hashes while it writes: see `BlobStore::upload_write`.
         let mut count = 0u64;
+        let lost_in_body = lost.clone();
         let checked = body.map(move |chunk| {
             chunk.and_then(|c| {
-                if lost
+                if lost_in_body
                     .as_ref()
                     .is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst))
                 {
@@ -783,7 +788,13 @@ impl Store {
             Err(e) => {
                 // Whatever the failed write left past the recorded size is cut off now,
                 // not at the next write: a body cut at 90 % of 2 GiB frees its disk.
-                if let Err(t) = self.blobs.upload_truncate(id, size).await {
+                let lease_lost = lost
+                    .as_ref()
+                    .is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst));
+                // Not once the lease is lost: the bytes may be another replica's now.
+                if lease_lost {
+                    state.hasher = None;
+                } else if let Err(t) = self.blobs.upload_truncate(id, size).await {
                     tracing::warn!(error = %t, upload = id, "could not cut back a failed upload");
                 }
                 let e = StoreError::from(e);
@@ -798,7 +809,21 @@ impl Store {
             }
         };
         let new_size = size + written;
-        self.meta.upload_set_size(id, new_size).await?;
+        if lost
+            .as_ref()
+            .is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            state.hasher = None;
+            return Err(StoreError::Overloaded(format!(
+                "upload {id}: this replica lost the upload's lease while writing; ask its status and resume"
+            )));
+        }
+        if let Err(e) = self.meta.upload_set_size(id, size, new_size).await {
+            // Another write counted instead (or the upload ended): these bytes do not,
+            // and the hash of them is not the upload's.
+            state.hasher = None;
+            return Err(e.into());
+        }
         state.hasher = hasher.map(|h| (new_size, h));
         Ok(new_size)
     }
@@ -816,8 +841,11 @@ impl Store {
             Some(_) => Some(self.writing_permit()?),
             None => None,
         };
-        let (mut state, row) = self.lock_upload(repo, id).await?;
+        let (mut state, mut row) = self.lock_upload(repo, id).await?;
         let lease = self.lease_upload(id).await?;
+        if lease.is_some() {
+            row = self.upload_row(repo, id).await?;
+        }
         state.lease_lost = lease.as_ref().map(|l| Arc::clone(&l.lost));
         let r = self.finish_locked(state, row, repo, id, digest, last).await;
         if let Some(l) = lease {

@@ -552,11 +552,26 @@ impl Process {
         });
         let base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
+        // The port accepts connections once bound, before the server has opened its
+        // data: wait for an answer to /healthz, which comes only from a server that has.
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            use std::io::{Read as _, Write as _};
+            let answered = std::net::TcpStream::connect(("127.0.0.1", port))
+                .and_then(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+                    let mut head = [0u8; 12];
+                    c.read_exact(&mut head)?;
+                    Ok(head.starts_with(b"HTTP/1.1 200"))
+                })
+                .unwrap_or(false);
+            if answered {
                 break;
             }
-            assert!(Instant::now() < deadline, "wharf did not start listening");
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("wharf exited at start ({status})");
+            }
+            assert!(Instant::now() < deadline, "wharf did not start answering");
             std::thread::sleep(Duration::from_millis(20));
         }
         Process {

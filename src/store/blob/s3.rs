@@ -225,6 +225,8 @@ impl S3BlobStore {
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(30))
+            // An answer is the store's own; a redirect would be followed unsigned.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
         let buffer_count = (upload_memory_mib * 1024 * 1024 / SEGMENT).max(2);
@@ -247,6 +249,11 @@ impl S3BlobStore {
         } else {
             format!("/{key}")
         }
+    }
+
+    /// `x-amz-copy-source` of `key`: always `/bucket/key`, whatever the addressing.
+    fn copy_source(&self, key: &str) -> String {
+        encode(&format!("/{}/{key}", self.config.bucket), true)
     }
 
     fn blob_key(&self, digest: &Digest) -> String {
@@ -442,10 +449,16 @@ impl S3BlobStore {
                 at = next;
             }
             let truncated = tag(&xml, "IsTruncated", 0).is_some_and(|t| t.0 == "true");
-            token = tag(&xml, "NextContinuationToken", 0).map(|t| unescape(t.0));
-            if !truncated || token.is_none() {
+            let next = tag(&xml, "NextContinuationToken", 0).map(|t| unescape(t.0));
+            if !truncated || next.is_none() {
                 return Ok(out);
             }
+            if next == token {
+                return Err(err(
+                    "object store listing: the same continuation token twice",
+                ));
+            }
+            token = next;
         }
     }
 
@@ -465,6 +478,18 @@ impl S3BlobStore {
             })
             .collect();
         segs.sort_by_key(|s| s.start);
+        // Each segment starts where the one before ends: anything else (a hole, an
+        // overlap) is not an upload this store wrote, and nothing is read or committed
+        // from it.
+        let mut end = 0;
+        for s in &segs {
+            if s.start != end {
+                return Err(err(format!(
+                    "upload {id}: its segments do not follow each other at byte {end}"
+                )));
+            }
+            end = s.end();
+        }
         Ok(segs)
     }
 
@@ -566,7 +591,7 @@ impl S3BlobStore {
         source: &str,
         range: Range<u64>,
     ) -> Result<String, BlobError> {
-        let source = encode(&self.path(source), true);
+        let source = self.copy_source(source);
         let r = self
             .send(
                 self.request(
@@ -646,7 +671,7 @@ impl S3BlobStore {
     ) -> Result<(), BlobError> {
         if let [(source, range, whole)] = parts {
             if range.end == *whole {
-                let source = encode(&self.path(source), true);
+                let source = self.copy_source(source);
                 let r = self
                     .send(
                         self.request(
@@ -893,7 +918,9 @@ impl BlobStore for S3BlobStore {
             .into_iter()
             .filter_map(|o| {
                 let rest = o.key.strip_prefix(&prefix)?;
-                Some(rest.split_once('/')?.0.to_owned())
+                let id = rest.split_once('/')?.0;
+                // Keys this store did not write are not uploads (and not swept).
+                self.upload_prefix(id).is_ok().then(|| id.to_owned())
             })
             .collect();
         ids.dedup();
@@ -1030,6 +1057,38 @@ mod tests {
         assert_eq!(amz_dates(leap).1, "20000229");
         assert_eq!(encode("a b/c~d+é", true), "a%20b/c~d%2B%C3%A9");
         assert_eq!(encode("a/b", false), "a%2Fb");
+    }
+
+    /// Virtual-hosted addressing (the default): the bucket is in the host, but a copy's
+    /// source still names it.
+    #[test]
+    fn a_copy_source_names_the_bucket_in_either_addressing() {
+        for path_style in [false, true] {
+            let s = S3BlobStore::new(
+                S3Config {
+                    bucket: "wharf-b".into(),
+                    endpoint: "https://s3.example.com".into(),
+                    region: "eu-west-1".into(),
+                    path_style,
+                    prefix: "p/".into(),
+                    access_key_id: Some("k".into()),
+                    secret_access_key: Some("s".into()),
+                    redirect: false,
+                },
+                64,
+            )
+            .unwrap();
+            assert_eq!(
+                s.copy_source("p/uploads/u/00000000000000000000"),
+                "/wharf-b/p/uploads/u/00000000000000000000"
+            );
+            let (origin, path) = if path_style {
+                ("https://s3.example.com", "/wharf-b/k")
+            } else {
+                ("https://wharf-b.s3.example.com", "/k")
+            };
+            assert_eq!((s.origin.as_str(), s.path("k").as_str()), (origin, path));
+        }
     }
 
     #[tokio::test]

@@ -359,7 +359,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// resume.
     async fn upload_create(&self, id: &str, repo: &str, monolithic: bool) -> Result<(), MetaError>;
     async fn upload_get(&self, id: &str) -> Result<Option<UploadRow>, MetaError>;
-    async fn upload_set_size(&self, id: &str, size: u64) -> Result<(), MetaError>;
+    /// Records that upload `id` now holds `size` bytes, if it still holds `from` (the
+    /// size its write started at): refused with `Refused` otherwise (another write
+    /// moved it meanwhile, or the upload is gone), so that of two writes that started at
+    /// the same size only one counts.
+    async fn upload_set_size(&self, id: &str, from: u64, size: u64) -> Result<(), MetaError>;
     /// Records that the upload's bytes have `digest`, before they become that blob: the
     /// upload's claim on the digest, which garbage collection respects. Refused with
     /// `Collecting` while the collector is deleting that blob's bytes.
@@ -658,7 +662,18 @@ pub(crate) mod tests {
                 size: 0
             })
         );
-        m.upload_set_size("up1", 10).await.unwrap();
+        m.upload_set_size("up1", 0, 10).await.unwrap();
+        assert!(
+            matches!(
+                m.upload_set_size("up1", 0, 20).await,
+                Err(MetaError::Refused(_))
+            ),
+            "a write that started at a size the upload no longer has does not count"
+        );
+        assert!(matches!(
+            m.upload_set_size("gone", 0, 1).await,
+            Err(MetaError::Refused(_))
+        ));
         assert_eq!(m.upload_get("up1").await.unwrap().unwrap().size, 10);
         // An upload alone does not create the repository.
         assert_eq!(m.tags("team/api", None, 10).await.unwrap(), None);

@@ -49,13 +49,20 @@ const MIGRATION_LOCK: i64 = 0x7768_6172_6600_0001;
 
 impl From<tokio_postgres::Error> for MetaError {
     fn from(e: tokio_postgres::Error) -> Self {
+        classify(&e)
+    }
+}
+
+/// What a driver error means for the caller.
+fn classify(e: &tokio_postgres::Error) -> MetaError {
+    {
         if e.is_closed() {
             return MetaError::Unavailable("the connection to the database was lost".into());
         }
         let Some(code) = e.code() else {
             // No SQLSTATE: the connection or the network failed (an I/O error), or this
             // side misused a result (a row count, a type), which is a bug, not an outage.
-            let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+            let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
             return if io {
                 MetaError::Unavailable(format!("the database cannot be reached: {e}"))
             } else {
@@ -141,20 +148,45 @@ impl Conn {
 pub(super) struct Tx<'a> {
     pub(super) tx: tokio_postgres::Transaction<'a>,
     statements: &'a Statements,
+    /// The first statement that failed, as the error it gave: PostgreSQL aborts the
+    /// transaction then, and a COMMIT of it would silently roll back, so
+    /// [`serializable!`] refuses to commit (even if the body went on, having taken the
+    /// failure for an answer).
+    failed: Mutex<Option<MetaError>>,
 }
 
 type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
 
 impl<'a> Tx<'a> {
     pub(super) fn new(tx: tokio_postgres::Transaction<'a>, statements: &'a Statements) -> Self {
-        Tx { tx, statements }
+        Tx {
+            tx,
+            statements,
+            failed: Mutex::new(None),
+        }
+    }
+
+    /// Notes `e` as the transaction's failure (the first one counts).
+    fn note<T>(&self, r: Result<T, tokio_postgres::Error>) -> Result<T, MetaError> {
+        r.map_err(|e| {
+            let mut failed = self.failed.lock().expect("tx lock");
+            if failed.is_none() {
+                *failed = Some(classify(&e));
+            }
+            MetaError::from(e)
+        })
+    }
+
+    /// Why the transaction cannot be committed, if a statement failed in it.
+    pub(super) fn failure(&self) -> Option<MetaError> {
+        self.failed.lock().expect("tx lock").take()
     }
 
     async fn prep(&self, sql: &'static str) -> Result<Statement, MetaError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s);
         }
-        let s = self.tx.prepare(sql).await?;
+        let s = self.note(self.tx.prepare(sql).await)?;
         self.statements.put(sql, &s);
         Ok(s)
     }
@@ -162,7 +194,7 @@ impl<'a> Tx<'a> {
     /// Runs a statement; the rows it changed.
     pub(super) async fn exec(&self, sql: &'static str, p: Params<'_>) -> Result<u64, MetaError> {
         let s = self.prep(sql).await?;
-        Ok(self.tx.execute(&s, p).await?)
+        self.note(self.tx.execute(&s, p).await)
     }
 
     pub(super) async fn rows(
@@ -171,7 +203,7 @@ impl<'a> Tx<'a> {
         p: Params<'_>,
     ) -> Result<Vec<Row>, MetaError> {
         let s = self.prep(sql).await?;
-        Ok(self.tx.query(&s, p).await?)
+        self.note(self.tx.query(&s, p).await)
     }
 
     pub(super) async fn opt(
@@ -180,12 +212,12 @@ impl<'a> Tx<'a> {
         p: Params<'_>,
     ) -> Result<Option<Row>, MetaError> {
         let s = self.prep(sql).await?;
-        Ok(self.tx.query_opt(&s, p).await?)
+        self.note(self.tx.query_opt(&s, p).await)
     }
 
     pub(super) async fn one(&self, sql: &'static str, p: Params<'_>) -> Result<Row, MetaError> {
         let s = self.prep(sql).await?;
-        Ok(self.tx.query_one(&s, p).await?)
+        self.note(self.tx.query_one(&s, p).await)
     }
 
     /// Whether the query returns a row.
@@ -238,8 +270,12 @@ macro_rules! serializable {
                         let $tx = &owned;
                         async { $body }.await
                     };
-                    // On an error the transaction is rolled back as it is dropped.
+                    // On an error the transaction is rolled back as it is dropped; so it is
+                    // if any statement failed, whatever the body made of the failure.
                     let v = out?;
+                    if let Some(e) = owned.failure() {
+                        return Err(e);
+                    }
                     if $commit {
                         if $fg {
                             owned

@@ -689,13 +689,18 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn upload_set_size(&self, id: &str, size: u64) -> Result<(), MetaError> {
+    async fn upload_set_size(&self, id: &str, from: u64, size: u64) -> Result<(), MetaError> {
         let id = id.to_owned();
         self.write(move |tx| {
-            tx.execute(
-                "UPDATE uploads SET size = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, to_i64(size), now_ms()],
+            let n = tx.execute(
+                "UPDATE uploads SET size = ?3, updated_at = ?4 WHERE id = ?1 AND size = ?2",
+                params![id, to_i64(from), to_i64(size), now_ms()],
             )?;
+            if n == 0 {
+                return Err(MetaError::Refused(format!(
+                    "upload {id} changed while this write ran (or is gone); ask its status and resume"
+                )));
+            }
             Ok(())
         })
         .await

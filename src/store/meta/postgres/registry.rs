@@ -634,13 +634,19 @@ impl MetaStore for PostgresMeta {
         }))
     }
 
-    async fn upload_set_size(&self, id: &str, size: u64) -> Result<(), MetaError> {
+    async fn upload_set_size(&self, id: &str, from: u64, size: u64) -> Result<(), MetaError> {
         serializable!(self, commit = true, foreground = true, |tx| {
-            tx.exec(
-                "UPDATE uploads SET size = $2, updated_at = $3 WHERE id = $1",
-                &[&id, &to_i64(size), &now_ms()],
-            )
-            .await?;
+            let n = tx
+                .exec(
+                    "UPDATE uploads SET size = $3, updated_at = $4 WHERE id = $1 AND size = $2",
+                    &[&id, &to_i64(from), &to_i64(size), &now_ms()],
+                )
+                .await?;
+            if n == 0 {
+                return Err(MetaError::Refused(format!(
+                    "upload {id} changed while this write ran (or is gone); ask its status and resume"
+                )));
+            }
             Ok(())
         })
     }
@@ -666,7 +672,9 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn upload_lease(&self, id: &str, owner: &str, ms: i64) -> Result<bool, MetaError> {
-        serializable!(self, commit = true, foreground = true, |tx| {
+        // Not foreground work for the collector's pacing: a slow upload renews its
+        // lease every few seconds.
+        serializable!(self, commit = true, foreground = false, |tx| {
             let now = now_ms();
             Ok(tx
                 .exec(
@@ -680,7 +688,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn upload_release(&self, id: &str, owner: &str) -> Result<(), MetaError> {
-        serializable!(self, commit = true, foreground = true, |tx| {
+        serializable!(self, commit = true, foreground = false, |tx| {
             tx.exec(
                 "UPDATE uploads SET writer = NULL, writer_until = 0 WHERE id = $1 AND writer = $2",
                 &[&id, &owner],

@@ -128,10 +128,13 @@ pub(super) async fn apply(
         let Some(tag) = &d.tag else { continue };
         let current = tag_digest(tx, repo, tag).await?;
         // Moved or gone since the plan, or protected now: left alone.
-        if current.as_deref() != Some(d.digest.as_str())
-            || check_mutable(tx, &policies, repo, tag, None).await.is_err()
-        {
+        if current.as_deref() != Some(d.digest.as_str()) {
             continue;
+        }
+        match check_mutable(tx, &policies, repo, tag, None).await {
+            Ok(()) => {}
+            Err(MetaError::Immutable { .. }) => continue,
+            Err(e) => return Err(e),
         }
         tx.exec(
             "DELETE FROM tags WHERE repository = $1 AND name = $2",
