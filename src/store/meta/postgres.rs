@@ -743,3 +743,31 @@ mod tests {
         assert!(err.to_string().contains("not valid"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod transaction_tests {
+    use super::*;
+
+    /// A statement fails and the body carries on as if that were an answer: the
+    /// transaction is refused, not "committed" (which PostgreSQL would turn into a
+    /// rollback while the caller believed its change made).
+    #[tokio::test]
+    async fn a_failed_statement_the_body_swallows_is_never_taken_for_a_commit() {
+        let m = PostgresMeta::open(&testdb::database().await).await.unwrap();
+        let r: Result<(), MetaError> = serializable!(&m, commit = true, foreground = false, |tx| {
+            tx.exec(
+                "INSERT INTO repositories (name, created_at) VALUES ('kept', 0)",
+                &[],
+            )
+            .await?;
+            let _ = tx.exec("SELECT 1 / 0", &[]).await;
+            Ok(())
+        });
+        assert!(r.is_err(), "{r:?}");
+        let rows = m
+            .rows("SELECT 1 FROM repositories WHERE name = 'kept'", &[])
+            .await
+            .unwrap();
+        assert!(rows.is_empty());
+    }
+}
