@@ -38,6 +38,44 @@ pub enum RuleAction {
     KeepPulled { within_ms: i64 },
 }
 
+impl RuleAction {
+    /// The columns a rule is stored as in `retention_rules` (every backend): kind, tags
+    /// (comma-separated), count, age in milliseconds.
+    pub fn to_row(&self) -> (&'static str, String, u32, i64) {
+        match self {
+            RuleAction::Keep { tags } => ("keep", tags.join(","), 0, 0),
+            RuleAction::KeepLast { count, tags } => ("keep-last", tags.join(","), *count, 0),
+            RuleAction::DeleteOlder {
+                older_than_ms,
+                tags,
+            } => ("delete-older", tags.join(","), 0, *older_than_ms),
+            RuleAction::DeleteUntagged { older_than_ms } => {
+                ("delete-untagged", String::new(), 0, *older_than_ms)
+            }
+            RuleAction::KeepPulled { within_ms } => ("keep-pulled", String::new(), 0, *within_ms),
+        }
+    }
+
+    /// The rule [`RuleAction::to_row`] stored.
+    pub fn from_row(kind: &str, tags: &str, count: u32, age: i64) -> RuleAction {
+        let tags: Vec<String> = tags
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+        match kind {
+            "keep" => RuleAction::Keep { tags },
+            "keep-last" => RuleAction::KeepLast { count, tags },
+            "delete-older" => RuleAction::DeleteOlder {
+                older_than_ms: age,
+                tags,
+            },
+            "delete-untagged" => RuleAction::DeleteUntagged { older_than_ms: age },
+            _ => RuleAction::KeepPulled { within_ms: age },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RetentionRule {
     /// 0 for a rule of the config file.

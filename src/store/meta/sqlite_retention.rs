@@ -14,18 +14,7 @@ pub(super) fn rule_add(
     rule: &RetentionRule,
     by: Option<&str>,
 ) -> Result<i64, MetaError> {
-    let (kind, tags, count, age) = match &rule.action {
-        RuleAction::Keep { tags } => ("keep", tags.join(","), 0, 0),
-        RuleAction::KeepLast { count, tags } => ("keep-last", tags.join(","), *count, 0),
-        RuleAction::DeleteOlder {
-            older_than_ms,
-            tags,
-        } => ("delete-older", tags.join(","), 0, *older_than_ms),
-        RuleAction::DeleteUntagged { older_than_ms } => {
-            ("delete-untagged", String::new(), 0, *older_than_ms)
-        }
-        RuleAction::KeepPulled { within_ms } => ("keep-pulled", String::new(), 0, *within_ms),
-    };
+    let (kind, tags, count, age) = rule.action.to_row();
     tx.execute(
         "INSERT INTO retention_rules (repositories, kind, tags, count, age_ms, created_at, created_by)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -39,24 +28,12 @@ pub(super) fn rules(conn: &Connection) -> Result<Vec<RetentionRule>, MetaError> 
         "SELECT id, repositories, kind, tags, count, age_ms FROM retention_rules ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
-        let tags: String = r.get(3)?;
-        let tags: Vec<String> = tags
-            .split(',')
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .collect();
-        let count: u32 = r.get(4)?;
-        let age: i64 = r.get(5)?;
-        let action = match r.get::<_, String>(2)?.as_str() {
-            "keep" => RuleAction::Keep { tags },
-            "keep-last" => RuleAction::KeepLast { count, tags },
-            "delete-older" => RuleAction::DeleteOlder {
-                older_than_ms: age,
-                tags,
-            },
-            "delete-untagged" => RuleAction::DeleteUntagged { older_than_ms: age },
-            _ => RuleAction::KeepPulled { within_ms: age },
-        };
+        let action = RuleAction::from_row(
+            &r.get::<_, String>(2)?,
+            &r.get::<_, String>(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        );
         Ok(RetentionRule {
             id: r.get(0)?,
             repositories: r.get(1)?,

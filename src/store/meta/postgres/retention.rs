@@ -14,18 +14,7 @@ pub(super) async fn rule_add(
     rule: &RetentionRule,
     by: Option<&str>,
 ) -> Result<i64, MetaError> {
-    let (kind, tags, count, age) = match &rule.action {
-        RuleAction::Keep { tags } => ("keep", tags.join(","), 0, 0),
-        RuleAction::KeepLast { count, tags } => ("keep-last", tags.join(","), *count, 0),
-        RuleAction::DeleteOlder {
-            older_than_ms,
-            tags,
-        } => ("delete-older", tags.join(","), 0, *older_than_ms),
-        RuleAction::DeleteUntagged { older_than_ms } => {
-            ("delete-untagged", String::new(), 0, *older_than_ms)
-        }
-        RuleAction::KeepPulled { within_ms } => ("keep-pulled", String::new(), 0, *within_ms),
-    };
+    let (kind, tags, count, age) = rule.action.to_row();
     Ok(tx
         .one(
             "INSERT INTO retention_rules (repositories, kind, tags, count, age_ms, created_at, created_by)
@@ -54,24 +43,8 @@ pub(super) async fn rules(meta: &PostgresMeta) -> Result<Vec<RetentionRule>, Met
     Ok(rows
         .iter()
         .map(|r| {
-            let tags: Vec<String> = r
-                .get::<_, String>(3)
-                .split(',')
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned)
-                .collect();
             let count = u32::try_from(r.get::<_, i64>(4)).unwrap_or(u32::MAX);
-            let age: i64 = r.get(5);
-            let action = match r.get::<_, &str>(2) {
-                "keep" => RuleAction::Keep { tags },
-                "keep-last" => RuleAction::KeepLast { count, tags },
-                "delete-older" => RuleAction::DeleteOlder {
-                    older_than_ms: age,
-                    tags,
-                },
-                "delete-untagged" => RuleAction::DeleteUntagged { older_than_ms: age },
-                _ => RuleAction::KeepPulled { within_ms: age },
-            };
+            let action = RuleAction::from_row(r.get(2), r.get(3), count, r.get(5));
             RetentionRule {
                 id: r.get(0),
                 repositories: r.get(1),
