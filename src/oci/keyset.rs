@@ -43,6 +43,24 @@ impl KeySet {
         &self.0
     }
 
+    /// The ranges cut to the keys after `last` (a listing's next page), the empty ones
+    /// dropped.
+    pub fn ranges_after(&self, last: Option<&str>) -> Vec<(String, Option<String>)> {
+        let after = last.map(|l| format!("{l}\0"));
+        self.0
+            .iter()
+            .filter_map(|(from, to)| {
+                let from = match &after {
+                    Some(a) if a > from => a.clone(),
+                    _ => from.clone(),
+                };
+                to.as_ref()
+                    .is_none_or(|t| from < *t)
+                    .then(|| (from, to.clone()))
+            })
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -1456,20 +1456,7 @@ impl MetaStore for SqliteMeta {
         // Each range is one scan of the primary key from its start; the scan stops at
         // the range's end or when `limit` names are found, so the work is bounded by the
         // page and the number of ranges, however many repositories there are.
-        let after = last.map(|l| format!("{l}\0"));
-        let ranges: Vec<(String, Option<String>)> = keys
-            .ranges()
-            .iter()
-            .filter_map(|(from, to)| {
-                let from = match &after {
-                    Some(a) if a > from => a.clone(),
-                    _ => from.clone(),
-                };
-                to.as_ref()
-                    .is_none_or(|t| from < *t)
-                    .then(|| (from, to.clone()))
-            })
-            .collect();
+        let ranges = keys.ranges_after(last);
         self.listing(limit, move |c| {
             let mut out = Vec::new();
             for (from, to) in &ranges {

@@ -1139,20 +1139,7 @@ impl MetaStore for PostgresMeta {
         limit: u32,
     ) -> Result<Vec<String>, MetaError> {
         // As in sqlite.rs: one index range scan per range, each bounded by the page.
-        let after = last.map(|l| format!("{l}\0"));
-        let ranges: Vec<(String, Option<String>)> = keys
-            .ranges()
-            .iter()
-            .filter_map(|(from, to)| {
-                let from = match &after {
-                    Some(a) if a > from => a.clone(),
-                    _ => from.clone(),
-                };
-                to.as_ref()
-                    .is_none_or(|t| from < *t)
-                    .then(|| (from, to.clone()))
-            })
-            .collect();
+        let ranges = keys.ranges_after(last);
         let mut out = Vec::new();
         for (from, to) in &ranges {
             let want = i64::from(limit) - out.len() as i64;
