@@ -77,6 +77,29 @@ pub enum MetaError {
     Db(String),
 }
 
+/// Refuses a descriptor whose size is not the content's.
+pub(super) fn check_size(digest: &str, declared: i64, actual: i64) -> Result<(), MetaError> {
+    if declared == actual {
+        Ok(())
+    } else {
+        Err(MetaError::SizeMismatch {
+            digest: digest.to_owned(),
+            declared,
+            actual,
+        })
+    }
+}
+
+/// A stored size as unsigned (never negative in practice).
+pub(super) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A size to store.
+pub(super) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 /// Who makes a change: the actor of its event, and its audit row (written in the
 /// transaction that makes the change, so a change is never made unrecorded).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

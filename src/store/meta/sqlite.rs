@@ -13,7 +13,8 @@ use super::sqlite_retention as retention;
 use super::sqlite_usage as usage;
 use super::{
     EventRecord, GcBlob, GcLink, GcManifest, GcPreview, GcRun, Link, ManifestRecord, MetaError,
-    MetaStore, NewManifest, Referrer, RepoDeleted, TagOrder, TagRow, UploadRow, Who,
+    MetaStore, NewManifest, Referrer, RepoDeleted, TagOrder, TagRow, UploadRow, Who, check_size,
+    to_i64, to_u64,
 };
 use crate::oci::keyset::KeySet;
 use crate::store::policy::TagPolicy;
@@ -359,26 +360,6 @@ fn manifest_size(conn: &Connection, repo: &str, digest: &str) -> Result<Option<i
             |r| r.get(0),
         )
         .optional()?)
-}
-
-fn check_size(digest: &str, declared: i64, actual: i64) -> Result<(), MetaError> {
-    if declared == actual {
-        Ok(())
-    } else {
-        Err(MetaError::SizeMismatch {
-            digest: digest.to_owned(),
-            declared,
-            actual,
-        })
-    }
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManifestRecord> {

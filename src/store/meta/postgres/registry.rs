@@ -12,18 +12,11 @@ use super::super::{
     ManifestRecord, MetaError, MetaStore, NewManifest, Quota, Referrer, RepoContents, RepoDeleted,
     TagOrder, TagRow, UntaggedManifest, UploadRow, UsageRow, Who, now_ms,
 };
+use super::super::{check_size, to_i64, to_u64};
 use super::{PostgresMeta, Tx, gc, retention, serializable, usage};
 use crate::oci::keyset::KeySet;
 use crate::store::policy::TagPolicy;
 use crate::store::retention::{Deletion, RepoState, RetentionRule};
-
-pub(super) fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-pub(super) fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
 
 fn record(r: &Row) -> ManifestRecord {
     ManifestRecord {
@@ -96,18 +89,6 @@ async fn manifest_size(tx: &Tx<'_>, repo: &str, digest: &str) -> Result<Option<i
         )
         .await?
         .map(|r| r.get(0)))
-}
-
-fn check_size(digest: &str, declared: i64, actual: i64) -> Result<(), MetaError> {
-    if declared == actual {
-        Ok(())
-    } else {
-        Err(MetaError::SizeMismatch {
-            digest: digest.to_owned(),
-            declared,
-            actual,
-        })
-    }
 }
 
 /// The columns [`event_row`] reads, from `events e`.

@@ -3,8 +3,9 @@
 
 use super::super::namespace_of;
 use super::super::sqlite::Event;
+use super::super::to_u64;
 use super::super::{MetaError, Quota, RepoContents, UsageRow, Who, human_bytes as human};
-use super::registry::{audit_row, record_event, to_u64};
+use super::registry::{audit_row, record_event};
 use super::{PostgresMeta, Tx};
 
 async fn add(tx: &Tx<'_>, scope: &str, bytes: i64, blobs: i64) -> Result<(), MetaError> {
